@@ -1,0 +1,523 @@
+"""Training data: rows -> examples (rendered segments, supervised or not) -> tokens with labels.
+
+Knows nothing about models; it needs only a tokenizer. Local files are parsed here rather than through
+`datasets.load_dataset` so that a malformed row is reported with its file and line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from sovtune.errors import DataError
+from sovtune.recipe import DataSection, DataSource, Recipe, looks_like_local_path
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+ROLES = {"system", "user", "assistant", "tool"}
+# ShareGPT-style rows are common in the wild; map them to role/content on the way in.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class Row:
+    values: dict[str, Any]
+    origin: str  # "file:line", "file#index" or "hub-id[split]#index"
+
+
+@dataclass
+class Example:
+    """A row rendered to text: `segments` in order, each (text, supervised)."""
+
+    origin: str
+    segments: list[tuple[str, bool]]
+    prompt: str  # text before the last supervised segment: where generation starts
+    reference: str  # the expected completion (content only, no template terminator)
+    row: dict[str, Any] = field(default_factory=dict)
+    add_bos: bool = False  # prepend the tokenizer's BOS (plain-text formats; chat templates render their own)
+    add_eos: bool = False  # append EOS as a supervised token (plain-text formats)
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.segments)
+
+    def key(self) -> str:
+        """Identity used to find exact duplicates between train and eval."""
+        return hashlib.sha256(json.dumps(self.segments, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    origin: str
+    truncated: bool = False
+
+    @property
+    def supervised_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class SplitStats:
+    rows: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    token_lengths: list[int] = field(default_factory=list)
+    truncated: int = 0
+    supervised_tokens: int = 0
+    total_tokens: int = 0
+    eos_supervised: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
+        lengths = sorted(self.token_lengths)
+        return {
+            "rows": self.rows,
+            "kept": len(lengths),
+            "dropped": dict(self.dropped),
+            "token_length_percentiles": {f"p{p}": _percentile(lengths, p) for p in (50, 90, 99, 100)},
+            "truncation_rate": self.truncated / len(lengths) if lengths else 0.0,
+            "supervised_token_fraction": self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0,
+            "supervised_tokens": self.supervised_tokens,
+            "total_tokens": self.total_tokens,
+            "eos_supervised_fraction": self.eos_supervised / len(lengths) if lengths else 0.0,
+        }
+
+
+@dataclass
+class PreparedData:
+    train: list[Tokenized]
+    eval: list[Tokenized]
+    eval_examples: list[Example]
+    stats: dict[str, Any]
+
+
+def _percentile(values: list[int], pct: int) -> int:
+    if not values:
+        return 0
+    index = min(len(values) - 1, max(0, round(pct / 100 * (len(values) - 1))))
+    return values[index]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(source: DataSource, recipe: Recipe) -> list[Row]:
+    """Rows of one source: local file(s) with line numbers, or a hub dataset through `datasets`."""
+    path = recipe.resolve(source.path)
+    if path.exists():
+        files = _local_files(path)
+        return [row for file in files for row in _read_file(file, recipe.data.format)]
+    if looks_like_local_path(source.path):
+        raise DataError(f"{source.path}: data file not found (looked at {path}); check data.train / data.eval paths")
+    return _read_hub(source)
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: folder has no {', '.join(LOCAL_SUFFIXES)} files; point data.train at the data")
+    return files
+
+
+def _read_file(path: Path, data_format: str) -> Iterable[Row]:
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix == ".txt":
+        if data_format != "text":
+            raise DataError(f"{path}: plain-text files need data.format: text (found {data_format!r})")
+        return _read_txt(path)
+    if suffix not in readers:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+    return readers[suffix](path)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte offset {exc.start}); re-encode the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> Iterable[Row]:
+    rows = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rows.append(Row({"__error__": f"invalid JSON ({exc.msg} at column {exc.colno})"}, f"{path}:{number}"))
+            continue
+        if not isinstance(value, dict):
+            value = {"__error__": f"expected a JSON object per line, found {type(value).__name__}"}
+        rows.append(Row(value, f"{path}:{number}"))
+    return rows
+
+
+def _read_json(path: Path) -> Iterable[Row]:
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); fix the file or convert it to JSONL") from None
+    if isinstance(value, dict):
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of rows (or an object holding one list), found an object")
+        value = lists[0]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a list of rows, found {type(value).__name__}")
+    return [
+        Row(item if isinstance(item, dict) else {"__error__": "row is not an object"}, f"{path}#{i}")
+        for i, item in enumerate(value)
+    ]
+
+
+def _read_csv(path: Path) -> Iterable[Row]:
+    text = _read_text(path)
+    reader = csv.DictReader(text.splitlines())
+    rows = []
+    for item in reader:
+        rows.append(Row(dict(item), f"{path}:{reader.line_num}"))
+    return rows
+
+
+def _read_parquet(path: Path) -> Iterable[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises many types for a corrupt file
+        raise DataError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})") from None
+    return [Row(item, f"{path}#{i}") for i, item in enumerate(table.to_pylist())]
+
+
+def _read_txt(path: Path) -> Iterable[Row]:
+    text = _read_text(path)
+    return [Row({"text": text}, f"{path}:1")] if text.strip() else []
+
+
+def _read_hub(source: DataSource) -> list[Row]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
+    except Exception as exc:  # datasets wraps hub/network failures in many types
+        raise DataError(
+            f"{source.path}: cannot load hub dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "check the id, split and revision, or use a local file when offline"
+        ) from None
+    return [Row(dict(item), f"{source.path}[{source.split}]#{i}") for i, item in enumerate(dataset)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows -> examples
+
+
+class RowError(ValueError):
+    """A row that does not fit the format; reported with its origin."""
+
+
+def to_example(row: Row, data: DataSection, tokenizer: Any) -> Example:
+    values = row.values
+    if "__error__" in values:
+        raise RowError(values["__error__"])
+    builders = {
+        "messages": _messages_example,
+        "instruction": _instruction_example,
+        "prompt_completion": _prompt_completion_example,
+        "text": _text_example,
+    }
+    example = builders[data.format](values, data, tokenizer)
+    example.origin, example.row = row.origin, values
+    return example
+
+
+def _get_string(values: dict[str, Any], column: str, required: bool = True) -> str:
+    value = values.get(column)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN from pandas/CSV
+        if required:
+            raise RowError(f"missing column {column!r} (row has {sorted(values)}); map it with data.columns")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"column {column!r} must be text, found {type(value).__name__}")
+    return value
+
+
+def normalise_messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise RowError("messages must be a non-empty list of {role, content}")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise RowError(f"message {i} is not an object")
+        if "from" in message and "value" in message:  # ShareGPT
+            role, content = SHAREGPT_ROLES.get(message["from"]), message["value"]
+        else:
+            role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RowError(f"message {i} has role {role!r}; allowed: {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(f"message {i} content must be text, found {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _messages_example(values: dict[str, Any], data: DataSection, tokenizer: Any) -> Example:
+    column = data.column("messages")
+    if column not in values:
+        raise RowError(f"missing column {column!r} (row has {sorted(values)}); map it with data.columns")
+    return render_chat(normalise_messages(values[column]), tokenizer, data.train_on_inputs)
+
+
+def _instruction_example(values: dict[str, Any], data: DataSection, tokenizer: Any) -> Example:
+    instruction = _get_string(values, data.column("instruction"))
+    extra_input = _get_string(values, data.column("input"), required=False)
+    output = _get_string(values, data.column("output"))
+    system = _get_string(values, data.column("system"), required=False)
+    user = f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": output},
+    ]
+    return render_chat(messages, tokenizer, data.train_on_inputs)
+
+
+def _prompt_completion_example(values: dict[str, Any], data: DataSection, tokenizer: Any) -> Example:
+    prompt = _get_string(values, data.column("prompt"))
+    completion = _get_string(values, data.column("completion"))
+    if not completion.strip():
+        raise RowError("completion is empty: nothing to learn from this row")
+    return Example(
+        origin="",
+        segments=[(prompt, data.train_on_inputs), (completion, True)],
+        prompt=prompt,
+        reference=completion,
+        add_bos=True,
+        add_eos=True,
+    )
+
+
+def _text_example(values: dict[str, Any], data: DataSection, tokenizer: Any) -> Example:
+    text = _get_string(values, data.column("text"))
+    if not text.strip():
+        raise RowError("text is empty")
+    return Example(origin="", segments=[(text, True)], prompt="", reference=text, add_bos=True, add_eos=True)
+
+
+class TemplateError(DataError):
+    """The chat template cannot be used to find the assistant tokens."""
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer: Any, train_on_inputs: bool = False) -> Example:
+    """Render with the chat template and cut it at each assistant turn.
+
+    Each assistant span is found by rendering the conversation up to that turn with the generation prompt and
+    again including the turn: the difference is the assistant's text *with* the template's turn terminator, so
+    the terminator is trained (a model that never learns to stop is a classic failure). This needs no
+    `{% generation %}` markers in the template and no response-template token matching.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise TemplateError(
+            "the tokenizer has no chat template; set data.chat_template (inline Jinja or a .jinja file) "
+            "or use data.format: prompt_completion"
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("conversation has no assistant message: nothing to learn from this row")
+    if messages[0]["role"] == "assistant":
+        raise RowError("conversation starts with an assistant message; it needs a user (or system) turn first")
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    prompt, reference = "", ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _apply_template(tokenizer, messages[:index], add_generation_prompt=True)
+        through = _apply_template(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not before.startswith(rendered) or not through.startswith(before):
+            raise TemplateError(
+                "the chat template is not prefix-stable (rendering a conversation prefix changes earlier text), "
+                "so assistant tokens cannot be located; set data.chat_template to a prefix-stable template"
+            )
+        if len(before) > len(rendered):
+            segments.append((before[len(rendered) :], train_on_inputs))
+        segments.append((through[len(before) :], True))
+        rendered, prompt, reference = through, before, message["content"]
+    full = _apply_template(tokenizer, messages, add_generation_prompt=False)
+    if not full.startswith(rendered):
+        raise TemplateError("the chat template renders the whole conversation differently from its prefixes")
+    if len(full) > len(rendered):
+        segments.append((full[len(rendered) :], train_on_inputs))
+    return Example(origin="", segments=segments, prompt=prompt, reference=reference)
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja2 raises TemplateError/UndefinedError/raise_exception from templates
+        raise RowError(f"chat template failed: {str(exc).splitlines()[0][:200]}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples -> tokens
+
+
+def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
+    """Tokenise segment by segment so prompt/completion boundaries never merge into one token.
+
+    Generation at inference starts from the tokenised prompt, so a completion tokenised on its own is exactly
+    what the model will be asked to produce.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    if example.add_bos and tokenizer.bos_token_id is not None:
+        input_ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, supervised in example.segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
+    if example.add_eos:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    truncated = len(input_ids) > max_length
+    return Tokenized(input_ids[:max_length], labels[:max_length], example.origin, truncated)
+
+
+def split_text_example(example: Example, tokenizer: Any, max_length: int) -> list[Tokenized]:
+    """Continued pre-training: long documents become consecutive windows, not one truncated row."""
+    whole = tokenize(example, tokenizer, max_length=10**9)
+    windows = []
+    for start in range(0, len(whole.input_ids), max_length):
+        ids = whole.input_ids[start : start + max_length]
+        if len(ids) > 1:
+            windows.append(Tokenized(ids, list(ids), f"{example.origin}@{start}"))
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole data stage
+
+
+def load_examples(sources: list[DataSource], recipe: Recipe, tokenizer: Any, stats: SplitStats) -> list[Example]:
+    examples, bad = [], []
+    for source in sources:
+        for row in read_rows(source, recipe):
+            stats.rows += 1
+            try:
+                examples.append(to_example(row, recipe.data, tokenizer))
+            except RowError as exc:
+                bad.append(f"{row.origin}: {exc}")
+                stats.drop("malformed row")
+    if bad and recipe.data.on_bad_rows == "error":
+        more = f" (and {len(bad) - 1} more malformed rows)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}; fix the rows or set data.on_bad_rows: skip")
+    return examples
+
+
+def tokenize_split(examples: list[Example], recipe: Recipe, tokenizer: Any, stats: SplitStats) -> list[Tokenized]:
+    max_length = recipe.data.max_length
+    stop_ids = set(stop_token_ids(tokenizer))
+    out: list[Tokenized] = []
+    for example in examples:
+        if recipe.data.format == "text":
+            pieces = split_text_example(example, tokenizer, max_length)
+        else:
+            pieces = [tokenize(example, tokenizer, max_length)]
+        for piece in pieces:
+            if piece.supervised_tokens == 0:
+                stats.drop("no supervised tokens left after truncation to max_length")
+                continue
+            stats.token_lengths.append(len(piece.input_ids))
+            stats.truncated += piece.truncated
+            stats.supervised_tokens += piece.supervised_tokens
+            stats.total_tokens += len(piece.input_ids)
+            stats.eos_supervised += any(label in stop_ids for label in piece.labels)
+            out.append(piece)
+    return out
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS plus the chat template's turn terminator (e.g. <|im_end|>, <|eot_id|>): where generation must stop."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    terminator = chat_turn_terminator(tokenizer)
+    if terminator is not None and terminator not in ids:
+        ids.append(terminator)
+    return ids
+
+
+def chat_turn_terminator(tokenizer: Any) -> int | None:
+    """The first special token after the assistant's content in the rendered template, if any."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    probe = "sovtune-probe"
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:
+        return None
+    tail = text[text.rfind(probe) + len(probe) :]
+    special = set(tokenizer.all_special_ids)
+    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token_id in special or token_id in getattr(tokenizer, "added_tokens_decoder", {}):
+            return token_id
+    return None
+
+
+def split_train_eval(examples: list[Example], recipe: Recipe) -> tuple[list[Example], list[Example]]:
+    shuffled = list(examples)
+    random.Random(recipe.train.seed).shuffle(shuffled)
+    n_eval = max(1, round(len(shuffled) * recipe.data.eval_fraction))
+    if len(shuffled) - n_eval < 1:
+        raise DataError(f"only {len(shuffled)} usable rows: too few to hold out eval_fraction; add data or give data.eval")
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
+    """Read, render, split, de-duplicate and tokenise the recipe's data; raise on what would ruin a run."""
+    train_stats, eval_stats = SplitStats(), SplitStats()
+    train_examples = load_examples(recipe.data.train, recipe, tokenizer, train_stats)
+    if recipe.data.eval is not None:
+        eval_examples = load_examples([recipe.data.eval], recipe, tokenizer, eval_stats)
+    else:
+        train_examples, eval_examples = split_train_eval(train_examples, recipe)
+        eval_stats.rows = len(eval_examples)
+        train_stats.rows -= len(eval_examples)
+    train_keys = {example.key() for example in train_examples}
+    duplicates = sum(1 for example in eval_examples if example.key() in train_keys)
+    eval_examples = [example for example in eval_examples if example.key() not in train_keys]
+    if duplicates:
+        eval_stats.dropped["exact duplicate of a training row"] = duplicates
+    train = tokenize_split(train_examples, recipe, tokenizer, train_stats)
+    evaluation = tokenize_split(eval_examples, recipe, tokenizer, eval_stats)
+    kept_origins = {item.origin.split("@")[0] for item in evaluation}
+    eval_examples = [example for example in eval_examples if example.origin in kept_origins]
+    stats = {"train": train_stats.summary(), "eval": eval_stats.summary(), "eval_duplicates_removed": duplicates}
+    _refuse_ruinous(train, train_stats, recipe)
+    return PreparedData(train=train, eval=evaluation, eval_examples=eval_examples, stats=stats)
+
+
+def _refuse_ruinous(train: list[Tokenized], stats: SplitStats, recipe: Recipe) -> None:
+    sources = ", ".join(source.path for source in recipe.data.train)
+    if stats.rows == 0:
+        raise DataError(f"{sources}: the training data is empty; point data.train at rows in format {recipe.data.format!r}")
+    if not train:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in stats.dropped.items())
+        raise DataError(f"{sources}: no usable training rows ({reasons}); check data.format, data.columns, max_length")
+    if len(train) and stats.truncated == len(train) and recipe.data.format != "text":
+        raise DataError(
+            f"{sources}: every row is longer than data.max_length={recipe.data.max_length} and was truncated; "
+            "raise data.max_length"
+        )

@@ -1,0 +1,254 @@
+"""Tokenizer, base model and adapter: the only place with a `BitsAndBytesConfig` and a peft config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sovtune.data import stop_token_ids  # noqa: F401  (re-exported: generation stops there)
+from sovtune.errors import SovtuneError
+from sovtune.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Names tried, in order, for a pad token distinct from EOS before adding a new one (which means resizing).
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<unk>")
+
+
+class ModelError(SovtuneError):
+    """The base model, tokenizer or adapter cannot be loaded or does not fit the recipe."""
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """auto: bf16 on GPUs that support it, else fp16 on GPUs; fp32 on the CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_device_support(recipe: Recipe) -> None:
+    """Combinations that depend on the machine, checked before anything heavy happens."""
+    cuda = torch.cuda.is_available()
+    for field, name in (("model.dtype", recipe.model.dtype), ("quantization.compute_dtype", recipe.quantization.compute_dtype)):
+        if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+            raise ModelError(f"{field}: bfloat16 is not supported by this GPU; use float16 or auto")
+        if name == "float16" and not cuda and recipe.quantization.mode == "none":
+            raise ModelError(f"{field}: float16 training on the CPU is not supported; use float32 or auto")
+    if recipe.model.attn_implementation == "flash_attention_2" and not (cuda and _flash_attn_installed()):
+        raise ModelError("model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package; use auto")
+    if recipe.train.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit") and not cuda:
+        raise ModelError(f"train.optimizer: {recipe.train.optimizer} needs CUDA; use adamw_torch on the CPU")
+
+
+def _flash_attn_installed() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+def attn_implementation(recipe: Recipe) -> str:
+    choice = recipe.model.attn_implementation
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if torch.cuda.is_available() and _flash_attn_installed() else "sdpa"
+
+
+def _hub_kwargs(recipe: Recipe) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
+    if not recipe.model_is_local and recipe.model.revision:
+        kwargs["revision"] = recipe.model.revision
+    if recipe.model.trust_remote_code:
+        log.warning("trust_remote_code is on: code shipped with %s will run", recipe.model.name_or_path)
+    return kwargs
+
+
+def _loading_error(what: str, recipe: Recipe, exc: Exception) -> ModelError:
+    first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+    where = recipe.model_location
+    hint = "check model.name_or_path and model.revision"
+    if "offline" in first.lower() or "couldn't connect" in first.lower() or "LocalEntryNotFound" in type(exc).__name__:
+        hint = "the model is not in the local cache and the hub is unreachable or offline; use a local path"
+    return ModelError(f"model.name_or_path: cannot load the {what} of {where!r} ({first}); {hint}")
+
+
+def load_tokenizer(recipe: Recipe) -> Any:
+    """The tokenizer with the recipe's chat template and a pad token that is not EOS."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model_location, **_hub_kwargs(recipe))
+    except (OSError, ValueError, KeyError) as exc:
+        raise _loading_error("tokenizer", recipe, exc) from None
+    if recipe.data.chat_template:
+        tokenizer.chat_template = read_chat_template(recipe)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def read_chat_template(recipe: Recipe) -> str:
+    value = recipe.data.chat_template or ""
+    if "{" in value:
+        return value
+    path = recipe.resolve(value)
+    if not path.is_file():
+        raise ModelError(f"data.chat_template: {value!r} is neither a Jinja template nor an existing file ({path})")
+    return path.read_text(encoding="utf-8")
+
+
+def ensure_pad_token(tokenizer: Any) -> bool:
+    """Give the tokenizer a pad token distinct from EOS; True if a new token was added (embeddings must grow).
+
+    pad == eos is a classic way to train a model that never stops (the EOS labels get masked as padding).
+    """
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return True
+
+
+def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
+    """The only BitsAndBytesConfig in sovtune."""
+    quant = recipe.quantization
+    if quant.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=DTYPES.get(quant.storage_dtype, torch.uint8),
+    )
+
+
+def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool = True) -> Any:
+    """The base causal LM: pinned revision, safetensors only unless allowed, the recipe's dtype and kernel."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(recipe.model.dtype)
+    compute_dtype = dtype if recipe.quantization.compute_dtype == "auto" else DTYPES[recipe.quantization.compute_dtype]
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": attn_implementation(recipe),
+        "use_safetensors": None if recipe.model.allow_pickle_weights else True,
+        **_hub_kwargs(recipe),
+    }
+    if quantize and recipe.quantization.mode != "none":
+        kwargs["quantization_config"] = quantization_config(recipe, compute_dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": _local_rank_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(recipe.model_location, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _loading_error("weights", recipe, exc) from None
+    if tokenizer is not None:
+        match_tokenizer(model, tokenizer)
+    return model
+
+
+def _local_rank_device() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def match_tokenizer(model: Any, tokenizer: Any) -> None:
+    """Grow the embeddings when the tokenizer gained tokens, and align the special-token ids."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def lora_config(recipe: Recipe) -> Any:
+    """The only peft config in sovtune."""
+    from peft import LoraConfig
+
+    adapter = recipe.adapter
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=adapter.r,
+        lora_alpha=adapter.lora_alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        modules_to_save=adapter.modules_to_save or None,
+        bias=adapter.bias,
+        use_dora=adapter.type == "dora",
+        use_rslora=adapter.type == "rslora",
+    )
+
+
+def attach_adapter(model: Any, recipe: Recipe) -> Any:
+    """Wrap the base in a fresh peft adapter (k-bit preparation first for QLoRA)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.quantization.mode != "none":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    check_target_modules(model, recipe)
+    return get_peft_model(model, lora_config(recipe))
+
+
+def linear_module_names(model: Any) -> set[str]:
+    """Leaf names of linear layers (incl. bitsandbytes ones), the vocabulary `target_modules` uses."""
+    names = set()
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or cls in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def check_target_modules(model: Any, recipe: Recipe) -> None:
+    targets = recipe.adapter.target_modules
+    available = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    if targets != "all-linear":
+        missing = sorted(set(targets) - available)
+        if missing:
+            linear = sorted(linear_module_names(model) - {"lm_head"})
+            raise ModelError(
+                f"adapter.target_modules: {missing} not found in {type(model).__name__}; "
+                f"linear layers here: {linear} (or use all-linear)"
+            )
+    missing_saved = sorted(set(recipe.adapter.modules_to_save) - available)
+    if missing_saved:
+        raise ModelError(f"adapter.modules_to_save: {missing_saved} not found in {type(model).__name__}")
+
+
+def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = False) -> Any:
+    """A saved adapter on top of a base model, with plain peft."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or give --adapter")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,174 @@
+"""`sovtune check`: recipe, data, tokenizer and architecture checked before any weight is downloaded or trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sovtune import model as models
+from sovtune.data import prepare_data, stop_token_ids
+from sovtune.errors import SovtuneError
+from sovtune.recipe import Recipe
+
+ROUND_TRIP_SAMPLE = 200
+
+
+class PreflightFailed(SovtuneError):
+    """A check found something that would silently ruin the run."""
+
+
+@dataclass
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+    fatal: bool = True
+
+
+@dataclass
+class PreflightReport:
+    recipe: str
+    stats: dict[str, Any]
+    architecture: dict[str, Any]
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if not f.ok and f.fatal]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "ok": not self.failures,
+            "data": self.stats,
+            "architecture": self.architecture,
+            "checks": [vars(finding) for finding in self.findings],
+        }
+
+
+def check(recipe: Recipe) -> PreflightReport:
+    """Every check that needs no weights: tokenizer, data, masks, template, target modules, parameter count."""
+    models.check_device_support(recipe)
+    tokenizer = models.load_tokenizer(recipe)
+    data = prepare_data(recipe, tokenizer)
+    report = PreflightReport(recipe=recipe.name, stats=data.stats, architecture=architecture_summary(recipe, tokenizer))
+    add = report.findings.append
+    train = data.stats["train"]
+    add(Finding("supervised tokens", train["supervised_tokens"] > 0,
+                f"{train['supervised_token_fraction']:.1%} of {train['total_tokens']:,} training tokens carry loss"))
+    add(Finding("truncation", train["truncation_rate"] < 1.0 or recipe.data.format == "text",
+                f"{train['truncation_rate']:.1%} of rows longer than max_length={recipe.data.max_length}",
+                fatal=train["truncation_rate"] >= 1.0))
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    add(Finding("EOS supervised", train["eos_supervised_fraction"] > 0.99,
+                f"{train['eos_supervised_fraction']:.1%} of rows train a stop token ({', '.join(stops)})", fatal=False))
+    add(Finding("pad != eos", tokenizer.pad_token_id != tokenizer.eos_token_id,
+                f"pad={tokenizer.pad_token!r} ({tokenizer.pad_token_id}), eos={tokenizer.eos_token!r} ({tokenizer.eos_token_id})"))
+    if recipe.data.format in ("messages", "instruction"):
+        add(template_round_trip(data.train[:ROUND_TRIP_SAMPLE], tokenizer))
+    arch = report.architecture
+    if arch.get("missing_modules"):
+        detail = f"{arch['missing_modules']} not in {arch['architecture']}; linear layers: {arch['linear_modules']}"
+    else:
+        detail = f"adapting {', '.join(arch['targeted_modules'])}"
+    add(Finding("target modules", not arch.get("missing_modules"), detail))
+    add(Finding("eval split", bool(data.eval), f"{len(data.eval)} held-out examples", fatal=False))
+    return report
+
+
+def template_round_trip(items: list[Any], tokenizer: Any) -> Finding:
+    """Tokens built segment by segment must decode to the rendered text and re-encode to the same ids."""
+    mismatched = 0
+    for item in items:
+        text = tokenizer.decode(item.input_ids, skip_special_tokens=False)
+        again = tokenizer(text, add_special_tokens=False)["input_ids"]
+        mismatched += again != item.input_ids
+    share = mismatched / len(items) if items else 0.0
+    return Finding(
+        "chat template round trip",
+        share < 0.05,
+        f"{len(items) - mismatched}/{len(items)} rows re-tokenise identically",
+        fatal=False,
+    )
+
+
+def architecture_summary(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
+    """Build the model on the meta device from its config alone: module names and the trainable parameter count."""
+    import torch
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(recipe.model_location, **models._hub_kwargs(recipe))
+    except (OSError, ValueError, KeyError) as exc:
+        raise models._loading_error("config", recipe, exc) from None
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    if len(tokenizer) > meta.get_input_embeddings().weight.shape[0]:
+        meta.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    total = sum(p.numel() for p in meta.parameters())
+    summary: dict[str, Any] = {
+        "architecture": type(meta).__name__,
+        "parameters": total,
+        "linear_modules": sorted(models.linear_module_names(meta)),
+    }
+    try:
+        models.check_target_modules(meta, recipe)
+    except models.ModelError:
+        targets = recipe.adapter.target_modules
+        available = {name.rsplit(".", 1)[-1] for name, _ in meta.named_modules()}
+        summary["missing_modules"] = sorted(set(targets) - available)
+        return summary
+    with torch.device("meta"):
+        adapted = get_peft_model(meta, models.lora_config(recipe))
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    summary["targeted_modules"] = sorted(
+        {name.rsplit(".", 2)[-2] for name, _ in adapted.named_modules() if name.endswith("lora_A")}
+    )
+    summary["trainable_parameters"] = trainable
+    summary["trainable_share"] = trainable / total if total else 0.0
+    return summary
+
+
+def raise_on_failures(report: PreflightReport) -> None:
+    if report.failures:
+        first = report.failures[0]
+        more = f" (+{len(report.failures) - 1} more failed checks)" if len(report.failures) > 1 else ""
+        raise PreflightFailed(f"check failed: {first.check}: {first.detail}{more}")
+
+
+def render(report: PreflightReport, console: Any) -> None:
+    from rich.table import Table
+
+    for split in ("train", "eval"):
+        stats = report.stats[split]
+        table = Table(title=f"{report.recipe}: {split} data", show_header=False)
+        pct = stats["token_length_percentiles"]
+        rows = [
+            ("rows read", f"{stats['rows']:,}"),
+            ("rows kept", f"{stats['kept']:,}"),
+            ("rows dropped", ", ".join(f"{n} {why}" for why, n in stats["dropped"].items()) or "0"),
+            ("token length p50/p90/p99/max", f"{pct['p50']}/{pct['p90']}/{pct['p99']}/{pct['p100']}"),
+            ("truncated", f"{stats['truncation_rate']:.1%}"),
+            ("supervised-token share", f"{stats['supervised_token_fraction']:.1%}"),
+            ("rows training a stop token", f"{stats['eos_supervised_fraction']:.1%}"),
+        ]
+        for key, value in rows:
+            table.add_row(key, value)
+        console.print(table)
+    arch = report.architecture
+    if "trainable_parameters" in arch:
+        console.print(
+            f"{arch['architecture']}: {arch['parameters']:,} parameters, adapter trains "
+            f"{arch['trainable_parameters']:,} ({arch['trainable_share']:.2%})"
+        )
+    checks = Table(title="checks")
+    checks.add_column("check")
+    checks.add_column("result")
+    checks.add_column("detail")
+    for finding in report.findings:
+        mark = "[green]ok[/]" if finding.ok else ("[red]FAIL[/]" if finding.fatal else "[yellow]warn[/]")
+        checks.add_row(finding.check, mark, finding.detail)
+    console.print(checks)
+

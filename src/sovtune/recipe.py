@@ -1,0 +1,528 @@
+"""The recipe: a strict pydantic schema and `load_recipe`, the only YAML reader.
+
+Errors name the file, line and field, what was found, what is allowed, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sovtune.errors import RecipeError
+
+SCHEMA_VERSION = 1
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def explicitly_set(self, name: str) -> bool:
+        return name in self.model_fields_set
+
+
+def looks_like_local_path(value: str) -> bool:
+    """A hub id is `name` or `org/name`; anything with more slashes, a dot prefix or a drive is a path."""
+    return (
+        value.startswith(("/", "./", "../", "~", "$"))
+        or value.count("/") > 1
+        or value.endswith((".jsonl", ".json", ".csv", ".parquet", ".txt"))
+    )
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(description="Hub id (e.g. mistralai/Mistral-7B-v0.3) or a local folder with config and weights.")
+    revision: str | None = Field(
+        default=None,
+        description="Hub revision (commit sha, tag or branch) to pin; required for hub ids so runs are reproducible.",
+    )
+    dtype: DType = Field(
+        default="auto", description="Weights dtype: auto = bf16 on GPUs that support it, else fp16; fp32 on the CPU."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto", description="Attention kernel: auto = flash_attention_2 when installed on CUDA, else sdpa."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run model code shipped with the checkpoint. Only for code you have reviewed."
+    )
+    allow_pickle_weights: bool = Field(
+        default=False, description="Allow loading .bin/.pt (pickle) weights; by default only safetensors are loaded."
+    )
+    license: str | None = Field(
+        default=None, description="The base model's licence id, when its card or config does not declare one."
+    )
+
+
+class QuantizationSection(Section):
+    mode: Literal["none", "4bit", "8bit"] = Field(
+        default="none", description="none = LoRA on 16/32-bit weights; 4bit = QLoRA (bitsandbytes); 8bit = LLM.int8."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type; NF4 is the QLoRA default.")
+    double_quant: bool = Field(default=True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    compute_dtype: DType = Field(
+        default="auto", description="dtype of the 4-bit matmuls: auto = the model dtype (bf16 on modern GPUs)."
+    )
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        default="uint8",
+        description="Storage of packed 4-bit weights; a float dtype (e.g. bfloat16) lets FSDP shard QLoRA weights.",
+    )
+
+    @model_validator(mode="after")
+    def _settings_match_mode(self) -> QuantizationSection:
+        four_bit_only = [f for f in ("quant_type", "double_quant", "storage_dtype") if self.explicitly_set(f)]
+        if self.mode != "4bit" and four_bit_only:
+            raise ValueError(
+                f"{', '.join(four_bit_only)} only apply to mode: 4bit, but mode is {self.mode!r}; "
+                "set mode: 4bit or remove them"
+            )
+        if self.mode == "none" and self.explicitly_set("compute_dtype"):
+            raise ValueError("compute_dtype only applies to a quantised model; set mode: 4bit or 8bit, or remove it")
+        return self
+
+
+class AdapterSection(Section):
+    type: Literal["lora", "dora", "rslora"] = Field(
+        default="lora", description="lora; dora (weight-decomposed LoRA); rslora (rank-stabilised scaling alpha/sqrt(r))."
+    )
+    r: int = Field(default=16, gt=0, le=4096, description="LoRA rank.")
+    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; default 2 * r.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        default="all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear (every linear layer but the output head).",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained fully and saved with the adapter (e.g. [lm_head])."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases to train.")
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules is empty; list module names or use all-linear")
+        return value
+
+
+Format = Literal["messages", "instruction", "prompt_completion", "text"]
+
+# Which logical columns each format reads; `data.columns` maps them to the dataset's own names.
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "instruction": ("instruction", "input", "output", "system"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+
+class DataSource(Section):
+    path: str = Field(description="Local file or folder (jsonl, json, csv, parquet, txt) or a hub dataset id.")
+    revision: str | None = Field(default=None, description="Hub dataset revision to pin.")
+    subset: str | None = Field(default=None, description="Hub dataset configuration name.")
+    split: str = Field(default="train", description="Hub dataset split.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(description="Training sources: a path/hub id or a list of them.")
+    eval: DataSource | None = Field(default=None, description="Held-out source; default: a seeded split of train.")
+    eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0, description="Share of train held out when eval is not given.")
+    format: Format = Field(default="messages", description="messages | instruction | prompt_completion | text.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map the format's columns to the dataset's, e.g. {prompt: question, completion: answer}."
+    )
+    chat_template: str | None = Field(
+        default=None, description="Jinja chat template (inline, or a path to a .jinja file); default: the tokenizer's."
+    )
+    max_length: int = Field(default=1024, gt=8, description="Maximum tokens per example; longer rows are truncated.")
+    train_on_inputs: bool = Field(
+        default=False, description="Also compute the loss on prompt/user tokens (default: completion/assistant only)."
+    )
+    packing: bool = Field(
+        default=False,
+        description="Padding-free packing: examples share a row with position ids restarting per example (no cross-attention).",
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        default="error", description="Malformed rows stop the run (error) or are skipped and reported (skip)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_list(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("train"), (str, dict)):
+            value = {**value, "train": [value["train"]]}
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> DataSection:
+        allowed = FORMAT_COLUMNS[self.format]
+        unknown = sorted(set(self.columns) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"columns {unknown} do not apply to format {self.format!r}; allowed: {list(allowed)}"
+            )
+        if self.eval is not None and self.explicitly_set("eval_fraction"):
+            raise ValueError("give either eval (a held-out source) or eval_fraction (a split of train), not both")
+        if self.format == "text" and self.train_on_inputs:
+            raise ValueError("train_on_inputs has no meaning for format text (every token is trained); remove it")
+        return self
+
+    def column(self, logical: str) -> str:
+        return self.columns.get(logical, logical)
+
+
+class TrainSection(Section):
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(default=4, gt=0, description="Examples per device per micro-batch.")
+    gradient_accumulation: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    warmup_steps: int | None = Field(default=None, ge=0, description="Warmup in steps (instead of warmup_ratio).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
+    ] = Field(default="adamw_torch", description="Optimizer; paged_adamw_8bit is the QLoRA paper's choice on CUDA.")
+    gradient_checkpointing: bool = Field(default=True, description="Recompute activations in backward to save memory.")
+    seed: int = Field(default=42, description="Seed for data order, LoRA init, dropout and the eval split.")
+    logging_steps: int = Field(default=10, gt=0, description="Log loss and learning rate every N steps.")
+    save_steps: int = Field(default=200, gt=0, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
+    eval_steps: int | None = Field(default=None, gt=0, description="Held-out loss every N steps during training.")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainSection:
+        if self.explicitly_set("warmup_ratio") and self.warmup_steps is not None:
+            raise ValueError("give warmup_ratio or warmup_steps, not both")
+        if self.explicitly_set("epochs") and self.max_steps is not None:
+            raise ValueError("give epochs or max_steps, not both")
+        return self
+
+
+class OutputSection(Section):
+    dir: str | None = Field(default=None, description="Run directory; default runs/<recipe name> under the working directory.")
+
+
+class Recipe(Section):
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Recipe schema version.")
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (default: the file name).")
+    description: str | None = Field(default=None, description="What this recipe is for.")
+    model: ModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    # Where the recipe came from: relative input paths resolve against `base_dir`.
+    source_path: str | None = Field(default=None, exclude=True, description="(internal) the recipe file.")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Recipe:
+        if not looks_like_local_path(self.model.name_or_path) and not self.resolve(self.model.name_or_path).exists():
+            if self.model.revision is None:
+                raise ValueError(
+                    f"model.revision: hub model {self.model.name_or_path!r} has no pinned revision; "
+                    "set model.revision to a commit sha or tag so the run is reproducible"
+                )
+        if self.quantization.mode != "none" and self.model.dtype == "float32" and self.quantization.compute_dtype in (
+            "bfloat16",
+            "float16",
+        ):
+            raise ValueError(
+                "quantization.compute_dtype is 16-bit but model.dtype is float32; use the same dtype for both"
+            )
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source_path).resolve().parent if self.source_path else Path.cwd()
+
+    def resolve(self, path: str) -> Path:
+        """A recipe path made absolute: relative paths are relative to the recipe file's folder."""
+        expanded = Path(os.path.expanduser(path))
+        return expanded if expanded.is_absolute() else self.base_dir / expanded
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+    @property
+    def model_is_local(self) -> bool:
+        return looks_like_local_path(self.model.name_or_path) or self.resolve(self.model.name_or_path).exists()
+
+    @property
+    def model_location(self) -> str:
+        """What to hand to `from_pretrained`: an absolute local folder or the hub id."""
+        return str(self.resolve(self.model.name_or_path)) if self.model_is_local else self.model.name_or_path
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=False), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, `extends:`, `--set` overrides, ${ENV} interpolation, readable errors.
+
+KeyPath = tuple  # ("train", "learning_rate") or ("data", "train", 0, "path")
+
+
+class _Located:
+    """Where each key of a merged recipe came from (file and 1-based line)."""
+
+    def __init__(self) -> None:
+        self.where: dict[KeyPath, tuple[str, int]] = {}
+
+    def lookup(self, loc: KeyPath) -> tuple[str, int] | None:
+        for end in range(len(loc), 0, -1):
+            if loc[:end] in self.where:
+                return self.where[loc[:end]]
+        return None
+
+
+def _node_to_python(node: yaml.Node, file: str, path: KeyPath, located: _Located) -> Any:
+    located.where[path] = (file, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in out:
+                raise RecipeError(f"{file}:{key_node.start_mark.line + 1}: key {key!r} appears twice; keep one")
+            out[key] = _node_to_python(value_node, file, path + (key,), located)
+            located.where[path + (key,)] = (file, key_node.start_mark.line + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_node_to_python(item, file, path + (i,), located) for i, item in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path, located: _Located) -> dict[str, Any]:
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{file}: recipe file not found; check the path (recipes live in recipes/)") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{file}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise RecipeError(f"{file}: cannot read recipe: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{file}{line}: invalid YAML: {problem}; fix the syntax (indentation, quotes, colons)") from None
+    if node is None:
+        raise RecipeError(f"{file}: recipe is empty; see recipes/quickstart.yaml for a complete example")
+    if not isinstance(node, yaml.MappingNode):
+        raise RecipeError(f"{file}:{node.start_mark.line + 1}: a recipe must be a mapping of sections (model:, data:, ...)")
+    return _node_to_python(node, file, (), located)
+
+
+def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_with_extends(path: Path, located: _Located, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve() if path.exists() else path
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in chain + (path,))
+        raise RecipeError(f"{path}: extends forms a cycle ({cycle}); remove one extends")
+    data = _read_yaml(path, located)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        line = located.where.get(("extends",), (str(path), 0))[1]
+        raise RecipeError(f"{path}:{line}: extends must be a path to another recipe, found {parent!r}")
+    parent_path = Path(os.path.expandvars(parent))
+    if not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    if not parent_path.exists():
+        line = located.where.get(("extends",), (str(path), 0))[1]
+        raise RecipeError(f"{path}:{line}: extends: {parent_path} not found; give a path relative to this recipe")
+    # Parent lines are recorded first; the child's entries overwrite them where it sets a key.
+    child_lines = dict(located.where)
+    base = _read_with_extends(parent_path, located, chain + (path,))
+    located.where.update(child_lines)
+    return _deep_merge(base, data)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, loc: KeyPath, located: _Located) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, loc + (k,), located) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, loc + (i,), located) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise RecipeError(
+            f"{_where(loc, located)}{_dotted(loc)}: environment variable {name} is not set; "
+            f"export {name}=... or write ${{{name}:-default}}"
+        )
+
+    return _ENV.sub(substitute, value)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected section.field=value, e.g. --set train.learning_rate=1e-4")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise RecipeError(f"--set {item!r}: empty key part; write e.g. --set train.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any, located: _Located) -> None:
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {'.'.join(parts)}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+    located.where[tuple(parts)] = ("--set", 0)
+
+
+def _dotted(loc: KeyPath) -> str:
+    return ".".join(str(p) for p in loc) if loc else "(top level)"
+
+
+def _where(loc: KeyPath, located: _Located) -> str:
+    found = located.lookup(loc)
+    if found is None:
+        return ""
+    file, line = found
+    return f"{file}: " if line == 0 else f"{file}:{line}: "
+
+
+def _section_model(loc: KeyPath) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at `loc` (for did-you-mean suggestions)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = _model_in_annotation(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _model_in_annotation(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in_annotation(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe_error(err: dict[str, Any], located: _Located) -> str:
+    loc: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    kind = err["type"]
+    where = _where(loc, located)
+    field = _dotted(loc)
+    found = err.get("input")
+    if kind == "extra_forbidden":
+        parent = _section_model(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        allowed = [a for a in allowed if a != "source_path"]
+        guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {_dotted(loc[:-1] + (guess[0],))!r}?" if guess else f"allowed: {', '.join(allowed)}"
+        return f"{where}{field}: unknown key; {hint}"
+    if kind == "missing":
+        parent = _section_model(loc[:-1]) if len(loc) > 1 else Recipe
+        help_text = ""
+        if parent is not None and loc[-1] in parent.model_fields:
+            help_text = f" ({parent.model_fields[loc[-1]].description})"
+        return f"{where}{field}: required field is missing; add it{help_text}"
+    message = err["msg"]
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        guess = difflib.get_close_matches(str(found), re.findall(r"'([^']+)'", expected), n=1, cutoff=0.6)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        return f"{where}{field}: found {found!r}, allowed: {expected}{hint}"
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+        return f"{where}{field}: {message}" if loc else f"{where}{message}"
+    shown = "" if isinstance(found, (dict, list)) else f", found {found!r}"
+    return f"{where}{field}: {message.lower()}{shown}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge (`extends:`), override (`--set`), interpolate and validate a recipe file."""
+    path = Path(path)
+    located = _Located()
+    data = _read_with_extends(path, located)
+    for item in overrides:
+        parts, value = _parse_override(item)
+        _apply_override(data, parts, value, located)
+    data = _interpolate(data, (), located)
+    data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem))
+    data["source_path"] = str(path.resolve())
+    return validate_recipe(data, located)
+
+
+def validate_recipe(data: dict[str, Any], located: _Located | None = None) -> Recipe:
+    located = located or _Located()
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = _describe_error(errors[0], located)
+        more = f" (+{len(errors) - 1} more: run `sovtune check` after fixing this one)" if len(errors) > 1 else ""
+        raise RecipeError(first + more) from None

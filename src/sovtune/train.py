@@ -1,0 +1,210 @@
+"""Training: the only TRL user. Writes checkpoints, logs, metrics and the adapter into the run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sovtune import model as models
+from sovtune.data import PreparedData, prepare_data
+from sovtune.errors import SovtuneError
+from sovtune.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(SovtuneError):
+    """The run directory is in a state that would lose or mix up results."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, Any]
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer state was written (the trainer writes it last)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    complete = [
+        path for path in folder.glob("checkpoint-*") if (path / "trainer_state.json").is_file() and path.name[11:].isdigit()
+    ]
+    return max(complete, key=lambda path: int(path.name[11:]), default=None)
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to clobber a finished or interrupted run unless asked; return the checkpoint to resume from."""
+    checkpoint = last_checkpoint(run_dir)
+    if resume:
+        if checkpoint is None:
+            raise RunDirError(f"{run_dir}: no complete checkpoint to resume from; run without --resume")
+        return checkpoint
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if occupied and not overwrite:
+        action = "continue it with --resume" if checkpoint else "pass --overwrite to replace it"
+        raise RunDirError(f"{run_dir}: already holds a run; {action}, or choose another --set output.dir=...")
+    if occupied and overwrite and is_main_process():
+        shutil.rmtree(run_dir)
+    return None
+
+
+def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    cfg = recipe.train
+    dtype = models.resolve_dtype(recipe.model.dtype)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio
+    on_cuda = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optimizer,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
+        eval_steps=cfg.eval_steps,
+        bf16=on_cuda and dtype == torch.bfloat16,
+        fp16=on_cuda and dtype == torch.float16,
+        use_cpu=not on_cuda,
+        report_to="none",
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
+        shuffle_dataset=False,  # the trainer's seeded sampler shuffles; shuffling twice would break resume order
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if world_size() > 1 else None,
+    )
+
+
+def to_dataset(items: list[Any]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [i.input_ids for i in items], "labels": [i.labels for i in items]})
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write to a temporary file, flush to disk, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter(peft_model: Any, tokenizer: Any, run_dir: Path) -> Path:
+    """Adapter + tokenizer (with chat template) into run_dir/adapter, atomically."""
+    final = run_dir / "adapter"
+    tmp = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # "auto": peft also saves the embeddings when the vocabulary grew (a pad token was added).
+    peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers="auto")
+    tokenizer.save_pretrained(str(tmp))
+    old = run_dir / ".adapter.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Any = None) -> TrainResult:
+    """Recipe -> data -> base + adapter -> SFTTrainer -> run_dir/adapter."""
+    from trl import SFTTrainer
+
+    models.check_device_support(recipe)
+    run_dir = recipe.run_dir
+    checkpoint = check_run_dir(run_dir, resume, overwrite)
+    tokenizer = models.load_tokenizer(recipe)
+    data = prepare_data(recipe, tokenizer)
+    base = models.load_base_model(recipe, tokenizer)
+    peft_model = models.attach_adapter(base, recipe)
+    _announce(recipe, data, peft_model, checkpoint, console)
+
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        write_json_atomic(run_dir / "data_stats.json", data.stats)
+    started = time.time()
+    trainer = SFTTrainer(
+        model=peft_model,
+        args=sft_config(recipe, run_dir, has_eval=bool(data.eval)),
+        train_dataset=to_dataset(data.train),
+        eval_dataset=to_dataset(data.eval) if data.eval and recipe.train.eval_steps else None,
+        processing_class=tokenizer,
+        callbacks=[_tensorboard(run_dir)] if is_main_process() else [],
+    )
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = {
+        "train_loss": output.training_loss,
+        "global_step": output.global_step,
+        "train_runtime_s": round(time.time() - started, 2),
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "log_history": trainer.state.log_history,
+    }
+    adapter_dir = run_dir / "adapter"
+    if is_main_process():
+        adapter_dir = save_adapter(trainer.model, tokenizer, run_dir)
+        write_json_atomic(run_dir / "train_metrics.json", metrics)
+    return TrainResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics)
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "logs")))
+
+
+def _announce(recipe: Recipe, data: PreparedData, peft_model: Any, checkpoint: Path | None, console: Any) -> None:
+    if console is None or not is_main_process():
+        return
+    trainable, total = models.count_parameters(peft_model)
+    effective = recipe.train.batch_size * recipe.train.gradient_accumulation * world_size()
+    console.print(
+        f"[bold]{recipe.name}[/]: {len(data.train)} train / {len(data.eval)} eval examples, "
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+    )
+    console.print(
+        f"effective batch {effective} = {recipe.train.batch_size} per device x {recipe.train.gradient_accumulation} "
+        f"accumulation x {world_size()} process(es); device {models.device()}"
+    )
+    if checkpoint is not None:
+        console.print(f"resuming from {checkpoint} (optimizer, scheduler, RNG and data order restored)")
