@@ -120,6 +120,102 @@ def run(
     guarded(body)
 
 
+@app.command()
+def doctor(
+    run_root: Annotated[Path, typer.Option("--runs", help="Where run directories go (for the free-disk check).")] = Path("runs"),
+) -> None:
+    """One table of what matters for training here: Python, torch/CUDA, GPUs, bf16, bitsandbytes, disk, hub."""
+    from sovtune import doctor as checks
+
+    rows = checks.diagnose(run_root)
+    checks.render(rows, console)
+    if not checks.healthy(rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Recipe file to write, e.g. recipes/mine.yaml.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Base model: hub id or local folder.")] = "data/base-model",
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub commit sha to pin (hub ids).")] = None,
+    data_path: Annotated[str, typer.Option("--data", help="Training data file or folder.")] = "data/sql/train.jsonl",
+    data_format: Annotated[str, typer.Option("--format", help="messages | instruction | prompt_completion | text.")] = "messages",
+    gpu: Annotated[str, typer.Option("--gpu", help="cpu | rtx4090-24gb | l4-24gb | a100-40gb | a100-80gb | h100-80gb.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented starter recipe (validated before it is written)."""
+
+    def body() -> None:
+        import os
+
+        from sovtune.starter import starter_recipe, write_starter
+
+        def relative(value: str) -> str:  # recipe paths are relative to the recipe's folder
+            if not Path(value).exists():
+                return value
+            rel = os.path.relpath(Path(value).resolve(), path.resolve().parent)
+            return rel if rel.startswith(".") else f"./{rel}"
+
+        text = starter_recipe(path, relative(model), relative(data_path), data_format, gpu, revision)
+        write_starter(path, text, overwrite)
+        console.print(f"wrote [bold]{path}[/]; next: sovtune check {path}")
+
+    guarded(body)
+
+
+RunDirArg = Annotated[Path, typer.Argument(help="Run directory (runs/<name>).", show_default=False)]
+
+
+@app.command()
+def generate(
+    run_dir: RunDirArg,
+    prompt: Annotated[str, typer.Option("--prompt", help="The user message (or raw prompt for text formats).")],
+    base: Annotated[bool, typer.Option("--base", help="Also show the base model's answer.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+) -> None:
+    """Generate one answer with the trained adapter (greedy)."""
+
+    def body() -> None:
+        from sovtune.generate import complete, load_run, render_prompt
+
+        loaded = load_run(run_dir)
+        text = render_prompt(loaded, [{"role": "user", "content": prompt}])
+        console.print(f"[bold]adapter:[/] {complete(loaded, text, max_new_tokens)}", highlight=False)
+        if base:
+            console.print(f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False)
+
+    guarded(body)
+
+
+@app.command()
+def chat(
+    run_dir: RunDirArg,
+    base: Annotated[bool, typer.Option("--base", help="Show the base model's answer beside the adapter's.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+) -> None:
+    """Interactive chat with the adapter, using the chat template it was trained with. Empty line or Ctrl-D ends."""
+
+    def body() -> None:
+        from sovtune.generate import complete, load_run, render_prompt
+
+        loaded = load_run(run_dir)
+        history: list[dict[str, str]] = []
+        console.print("chat with the adapter; an empty line or Ctrl-D ends")
+        for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: console.input("[bold]you:[/] "), ""):
+            line = line.strip()
+            if not line:
+                break
+            history.append({"role": "user", "content": line})
+            text = render_prompt(loaded, history)
+            answer = complete(loaded, text, max_new_tokens)
+            console.print(f"[bold]adapter:[/] {answer}", highlight=False)
+            if base:
+                console.print(f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False)
+            history.append({"role": "assistant", "content": answer})
+
+    guarded(body)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,80 @@
+"""`sovtune generate` and `sovtune chat`: talk to a trained adapter (and, with --base, to the base beside it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sovtune import model as models
+from sovtune.errors import SovtuneError
+from sovtune.recipe import Recipe, load_recipe
+
+
+class RunNotFound(SovtuneError):
+    """The run directory lacks what the command needs."""
+
+
+@dataclass
+class LoadedRun:
+    recipe: Recipe
+    tokenizer: Any
+    model: Any  # a PeftModel: `with model.disable_adapter():` gives the base
+
+
+def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
+    """The run's resolved recipe, its tokenizer (with the trained chat template) and base + adapter."""
+    recipe_file = run_dir / "recipe.yaml"
+    adapter_dir = run_dir / "adapter"
+    if not recipe_file.is_file():
+        raise RunNotFound(f"{run_dir}: no recipe.yaml; is this a run directory? (sovtune train writes one)")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise RunNotFound(f"{run_dir}: no trained adapter in {adapter_dir}; run sovtune train first")
+    recipe = load_recipe(recipe_file, overrides)
+    tokenizer = load_adapter_tokenizer(adapter_dir)
+    base = models.load_base_model(recipe, tokenizer)
+    model = models.load_adapter(base, adapter_dir)
+    model.eval()
+    return LoadedRun(recipe=recipe, tokenizer=tokenizer, model=model)
+
+
+def load_adapter_tokenizer(adapter_dir: Path) -> Any:
+    """The tokenizer saved with the adapter: the very chat template and pad token used in training."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    models.ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def render_prompt(run: LoadedRun, messages: list[dict[str, str]]) -> str:
+    """The text generation starts from, as in training: chat template for chat formats, raw text otherwise."""
+    if run.recipe.data.format in ("messages", "instruction"):
+        return run.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages[-1]["content"]
+
+
+def complete(run: LoadedRun, prompt: str, max_new_tokens: int = 128, use_adapter: bool = True) -> str:
+    """Greedy completion of one prompt, stopping at EOS or the template's turn terminator."""
+    import contextlib
+
+    import torch
+
+    tokenizer = run.tokenizer
+    add_bos = run.recipe.data.format in ("prompt_completion", "text")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    device = next(run.model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    context = contextlib.nullcontext() if use_adapter else run.model.disable_adapter()
+    with context, torch.no_grad():
+        output = run.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=models.stop_token_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
