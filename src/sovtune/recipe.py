@@ -27,7 +27,8 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     def explicitly_set(self, name: str) -> bool:
-        return name in self.model_fields_set
+        """Set in the recipe to something other than the default (a resolved recipe repeats every default)."""
+        return name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default
 
 
 def looks_like_local_path(value: str) -> bool:
@@ -81,7 +82,8 @@ class QuantizationSection(Section):
         four_bit_only = [f for f in ("quant_type", "double_quant", "storage_dtype") if self.explicitly_set(f)]
         if self.mode != "4bit" and four_bit_only:
             raise ValueError(
-                f"{', '.join(four_bit_only)} only apply to mode: 4bit, but mode is {self.mode!r}; "
+                f"{', '.join(four_bit_only)} only {'applies' if len(four_bit_only) == 1 else 'apply'} to mode: 4bit, "
+                f"but mode is {self.mode!r}; "
                 "set mode: 4bit or remove them"
             )
         if self.mode == "none" and self.explicitly_set("compute_dtype"):
@@ -141,7 +143,7 @@ class DataSource(Section):
 
 
 class DataSection(Section):
-    train: list[DataSource] = Field(description="Training sources: a path/hub id or a list of them.")
+    train: list[DataSource] = Field(min_length=1, description="Training sources: a path/hub id or a list of them.")
     eval: DataSource | None = Field(default=None, description="Held-out source; default: a seeded split of train.")
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0, description="Share of train held out when eval is not given.")
     format: Format = Field(default="messages", description="messages | instruction | prompt_completion | text.")
@@ -224,16 +226,305 @@ class OutputSection(Section):
     dir: str | None = Field(default=None, description="Run directory; default runs/<recipe name> under the working directory.")
 
 
+# Evaluation: base vs adapter. Metric names are checked here, at load time; their code lives in metrics.py.
+MetricName = Literal[
+    "loss", "perplexity", "token_accuracy", "exact_match", "contains", "regex", "rouge_l", "chrf",
+    "multiple_choice", "sql_execution",
+]  # fmt: skip
+LOSS_METRICS = ("loss", "perplexity", "token_accuracy")  # one teacher-forced pass over the reference
+GENERATION_METRICS = ("exact_match", "contains", "regex", "rouge_l", "chrf", "sql_execution")  # on generated text
+LOWER_IS_BETTER = ("loss", "perplexity")
+GENERAL_DATASET = "general"  # the forgetting check's dataset name; its gate is `general_perplexity`
+_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class UserMetric(Section):
+    name: str = Field(pattern=_IDENTIFIER, description="Name in the report and in gates.")
+    module: str = Field(description="Path to a .py file, relative to the recipe; only this file is imported.")
+    function: str = Field(pattern=_IDENTIFIER, description="function(prediction, reference, row) -> float in that file.")
+    higher_is_better: bool = Field(default=True, description="Whether a larger score is better (for gates).")
+
+
+class EvalDataset(Section):
+    name: str = Field(default="eval", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name in the report and gates.")
+    source: DataSource | None = Field(
+        default=None, description="A path/hub id, or {path, split, revision}; default: the recipe's held-out split."
+    )
+    format: Format | None = Field(default=None, description="Row format of `source`; default data.format.")
+    columns: dict[str, str] | None = Field(default=None, description="Column mapping of `source`; default data.columns.")
+    metrics: list[MetricName] = Field(
+        default_factory=lambda: ["loss", "perplexity", "token_accuracy", "exact_match"],
+        description="Metrics computed on this dataset (each per example, base and tuned).",
+    )
+    user_metrics: list[UserMetric] = Field(
+        default_factory=list, description="Your own metrics: [{name, module: path/to/file.py, function}]."
+    )
+    regex: str | None = Field(
+        default=None,
+        description="Pattern for the regex metric: with a group, group 1 must equal the reference; else it must match.",
+    )
+    database: str | None = Field(default=None, description="SQLite file for sql_execution (opened read-only).")
+    sql_timeout_s: float = Field(default=5.0, gt=0, description="Time budget per SQL query before it counts as wrong.")
+    choices_column: str = Field(default="choices", description="multiple_choice: row column with the list of options.")
+    answer_column: str = Field(
+        default="answer", description="multiple_choice: column with the correct option (index or text); default: the reference."
+    )
+    max_examples: int | None = Field(default=None, gt=0, description="Evaluate a seeded sample of this many rows.")
+
+    def metric_names(self) -> list[str]:
+        return [*self.metrics, *(metric.name for metric in self.user_metrics)]
+
+    def higher_is_better(self, metric: str) -> bool:
+        for user in self.user_metrics:
+            if user.name == metric:
+                return user.higher_is_better
+        return metric not in LOWER_IS_BETTER
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> EvalDataset:
+        duplicated = sorted({m for m in self.metric_names() if self.metric_names().count(m) > 1})
+        if duplicated:
+            raise ValueError(f"dataset {self.name!r}: metrics {duplicated} are listed twice; keep one of each")
+        clashes = sorted({user.name for user in self.user_metrics} & set(MetricName.__args__))
+        if clashes:
+            raise ValueError(f"user_metrics {clashes} reuse built-in metric names; rename them")
+        if not self.metric_names():
+            raise ValueError(f"dataset {self.name!r} has no metrics; list some, e.g. metrics: [loss, exact_match]")
+        if ("sql_execution" in self.metrics) != (self.database is not None):
+            raise ValueError(
+                "sql_execution needs database: path/to/file.db (and database is only used by sql_execution); "
+                f"set both or neither on dataset {self.name!r}"
+            )
+        if ("regex" in self.metrics) != (self.regex is not None):
+            raise ValueError(f"the regex metric needs regex: <pattern> (and regex needs the metric) on dataset {self.name!r}")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile ({exc}); fix the pattern") from None
+        return self
+
+
+class GeneralText(DataSource):
+    format: Format = Field(default="text", description="Row format of the general-text set (usually text).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Column mapping, e.g. {text: body}.")
+    max_examples: int | None = Field(default=None, gt=0, description="Evaluate a seeded sample of this many rows.")
+
+
+class Gate(Section):
+    min_gain: float | None = Field(
+        default=None,
+        description="Smallest improvement, tuned over base (for loss/perplexity: a decrease); negative = drop allowed.",
+    )
+    max_increase: float | None = Field(
+        default=None, ge=0, description="Lower-is-better metrics: largest relative increase allowed, 0.05 = +5%."
+    )
+    min_value: float | None = Field(default=None, description="Higher-is-better metrics: the tuned value must reach this.")
+    max_value: float | None = Field(default=None, description="Lower-is-better metrics: the tuned value must not exceed this.")
+    significant: bool = Field(default=False, description="The improvement's confidence interval must exclude 0.")
+
+    @model_validator(mode="after")
+    def _has_a_rule(self) -> Gate:
+        if not self.model_fields_set:
+            raise ValueError("a gate needs a rule: min_gain, max_increase, min_value, max_value or significant")
+        return self
+
+
+class GenerationSection(Section):
+    max_new_tokens: int = Field(default=128, gt=0, description="Tokens generated per example at most.")
+    do_sample: bool = Field(default=False, description="Sample instead of greedy decoding (greedy is reproducible).")
+    temperature: float | None = Field(default=None, gt=0, description="Sampling temperature (only with do_sample).")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass (only with do_sample).")
+    seed: int = Field(default=0, description="Seed for sampling.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS and the turn terminator always stop).")
+    batch_size: int = Field(default=16, gt=0, description="Prompts generated together (left-padded, KV cache).")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> GenerationSection:
+        sampling_only = [name for name in ("temperature", "top_p") if getattr(self, name) is not None]
+        if sampling_only and not self.do_sample:
+            raise ValueError(f"{', '.join(sampling_only)} only apply with do_sample: true; set it or remove them")
+        if any(not stop for stop in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+
+class BootstrapSection(Section):
+    resamples: int = Field(default=2000, ge=1000, description="Paired-bootstrap resamples (at least 1000).")
+    seed: int = Field(default=0, description="Seed of the resampling: the same seed gives the same intervals.")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
+
+
+class EvalSection(Section):
+    enabled: bool = Field(default=True, description="Evaluate base vs adapter after training in `sovtune run`.")
+    datasets: list[EvalDataset] = Field(
+        default_factory=lambda: [EvalDataset()], description="Held-out sets; default: the recipe's eval split."
+    )
+    general: GeneralText | None = Field(
+        default=None, description="General text for the forgetting check (perplexity base vs tuned), e.g. data/general/eval.jsonl."
+    )
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)
+    batch_size: int = Field(default=8, gt=0, description="Examples per forward pass in loss evaluation (sorted by length).")
+    max_examples: int | None = Field(default=None, gt=0, description="Cap per dataset (a seeded sample); default: all.")
+    samples: int = Field(default=3, ge=0, description="Side-by-side generations, base vs tuned, shown in report.md.")
+    gates: dict[str, Gate] = Field(
+        default_factory=dict,
+        description="Pass/fail rules, e.g. {exact_match: {min_gain: 0.05}, general_perplexity: {max_increase: 0.05}}.",
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> EvalSection:
+        names = [dataset.name for dataset in self.datasets]
+        if len(set(names)) != len(names) or GENERAL_DATASET in names:
+            raise ValueError(f"eval.datasets names must be unique and not {GENERAL_DATASET!r}; found {names}")
+        if sum(dataset.source is None for dataset in self.datasets) > 1:
+            raise ValueError("only one eval dataset can use the recipe's held-out split; give the others a source")
+        for key, gate in self.gates.items():
+            self._check_gate(key, gate)
+        return self
+
+    def gate_targets(self, key: str) -> list[tuple[str, str]]:
+        """(dataset, metric) pairs a gate key refers to: `metric`, `dataset/metric` or `general_perplexity`."""
+        if key == f"{GENERAL_DATASET}_perplexity":
+            return [(GENERAL_DATASET, "perplexity")] if self.general is not None else []
+        dataset_name, _, metric = key.rpartition("/")
+        return [
+            (dataset.name, metric)
+            for dataset in self.datasets
+            if metric in dataset.metric_names() and dataset_name in ("", dataset.name)
+        ]
+
+    def higher_is_better(self, dataset_name: str, metric: str) -> bool:
+        for dataset in self.datasets:
+            if dataset.name == dataset_name:
+                return dataset.higher_is_better(metric)
+        return metric not in LOWER_IS_BETTER
+
+    def _check_gate(self, key: str, gate: Gate) -> None:
+        targets = self.gate_targets(key)
+        if not targets:
+            if key == f"{GENERAL_DATASET}_perplexity":
+                raise ValueError(f"gate {key!r} needs eval.general (a general-text set); add it or remove the gate")
+            pairs = [(d.name, m) for d in self.datasets for m in d.metric_names()]
+            computed = sorted({m for _, m in pairs} | {f"{d}/{m}" for d, m in pairs})
+            if self.general is not None:
+                computed.append(f"{GENERAL_DATASET}_perplexity")
+            guess = difflib.get_close_matches(key, computed, n=1, cutoff=0.6)
+            hint = f"did you mean {guess[0]!r}?" if guess else f"computed: {', '.join(computed)}"
+            raise ValueError(f"gate {key!r} names a metric no eval dataset computes; {hint}")
+        for dataset_name, metric in targets:
+            higher = self.higher_is_better(dataset_name, metric)
+            wrong = ["max_increase", "max_value"] if higher else ["min_value"]
+            used = [name for name in wrong if getattr(gate, name) is not None]
+            if used:
+                fix = "use min_gain or min_value" if higher else "use min_gain, max_increase or max_value"
+                direction = "higher" if higher else "lower"
+                raise ValueError(f"gate {key!r}: {', '.join(used)} does not fit {metric} ({direction} is better); {fix}")
+
+    def check_against(self, recipe: Recipe) -> None:
+        """Checks that need the rest of the recipe: formats and files."""
+        for index, dataset in enumerate(self.datasets):
+            where = f"eval.datasets[{index}] ({dataset.name})"
+            data_format = dataset.format or recipe.data.format
+            needs_prompt = [m for m in dataset.metrics if m in GENERATION_METRICS or m == "multiple_choice"]
+            if data_format == "text" and (needs_prompt or dataset.user_metrics):
+                raise ValueError(
+                    f"{where}: format text has no prompt to generate from, so {needs_prompt or 'user metrics'} cannot be "
+                    "computed; use loss/perplexity/token_accuracy or a chat/prompt_completion dataset"
+                )
+            if dataset.columns is not None:
+                unknown = sorted(set(dataset.columns) - set(FORMAT_COLUMNS[data_format]))
+                if unknown:
+                    raise ValueError(f"{where}: columns {unknown} do not apply to format {data_format!r}")
+            if dataset.database is not None and not recipe.resolve(dataset.database).is_file():
+                raise ValueError(f"{where}.database: {recipe.resolve(dataset.database)} not found; give the SQLite file")
+            for user in dataset.user_metrics:
+                if not recipe.resolve(user.module).is_file() or not user.module.endswith(".py"):
+                    raise ValueError(f"{where}: user metric {user.name!r} module {recipe.resolve(user.module)} is not a .py file")
+        if self.general is not None:
+            unknown = sorted(set(self.general.columns) - set(FORMAT_COLUMNS[self.general.format]))
+            if unknown:
+                raise ValueError(f"eval.general: columns {unknown} do not apply to format {self.general.format!r}")
+
+
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+
+
+def endpoint_host(endpoint: str) -> str | None:
+    """The host of `https://hub.internal:8443/path`, `hub.internal:8443`, `10.0.0.5` or `[::1]`; None if malformed."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+        host = parts.hostname
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return None
+    if not host or (parts.scheme and parts.scheme not in ("http", "https")):
+        return None
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower() if _HOST.match(host) else None
+
+
+class SovereigntySection(Section):
+    offline: bool = Field(
+        default=False,
+        description="Refuse every network connection except loopback and allowed_endpoints; sets the HF offline switches.",
+    )
+    allowed_endpoints: list[str] = Field(
+        default_factory=list,
+        description="Hosts reachable in offline mode, e.g. [https://hub.internal.example] (your private hub).",
+    )
+    audit_log: str | None = Field(
+        default=None, description="Append-only JSONL audit log; default $SOVTUNE_AUDIT_LOG or ~/.sovtune/audit.jsonl."
+    )
+    data_scan: Literal["warn", "redact", "block"] = Field(
+        default="warn",
+        description="Secrets/PII found in the data: warn (counts only), redact (replace before tokenising), block (stop).",
+    )
+    allowed_licenses: list[str] = Field(
+        default_factory=list,
+        description="Base-model licences allowed (e.g. [apache-2.0, mit]); empty = no licence gate.",
+    )
+
+    @field_validator("allowed_endpoints")
+    @classmethod
+    def _valid_endpoints(cls, value: list[str]) -> list[str]:
+        bad = [endpoint for endpoint in value if endpoint_host(endpoint) is None]
+        if bad:
+            raise ValueError(f"{bad} are not http(s) URLs or host names; write e.g. https://hub.internal.example")
+        return value
+
+    @field_validator("allowed_licenses")
+    @classmethod
+    def _valid_licenses(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", name)]
+        if bad:
+            raise ValueError(f"{bad} are not licence ids; use SPDX-style ids such as apache-2.0, mit, llama3.1")
+        return [name.lower() for name in value]
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        return [host for host in (endpoint_host(endpoint) for endpoint in self.allowed_endpoints) if host]
+
+
 class Recipe(Section):
     schema_version: int = Field(default=SCHEMA_VERSION, description="Recipe schema version.")
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (default: the file name).")
     description: str | None = Field(default=None, description="What this recipe is for.")
-    model: ModelSection
+    model: ModelSection = Field(description="The base model: model.name_or_path (hub id or local folder) and its revision.")
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
-    data: DataSection
+    data: DataSection = Field(description="The training data: data.train (file, folder or hub id) and its format.")
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    sovereignty: SovereigntySection = Field(default_factory=SovereigntySection)
     # Where the recipe came from: relative input paths resolve against `base_dir`.
     source_path: str | None = Field(default=None, exclude=True, description="(internal) the recipe file.")
 
@@ -252,6 +543,11 @@ class Recipe(Section):
             raise ValueError(
                 "quantization.compute_dtype is 16-bit but model.dtype is float32; use the same dtype for both"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> Recipe:
+        self.eval.check_against(self)
         return self
 
     @property
@@ -277,7 +573,10 @@ class Recipe(Section):
         return str(self.resolve(self.model.name_or_path)) if self.model_is_local else self.model.name_or_path
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=False), sort_keys=False)
+        """The resolved recipe; `source_path` is kept so relative paths still resolve when re-loaded from a run."""
+        dumped = self.model_dump(mode="json", exclude_none=False)
+        dumped["source_path"] = self.source_path
+        return yaml.safe_dump(dumped, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,7 +592,8 @@ class _Located:
         self.where: dict[KeyPath, tuple[str, int]] = {}
 
     def lookup(self, loc: KeyPath) -> tuple[str, int] | None:
-        for end in range(len(loc), 0, -1):
+        # Down to the empty path: errors about the whole recipe (or a missing section) still name the file.
+        for end in range(len(loc), -1, -1):
             if loc[:end] in self.where:
                 return self.where[loc[:end]]
         return None
@@ -344,7 +644,9 @@ def _read_yaml(path: Path, located: _Located) -> dict[str, Any]:
         raise RecipeError(f"{file}: recipe is empty; see recipes/quickstart.yaml for a complete example")
     if not isinstance(node, yaml.MappingNode):
         raise RecipeError(f"{file}:{node.start_mark.line + 1}: a recipe must be a mapping of sections (model:, data:, ...)")
-    return _node_to_python(node, file, (), located)
+    data = _node_to_python(node, file, (), located)
+    located.where[()] = (file, 0)  # line 0: whole-recipe errors name the file without pointing at line 1
+    return data
 
 
 def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -423,10 +725,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 def _apply_override(data: dict[str, Any], parts: list[str], value: Any, located: _Located) -> None:
     node = data
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], start=1):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+            # A section that only --set created: its errors (e.g. a misspelt section) must point at --set.
+            located.where[tuple(parts[:depth])] = ("--set", 0)
         if not isinstance(child, dict):
             raise RecipeError(f"--set {'.'.join(parts)}: {part} is not a section")
         node = child
@@ -487,7 +791,7 @@ def _describe_error(err: dict[str, Any], located: _Located) -> str:
     if kind == "missing":
         parent = _section_model(loc[:-1]) if len(loc) > 1 else Recipe
         help_text = ""
-        if parent is not None and loc[-1] in parent.model_fields:
+        if parent is not None and loc[-1] in parent.model_fields and parent.model_fields[loc[-1]].description:
             help_text = f" ({parent.model_fields[loc[-1]].description})"
         return f"{where}{field}: required field is missing; add it{help_text}"
     message = err["msg"]
@@ -500,7 +804,8 @@ def _describe_error(err: dict[str, Any], located: _Located) -> str:
         message = message[len("Value error, ") :]
         return f"{where}{field}: {message}" if loc else f"{where}{message}"
     shown = "" if isinstance(found, (dict, list)) else f", found {found!r}"
-    return f"{where}{field}: {message.lower()}{shown}"
+    # Lower-case only the first letter: the rest may quote a pattern or a value verbatim.
+    return f"{where}{field}: {message[:1].lower()}{message[1:]}{shown}"
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -513,7 +818,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _apply_override(data, parts, value, located)
     data = _interpolate(data, (), located)
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem))
-    data["source_path"] = str(path.resolve())
+    data.setdefault("source_path", str(path.resolve()))
     return validate_recipe(data, located)
 
 
