@@ -226,6 +226,73 @@ class OutputSection(Section):
     dir: str | None = Field(default=None, description="Run directory; default runs/<recipe name> under the working directory.")
 
 
+# A repository id as the hub accepts it, with the namespace the toolkit requires (ORG/NAME).
+REPO_ID_HELP = "ORG/NAME with letters, digits, '-', '_' or '.' (no '--' or '..', each part at most 96 characters)"
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if it is ORG/NAME as the hub accepts it; else ValueError saying what to write."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1 and not repo_id.endswith(".git")
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise ValueError(f"{repo_id!r} is not a repository id; write {REPO_ID_HELP}, e.g. my-org/support-adapter")
+    return repo_id
+
+
+def check_endpoint(endpoint: str) -> str:
+    """An http(s) URL with a host and no credentials in it (a token in a URL ends up in logs); trailing / dropped."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(endpoint)
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{endpoint!r} is not an http(s) URL; write e.g. https://hub.internal.example")
+    if parts.username or parts.password:
+        raise ValueError("the endpoint URL contains credentials; remove them and set HF_TOKEN instead")
+    return endpoint.rstrip("/")
+
+
+class HubSection(Section):
+    repo: str | None = Field(default=None, description="Repository the adapter is published to: ORG/NAME.")
+    endpoint: str | None = Field(
+        default=None, description="Your hub's URL, e.g. https://hub.internal.example; default: $HF_ENDPOINT."
+    )
+    revision: str | None = Field(default=None, description="Branch to publish to (created when missing); default main.")
+    private: bool = Field(default=True, description="Create the repository private; false makes it public.")
+    push: bool = Field(default=False, description="Publish at the end of `sovtune run` (after evaluation and its gates).")
+
+    @field_validator("repo")
+    @classmethod
+    def _valid_repo(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _valid_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint(value)
+
+    @field_validator("revision")
+    @classmethod
+    def _valid_branch(cls, value: str | None) -> str | None:
+        if value is not None and (".." in value or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", value)):
+            raise ValueError(f"{value!r} is not a branch name; use letters, digits, '.', '_', '-' or '/', e.g. release")
+        return value
+
+    @model_validator(mode="after")
+    def _push_needs_repo(self) -> HubSection:
+        if self.push and self.repo is None:
+            raise ValueError("push: true needs repo: ORG/NAME (the repository to publish to)")
+        return self
+
+
 # Evaluation: base vs adapter. Metric names are checked here, at load time; their code lives in metrics.py.
 MetricName = Literal[
     "loss", "perplexity", "token_accuracy", "exact_match", "contains", "regex", "rouge_l", "chrf",
@@ -524,6 +591,7 @@ class Recipe(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    hub: HubSection = Field(default_factory=HubSection, description="Where `sovtune push` publishes the adapter.")
     sovereignty: SovereigntySection = Field(default_factory=SovereigntySection)
     # Where the recipe came from: relative input paths resolve against `base_dir`.
     source_path: str | None = Field(default=None, exclude=True, description="(internal) the recipe file.")
