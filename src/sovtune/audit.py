@@ -1,0 +1,159 @@
+"""Append-only JSONL audit log of check, train, eval, push, pull, export and merge: who, where, what, outcome.
+
+One `os.write` of one line to a file opened with O_APPEND, so concurrent writers never interleave. Never secrets:
+every string is passed through the secret scanner and the values of token-like environment variables are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+from sovtune.errors import SovtuneError
+from sovtune.recipe import Recipe
+
+EVENTS = ("check", "train", "eval", "run", "push", "pull", "export", "merge", "verify")
+ENV_PATH = "SOVTUNE_AUDIT_LOG"
+DEFAULT_PATH = "~/.sovtune/audit.jsonl"
+# Environment variables whose values must never appear in the log, whatever they look like.
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")
+_SECRET_KEYS = ("token", "password", "secret", "api_key", "apikey", "authorization")
+
+
+class AuditError(SovtuneError):
+    """The audit log cannot be written (an audited action must not run unrecorded)."""
+
+
+def log_path(recipe: Recipe | None = None) -> Path:
+    """The recipe's `sovereignty.audit_log` (relative to the recipe), else $SOVTUNE_AUDIT_LOG, else ~/.sovtune/audit.jsonl."""
+    if recipe is not None and recipe.sovereignty.audit_log:
+        return recipe.resolve(recipe.sovereignty.audit_log)
+    return Path(os.path.expanduser(os.environ.get(ENV_PATH) or DEFAULT_PATH))
+
+
+def scrub(value: Any) -> Any:
+    """The value with secrets replaced: scanner matches, token-like env values, and fields named like secrets."""
+    from sovtune.scan import SECRET, find, placeholder
+
+    known = [os.environ[name] for name in SECRET_ENV if len(os.environ.get(name, "")) >= 8]
+
+    def clean_text(text: str) -> str:
+        for secret in known:
+            text = text.replace(secret, "[REDACTED]")
+        findings = [f for f in find(text) if f.category == SECRET]
+        for finding in reversed(findings):
+            text = text[: finding.start] + placeholder(finding.kind) + text[finding.end :]
+        return text
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, str):
+            return clean_text(node)
+        if isinstance(node, dict):
+            return {
+                key: "[REDACTED]" if any(word in str(key).lower() for word in _SECRET_KEYS) and node[key] else walk(item)
+                for key, item in node.items()
+            }
+        if isinstance(node, (list, tuple)):
+            return [walk(item) for item in node]
+        return node
+
+    return walk(value)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+def event_record(
+    event: str,
+    outcome: str,
+    recipe: Recipe | None = None,
+    destination: str | None = None,
+    error: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    from sovtune import __version__
+    from sovtune.provenance import data_file_hashes, now, sha256_text
+
+    record: dict[str, Any] = {
+        "time": now(),
+        "event": event,
+        "outcome": outcome,
+        "user": _user(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "sovtune": __version__,
+        "recipe": None,
+        "recipe_sha256": None,
+        "data": [],
+        "destination": destination,
+    }
+    if recipe is not None:
+        record["recipe"] = recipe.source_path or recipe.name
+        record["recipe_sha256"] = sha256_text(recipe.to_yaml())
+        with contextlib.suppress(OSError):  # data that cannot be read is the command's error to report, not ours
+            record["data"] = data_file_hashes(recipe)
+    if error:
+        record["error"] = error.splitlines()[0][:500]
+    if details:
+        record["details"] = details
+    return scrub(record)
+
+
+def record(event: str, outcome: str, recipe: Recipe | None = None, path: Path | None = None, **fields: Any) -> dict[str, Any]:
+    """Append one event line; `AuditError` if the log cannot be written."""
+    entry = event_record(event, outcome, recipe, **fields)
+    target = Path(path) if path is not None else log_path(recipe)
+    line = (json.dumps(entry, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            written = os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise AuditError(f"{target}: cannot append to the audit log ({exc.strerror}); fix its permissions or set {ENV_PATH}") from None
+    if written != len(line):
+        raise AuditError(f"{target}: short write to the audit log ({written} of {len(line)} bytes); check free disk space")
+    return entry
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    """Errors that mean a gate said no (as opposed to something broken)."""
+    from sovtune.errors import GateFailed
+    from sovtune.licence import LicenceRefused
+    from sovtune.offline import NetworkBlocked
+
+    return (GateFailed, LicenceRefused, NetworkBlocked)
+
+
+@contextlib.contextmanager
+def audited(
+    event: str, recipe: Recipe | None = None, destination: str | None = None, details: dict[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Record `event` when the block ends: outcome ok, failed (with the one-line error) or interrupted.
+
+    The yielded dict may be filled by the block (e.g. a destination known only later).
+    """
+    extra: dict[str, Any] = {"destination": destination, "details": dict(details or {})}
+    try:
+        yield extra
+    except KeyboardInterrupt:
+        record(event, "interrupted", recipe, destination=extra["destination"], details=extra["details"] or None)
+        raise
+    except Exception as exc:
+        outcome = "refused" if isinstance(exc, _refusals()) else "failed"
+        message = str(exc) if isinstance(exc, SovtuneError) else type(exc).__name__
+        record(event, outcome, recipe, destination=extra["destination"], error=message, details=extra["details"] or None)
+        raise
+    record(event, "ok", recipe, destination=extra["destination"], details=extra["details"] or None)

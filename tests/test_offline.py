@@ -1,0 +1,149 @@
+"""Offline mode: the guard refuses real outbound attempts (naming the host) and lets loopback and allowed hosts through."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, Iterator
+
+import pytest
+
+from sovtune import offline
+
+TEST_NET = "203.0.113.1"  # TEST-NET-3: never routed; the guard refuses before any packet is sent
+
+
+@pytest.fixture
+def guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    for name in offline.OFFLINE_SWITCHES:
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", hub_constants.HF_HUB_OFFLINE)
+    yield offline
+    offline.disable()
+
+
+@pytest.fixture
+def local_server() -> Iterator[tuple[str, int]]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.sendall(b"hello")
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()
+    server.close()
+
+
+def test_switches_are_set(guard: Any) -> None:
+    import huggingface_hub.constants as hub_constants
+
+    guard.enable()
+    for name in offline.OFFLINE_SWITCHES:
+        assert __import__("os").environ[name] == "1"
+    assert hub_constants.HF_HUB_OFFLINE is True
+
+
+def test_refuses_non_loopback_address(guard: Any) -> None:
+    guard.enable(["https://hub.internal.example"])
+    with pytest.raises(offline.NetworkBlocked, match=rf"{TEST_NET}:443") as info:
+        socket.create_connection((TEST_NET, 443), timeout=1)
+    assert "hub.internal.example" in str(info.value)  # says what is allowed
+    raw = socket.socket()
+    with pytest.raises(offline.NetworkBlocked, match=rf"{TEST_NET}:80"):
+        raw.connect((TEST_NET, 80))
+    with pytest.raises(offline.NetworkBlocked):
+        raw.connect_ex((TEST_NET, 80))
+    raw.close()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with pytest.raises(offline.NetworkBlocked, match="8.8.8.8"):
+        udp.sendto(b"dns?", ("8.8.8.8", 53))
+    udp.close()
+    assert [(a.call, a.host) for a in guard.refused_attempts()][:2] == [("create_connection", TEST_NET), ("connect", TEST_NET)]
+
+
+def test_refuses_hub_hostname_before_resolving(guard: Any) -> None:
+    guard.enable()
+    with pytest.raises(offline.NetworkBlocked, match="huggingface.co"):
+        socket.getaddrinfo("huggingface.co", 443)
+    import httpx2
+
+    # A real HTTP client: the refusal surfaces as is (not retried or turned into a vague ConnectionError).
+    with pytest.raises(offline.NetworkBlocked, match="huggingface.co:443"):
+        httpx2.get("https://huggingface.co/api/models", timeout=2)
+
+
+def test_hub_client_fails_without_network(guard: Any) -> None:
+    guard.enable()
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    # The library's own switch stops it first; the socket guard is the backstop when a library ignores it.
+    with pytest.raises((OfflineModeIsEnabled, offline.NetworkBlocked)):
+        HfApi(endpoint="https://huggingface.co").model_info("gpt2")
+
+
+def test_allows_loopback(guard: Any, local_server: tuple[str, int]) -> None:
+    guard.enable()
+    with socket.create_connection(local_server, timeout=2) as conn:
+        assert conn.recv(5) == b"hello"
+    with socket.create_connection(("localhost", local_server[1]), timeout=2) as conn:
+        assert conn.recv(5) == b"hello"
+    assert guard.refused_attempts() == []
+
+
+def test_allows_configured_endpoint(guard: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allowed host name resolves, and its addresses may be connected to; a different host may not."""
+    guard.enable(["https://hub.internal.example:8443"])
+    state = offline._guard
+    resolved, connected = [], []
+
+    def fake_resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        resolved.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("198.51.100.7", port))]
+
+    def fake_connect(sock: socket.socket, address: Any) -> None:
+        connected.append(address)  # stands in for the network: nothing leaves the machine in this test
+
+    monkeypatch.setitem(state.originals, "getaddrinfo", fake_resolve)
+    monkeypatch.setitem(state.originals, "connect", fake_connect)
+    info = socket.getaddrinfo("hub.internal.example", 8443)
+    sock = socket.socket()
+    sock.connect(info[0][4])
+    sock.close()
+    assert resolved == ["hub.internal.example"] and connected == [("198.51.100.7", 8443)]
+    with pytest.raises(offline.NetworkBlocked, match="198.51.100.8"):
+        socket.socket().connect(("198.51.100.8", 8443))
+    assert [a.host for a in guard.refused_attempts()] == ["198.51.100.8"]
+
+
+def test_allowed_ip_endpoint(guard: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    guard.enable(["http://198.51.100.20"])
+    connected = []
+    monkeypatch.setitem(offline._guard.originals, "connect", lambda sock, address: connected.append(address))
+    socket.socket().connect(("198.51.100.20", 80))
+    assert connected == [("198.51.100.20", 80)]
+
+
+def test_disable_restores_socket(guard: Any) -> None:
+    original = socket.socket.connect
+    guard.enable()
+    assert socket.socket.connect is not original
+    guard.disable()
+    assert socket.socket.connect is original and not guard.is_active()
+
+
+def test_bad_endpoint_is_an_error(guard: Any) -> None:
+    from sovtune.errors import SovtuneError
+
+    with pytest.raises(SovtuneError, match="ftp://files"):
+        guard.enable(["ftp://files"])
