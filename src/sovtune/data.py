@@ -7,6 +7,7 @@ Knows nothing about models; it needs only a tokenizer. Local files are parsed he
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import random
@@ -353,7 +354,7 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any, train_on_inputs:
             )
         if len(before) > len(rendered):
             segments.append((before[len(rendered) :], train_on_inputs))
-        segments.append((through[len(before) :], True))
+        segments.extend(_split_after_terminator(through[len(before) :], tokenizer, train_on_inputs))
         rendered, prompt, reference = through, before, message["content"]
     full = _apply_template(tokenizer, messages, add_generation_prompt=False)
     if not full.startswith(rendered):
@@ -361,6 +362,24 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any, train_on_inputs:
     if len(full) > len(rendered):
         segments.append((full[len(rendered) :], train_on_inputs))
     return Example(origin="", segments=segments, prompt=prompt, reference=reference)
+
+
+def _split_after_terminator(turn: str, tokenizer: Any, train_on_inputs: bool) -> list[tuple[str, bool]]:
+    """An assistant turn as (content + terminator, supervised) and (what the template adds after it, e.g. a
+    newline, masked unless train_on_inputs): generation stops at the terminator, so what follows is never produced."""
+    terminator = _terminator_text(tokenizer, tokenizer.chat_template)
+    cut = turn.rfind(terminator) if terminator else -1
+    if cut < 0 or cut + len(terminator) == len(turn):
+        return [(turn, True)]
+    end = cut + len(terminator)
+    return [(turn[:end], True), (turn[end:], train_on_inputs)]
+
+
+@functools.lru_cache(maxsize=16)
+def _terminator_text(tokenizer: Any, chat_template: str) -> str | None:
+    """The turn terminator as text (cached: finding it renders the template, once per tokenizer and template)."""
+    token_id = chat_turn_terminator(tokenizer)
+    return None if token_id is None else tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
