@@ -169,7 +169,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.eval) if data.eval and recipe.train.eval_steps else None,
         processing_class=tokenizer,
-        callbacks=[_tensorboard(run_dir)] if is_main_process() else [],
+        callbacks=[_tensorboard(run_dir), _jsonl_log(run_dir / "logs" / "train_log.jsonl")] if is_main_process() else [],
     )
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {
@@ -184,6 +184,19 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         adapter_dir = save_adapter(trainer.model, tokenizer, run_dir)
         write_json_atomic(run_dir / "train_metrics.json", metrics)
     return TrainResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics)
+
+
+def _jsonl_log(path: Path) -> Any:
+    """Each trainer log (loss, learning rate, grad norm, eval loss) as one JSON line, readable without TensorBoard."""
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.global_step, **(logs or {})}, default=str) + "\n")
+
+    return JsonlLog()
 
 
 def _tensorboard(run_dir: Path) -> Any:
