@@ -216,6 +216,42 @@ def chat(
     guarded(body)
 
 
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory; the report is written here.", show_default=False)],
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter folder (default RUN_DIR/adapter).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model hub id or folder (default: the recipe's).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe (default RUN_DIR/recipe.yaml).")] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Evaluate base vs adapter on the held-out data: report.json/md/png in RUN_DIR; exit 3 if a gate fails."""
+
+    def body() -> None:
+        from sovtune.evaluate import evaluate, recipe_for_run
+
+        loaded = recipe_for_run(run_dir, recipe, base, overrides or [])
+        evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, console=console)
+        console.print(f"report written to [bold]{run_dir / 'report.md'}[/]")
+
+    guarded(body)
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more evaluated run directories.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for compare.json/.md/.png.")] = Path("runs/compare"),
+) -> None:
+    """Put several runs side by side against their common base model (table and chart)."""
+
+    def body() -> None:
+        from sovtune.report import compare as compare_runs
+
+        compare_runs(run_dirs, out, console=console)
+        console.print(f"comparison written to [bold]{out / 'compare.md'}[/]")
+
+    guarded(body)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,564 @@
+"""Base vs adapter on the same held-out data, in one process on one loaded model, into a report.
+
+The adapter is switched off with peft's `disable_adapter()` for the base pass and on again for the tuned pass, batch
+by batch, so both models see identical inputs and nothing is loaded twice. Every metric is kept per example for the
+paired bootstrap in metrics.py; report.py turns the comparisons into report.json/md/png and checks the gates.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import sys
+import time
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from sovtune import metrics as scoring
+from sovtune.data import IGNORE_INDEX, Example, SplitStats, Tokenized, load_examples, prepare_data, stop_token_ids, tokenize_split
+from sovtune.errors import DataError, GateFailed, SovtuneError
+from sovtune.recipe import GENERAL_DATASET, GENERATION_METRICS, LOSS_METRICS, EvalDataset, Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalItem:
+    """One held-out example, prepared for both passes before the model is loaded."""
+
+    origin: str
+    tokens: Tokenized | None  # teacher-forced input with completion-only labels (loss metrics)
+    prompt_ids: list[int] = field(default_factory=list)  # where generation starts
+    reference: str = ""
+    row: dict[str, Any] = field(default_factory=dict)
+    shown_prompt: str = ""  # what report.md shows: the last user message or the raw prompt
+    choices: list[list[int]] = field(default_factory=list)  # multiple_choice: token ids of each option
+    answer: int = -1  # multiple_choice: index of the correct option
+    sql_rows: list[tuple[Any, ...]] | None = None  # sql_execution: the reference's result
+
+
+@dataclass
+class Suite:
+    """A dataset with its metrics and scorers: everything that can fail on bad input fails here, before any model."""
+
+    name: str
+    items: list[EvalItem]
+    metrics: list[str]
+    higher_is_better: dict[str, bool]
+    scorers: dict[str, Callable[[str, EvalItem], float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def needs_generation(self) -> bool:
+        return bool(self.scorers)
+
+
+@dataclass
+class PairedScores:
+    base: scoring.Scores
+    tuned: scoring.Scores
+
+
+@dataclass
+class SuiteOutcome:
+    name: str
+    scores: dict[str, PairedScores]
+    higher_is_better: dict[str, bool]
+    examples: list[dict[str, Any]]
+    notes: list[str]
+    seconds: dict[str, float]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def evaluate(
+    recipe: Recipe | str | Path,
+    run_dir: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
+    console: Any = None,
+    write: bool = True,
+) -> Any:
+    """Evaluate the adapter against its base; write report.json/md/png into the run directory.
+
+    Raises GateFailed (exit 3) after the report is written when a gate in `eval.gates` fails.
+    """
+    from sovtune import model as models
+    from sovtune import report as reports
+
+    recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
+    run_dir = Path(run_dir) if run_dir is not None else recipe.run_dir
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise SovtuneError(
+            f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or point --adapter at a peft adapter"
+        )
+    started = time.perf_counter()
+    tokenizer = eval_tokenizer(recipe, adapter_dir)
+    suites = prepare_suites(recipe, tokenizer)
+    try:
+        model = load_model(recipe, tokenizer, adapter_dir)
+        outcomes = [run_suite(model, tokenizer, suite, recipe) for suite in suites]
+    finally:
+        for suite in suites:
+            for close in suite.closers:
+                close()
+    report = reports.build_report(recipe, outcomes, adapter_dir=adapter_dir, seconds=time.perf_counter() - started)
+    if write:
+        report.write(run_dir)
+    if console is not None:
+        report.print_table(console)
+    failed = [gate for gate in report.gates if not gate.passed]
+    if failed:
+        raise GateFailed("gate failed: " + "; ".join(gate.describe() for gate in failed) + f" (see {run_dir / 'report.md'})")
+    return report
+
+
+def recipe_for_run(
+    run_dir: Path, recipe_path: Path | None = None, base: str | None = None, overrides: Sequence[str] = ()
+) -> Recipe:
+    """The recipe `sovtune eval RUN_DIR` uses: --recipe, else the one the run saved; --base replaces the model."""
+    path = recipe_path or run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise SovtuneError(f"{path}: no recipe found; pass --recipe RECIPE (the recipe the adapter was trained with)")
+    extra = [f"output.dir={run_dir}"]
+    if base is not None:
+        extra.append(f"model.name_or_path={base}")
+    return load_recipe(path, [*overrides, *extra])
+
+
+class _CallableModule(types.ModuleType):
+    """Importing `sovtune.evaluate` rebinds that package attribute to this module; calling it still evaluates,
+    so `sovtune.evaluate(recipe)` works whichever happened first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and tokenizer
+
+
+def eval_tokenizer(recipe: Recipe, adapter_dir: Path) -> Any:
+    """The tokenizer the adapter was trained with (saved next to it), else the recipe's.
+
+    Using the saved one avoids a chat template or added pad token that differs between training and evaluation.
+    """
+    from sovtune import model as models
+
+    if not (adapter_dir / "tokenizer_config.json").is_file():
+        return models.load_tokenizer(recipe)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    except (OSError, ValueError) as exc:
+        raise SovtuneError(f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded ({exc})") from None
+    if getattr(tokenizer, "chat_template", None) is None and recipe.data.chat_template:
+        tokenizer.chat_template = models.read_chat_template(recipe)
+    models.ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_model(recipe: Recipe, tokenizer: Any, adapter_dir: Path) -> Any:
+    from sovtune import model as models
+
+    base = models.load_base_model(recipe, tokenizer)
+    if getattr(base, "hf_device_map", None) is None:
+        base.to(models.device())
+    peft_model = models.load_adapter(base, adapter_dir)
+    peft_model.eval()
+    return peft_model
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def both_models(model: Any) -> Iterator[tuple[str, Any]]:
+    """('base', adapter off) then ('tuned', adapter on), on the same weights in memory."""
+    yield "base", model.disable_adapter()
+    yield "tuned", nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: recipe datasets -> suites
+
+
+def prepare_suites(recipe: Recipe, tokenizer: Any) -> list[Suite]:
+    suites = [prepare_dataset(recipe, tokenizer, dataset) for dataset in recipe.eval.datasets]
+    if recipe.eval.general is not None:
+        suites.append(prepare_general(recipe, tokenizer))
+    return suites
+
+
+def _eval_recipe(recipe: Recipe, data_format: str, columns: dict[str, str]) -> Recipe:
+    """The recipe as seen by one eval dataset: its format and columns, and loss on completions only (the domain
+    gain is in the answers, whatever the training objective was)."""
+    data = recipe.data.model_copy(update={"format": data_format, "columns": columns, "train_on_inputs": False})
+    return recipe.model_copy(update={"data": data})
+
+
+def prepare_dataset(recipe: Recipe, tokenizer: Any, dataset: EvalDataset) -> Suite:
+    data_format = dataset.format or recipe.data.format
+    columns = dataset.columns if dataset.columns is not None else recipe.data.columns
+    view = _eval_recipe(recipe, data_format, columns)
+    if dataset.source is None:
+        prepared = prepare_data(view, tokenizer)
+        examples, tokenized, notes = prepared.eval_examples, prepared.eval, _drop_notes(prepared.stats.get("eval", {}))
+        source_name = "held-out split of data" if recipe.data.eval is None else recipe.data.eval.path
+    else:
+        stats = SplitStats()
+        examples = load_examples([dataset.source], view, tokenizer, stats)
+        tokenized = tokenize_split(examples, view, tokenizer, stats)
+        notes, source_name = _drop_notes(stats.summary()), dataset.source.path
+    if not tokenized:
+        raise DataError(f"eval dataset {dataset.name!r} ({source_name}): no usable rows; check its path, format and columns")
+    # Text windows have no prompt: they get loss metrics only (the recipe check forbids the others).
+    by_origin = {example.origin: example for example in examples} if data_format != "text" else {}
+    items = [
+        _item(token_row, by_origin.get(token_row.origin.split("@")[0]), tokenizer, recipe.data.max_length)
+        for token_row in tokenized
+    ]
+    items = _sample(items, dataset.max_examples or recipe.eval.max_examples, recipe.eval.bootstrap.seed, notes)
+    suite = Suite(
+        name=dataset.name,
+        items=items,
+        metrics=dataset.metric_names(),
+        higher_is_better={metric: dataset.higher_is_better(metric) for metric in dataset.metric_names()},
+        notes=notes,
+    )
+    _add_scorers(suite, dataset, recipe)
+    if "multiple_choice" in dataset.metrics:
+        for item in items:
+            _attach_choices(item, dataset, tokenizer)
+    return suite
+
+
+def prepare_general(recipe: Recipe, tokenizer: Any) -> Suite:
+    """General text for the forgetting check: perplexity only, every token scored."""
+    general = recipe.eval.general
+    assert general is not None
+    view = _eval_recipe(recipe, general.format, general.columns)
+    stats = SplitStats()
+    examples = load_examples([general], view, tokenizer, stats)
+    tokenized = tokenize_split(examples, view, tokenizer, stats)
+    if not tokenized:
+        raise DataError(f"eval.general ({general.path}): no usable text; check its path, format and columns")
+    notes = _drop_notes(stats.summary())
+    items = [EvalItem(origin=row.origin, tokens=row) for row in tokenized]
+    items = _sample(items, general.max_examples or recipe.eval.max_examples, recipe.eval.bootstrap.seed, notes)
+    return Suite(name=GENERAL_DATASET, items=items, metrics=["perplexity"], higher_is_better={"perplexity": False}, notes=notes)
+
+
+def _drop_notes(summary: dict[str, Any]) -> list[str]:
+    return [f"{count} rows dropped: {reason}" for reason, count in (summary.get("dropped") or {}).items()]
+
+
+def _sample(items: list[EvalItem], cap: int | None, seed: int, notes: list[str]) -> list[EvalItem]:
+    if cap is None or len(items) <= cap:
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), cap))
+    notes.append(f"evaluated a seeded sample of {cap} of {len(items)} examples")
+    return [items[index] for index in keep]
+
+
+def _item(tokens: Tokenized, example: Example | None, tokenizer: Any, max_length: int) -> EvalItem:
+    if example is None:  # text windows: loss metrics only
+        return EvalItem(origin=tokens.origin, tokens=tokens)
+    prompt = prompt_token_ids(example, tokenizer)
+    # Generation continues from the end of the prompt, so long prompts lose their beginning, never their end.
+    prompt = prompt[-max_length:]
+    return EvalItem(
+        origin=example.origin,
+        tokens=tokens,
+        prompt_ids=prompt,
+        reference=example.reference,
+        row=example.row,
+        shown_prompt=_shown_prompt(example),
+    )
+
+
+def prompt_token_ids(example: Example, tokenizer: Any) -> list[int]:
+    """Token ids up to the last supervised segment, tokenised segment by segment exactly as in training."""
+    last = max(index for index, (_, supervised) in enumerate(example.segments) if supervised)
+    ids = [tokenizer.bos_token_id] if example.add_bos and tokenizer.bos_token_id is not None else []
+    for text, _ in example.segments[:last]:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def _shown_prompt(example: Example) -> str:
+    messages = example.row.get("messages") if isinstance(example.row, dict) else None
+    if isinstance(messages, list):
+        users = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if users and isinstance(users[-1], str):
+            return users[-1]
+    return example.prompt
+
+
+def _add_scorers(suite: Suite, dataset: EvalDataset, recipe: Recipe) -> None:
+    for metric in dataset.metrics:
+        if metric in scoring.TEXT_METRICS:
+            suite.scorers[metric] = _text_scorer(scoring.TEXT_METRICS[metric])
+    if "regex" in dataset.metrics:
+        pattern = re.compile(dataset.regex or "")
+        suite.scorers["regex"] = lambda prediction, item: scoring.regex_match(prediction, item.reference, pattern)
+    if "sql_execution" in dataset.metrics:
+        executor = scoring.SqlExecutor(recipe.resolve(dataset.database or ""), timeout_s=dataset.sql_timeout_s)
+        suite.closers.append(executor.close)
+        for item in suite.items:
+            item.sql_rows = executor.reference_result(item.reference, item.origin)
+        suite.scorers["sql_execution"] = lambda prediction, item: executor.score(prediction, item.reference, item.sql_rows or [])
+    for user in dataset.user_metrics:
+        function = scoring.load_user_function(recipe.resolve(user.module), user.function, f"eval.user_metrics.{user.name}")
+        suite.scorers[user.name] = _user_scorer(function, f"{user.module}:{user.function}")
+
+
+def _text_scorer(function: Callable[[str, str], float]) -> Callable[[str, EvalItem], float]:
+    return lambda prediction, item: function(prediction, item.reference)
+
+
+def _user_scorer(function: Callable[..., Any], where: str) -> Callable[[str, EvalItem], float]:
+    return lambda prediction, item: scoring.call_user_metric(function, prediction, item.reference, item.row, f"{where} on {item.origin}")
+
+
+def _attach_choices(item: EvalItem, dataset: EvalDataset, tokenizer: Any) -> None:
+    choices = item.row.get(dataset.choices_column)
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise DataError(
+            f"{item.origin}: multiple_choice needs column {dataset.choices_column!r} with a list of at least two "
+            "non-empty option strings; set eval.datasets[].choices_column"
+        )
+    answer = item.row.get(dataset.answer_column, item.reference)
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+        raise DataError(f"{item.origin}: {dataset.answer_column!r} must be an option index or the option text")
+    if isinstance(answer, int):
+        index = answer
+    else:
+        stripped = [choice.strip() for choice in choices]
+        index = stripped.index(answer.strip()) if answer.strip() in stripped else -1
+    if not 0 <= index < len(choices):
+        raise DataError(f"{item.origin}: answer {answer!r} is not one of the {len(choices)} options in {dataset.choices_column!r}")
+    item.choices = [tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in choices]
+    item.answer = index
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a suite on both models
+
+
+def run_suite(model: Any, tokenizer: Any, suite: Suite, recipe: Recipe) -> SuiteOutcome:
+    settings = recipe.eval
+    scores: dict[str, PairedScores] = {}
+    seconds: dict[str, float] = {}
+    records = [_record(item) for item in suite.items]
+    loss_metrics = [metric for metric in suite.metrics if metric in LOSS_METRICS]
+    if loss_metrics:
+        started = time.perf_counter()
+        sequences = [item.tokens for item in suite.items]
+        sums = {name: teacher_forced_sums(model, sequences, settings.batch_size, context) for name, context in both_models(model)}
+        seconds["loss"] = time.perf_counter() - started
+        for metric in loss_metrics:
+            scores[metric] = PairedScores(*(loss_scores(metric, sums[name]) for name in ("base", "tuned")))
+        for index, record in enumerate(records):
+            record["loss"] = {name: float(sums[name].nll[index] / sums[name].tokens[index]) for name in sums}
+    if "multiple_choice" in suite.metrics:
+        started = time.perf_counter()
+        scores["multiple_choice"] = multiple_choice_scores(model, suite.items, settings.batch_size)
+        seconds["multiple_choice"] = time.perf_counter() - started
+    if suite.needs_generation:
+        started = time.perf_counter()
+        predictions = generate_both(model, tokenizer, [item.prompt_ids for item in suite.items], recipe)
+        seconds["generation"] = time.perf_counter() - started
+        per_metric: dict[str, dict[str, list[float]]] = {metric: {"base": [], "tuned": []} for metric in suite.scorers}
+        for index, item in enumerate(suite.items):
+            records[index]["predictions"] = {name: predictions[name][index] for name in predictions}
+            records[index]["scores"] = {}
+            for metric, scorer in suite.scorers.items():
+                values = {name: scorer(predictions[name][index], item) for name in predictions}
+                records[index]["scores"][metric] = values
+                for name, value in values.items():
+                    per_metric[metric][name].append(value)
+        for metric, values in per_metric.items():
+            scores[metric] = PairedScores(scoring.Scores.mean(values["base"]), scoring.Scores.mean(values["tuned"]))
+    ordered = {metric: scores[metric] for metric in suite.metrics}
+    return SuiteOutcome(suite.name, ordered, suite.higher_is_better, records, suite.notes, seconds)
+
+
+def _record(item: EvalItem) -> dict[str, Any]:
+    return {"origin": item.origin, "prompt": item.shown_prompt, "reference": item.reference}
+
+
+@dataclass
+class TokenSums:
+    """Per-sequence sums over supervised tokens from one teacher-forced pass."""
+
+    nll: torch.Tensor  # sum of negative log-likelihoods (nats)
+    tokens: torch.Tensor  # number of supervised tokens
+    correct: torch.Tensor  # tokens whose argmax prediction is the label
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by length (longest first, so a memory problem shows on the first batch): little padding."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def teacher_forced_sums(model: Any, sequences: Sequence[Tokenized], batch_size: int, context: Any = None) -> TokenSums:
+    """NLL, token count and correct count per sequence, over the positions whose label is supervised.
+
+    Only those positions are projected to the vocabulary (`logits_to_keep` mask): the prompt's logits, often most
+    of the sequence, are never materialised.
+    """
+    device = model_device(model)
+    n = len(sequences)
+    nll, tokens, correct = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    pad_id = _pad_id(model)
+    with context if context is not None else nullcontext():
+        for batch in length_batches([len(sequence.input_ids) for sequence in sequences], batch_size):
+            width = max(len(sequences[index].input_ids) for index in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, index in enumerate(batch):
+                length = len(sequences[index].input_ids)
+                input_ids[row, :length] = torch.tensor(sequences[index].input_ids)
+                labels[row, :length] = torch.tensor(sequences[index].labels)
+                attention[row, :length] = 1
+            targets = labels[:, 1:]
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = targets != IGNORE_INDEX
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep.to(device)
+            ).logits
+            gold = targets[keep[:, :-1]].to(device)
+            logits = logits.reshape(-1, logits.shape[-1]).float()
+            token_nll = torch.nn.functional.cross_entropy(logits, gold, reduction="none").double().cpu()
+            token_correct = (logits.argmax(-1) == gold).double().cpu()
+            rows = torch.tensor(batch)[keep.nonzero()[:, 0]]
+            nll.index_add_(0, rows, token_nll)
+            tokens.index_add_(0, rows, torch.ones_like(token_nll))
+            correct.index_add_(0, rows, token_correct)
+    return TokenSums(nll, tokens, correct)
+
+
+def _pad_id(model: Any) -> int:
+    pad = getattr(model.config, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def loss_scores(metric: str, sums: TokenSums) -> scoring.Scores:
+    """Token-weighted: loss = sum NLL / sum tokens; perplexity = exp of it; accuracy = sum correct / sum tokens."""
+    if metric == "token_accuracy":
+        return scoring.Scores(sums.correct.numpy(), sums.tokens.numpy(), "ratio")
+    return scoring.Scores(sums.nll.numpy(), sums.tokens.numpy(), "exp_ratio" if metric == "perplexity" else "ratio")
+
+
+def multiple_choice_scores(model: Any, items: Sequence[EvalItem], batch_size: int) -> PairedScores:
+    """Pick the option with the highest total log-likelihood after the prompt; all options of all items in one pass."""
+    sequences, owners = [], []
+    for index, item in enumerate(items):
+        for option in item.choices:
+            sequences.append(Tokenized(item.prompt_ids + option, [IGNORE_INDEX] * len(item.prompt_ids) + option, item.origin))
+            owners.append(index)
+    result = {}
+    for name, context in both_models(model):
+        loglik = -teacher_forced_sums(model, sequences, batch_size, context).nll
+        best: dict[int, tuple[float, int]] = {}
+        first: dict[int, int] = {}
+        for position, owner in enumerate(owners):
+            first.setdefault(owner, position)
+        for position, owner in enumerate(owners):
+            choice = position - first[owner]
+            if owner not in best or loglik[position] > best[owner][0]:
+                best[owner] = (float(loglik[position]), choice)
+        result[name] = scoring.Scores.mean([float(best[i][1] == item.answer) for i, item in enumerate(items)])
+    return PairedScores(result["base"], result["tuned"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generation_config(tokenizer: Any, recipe: Recipe) -> Any:
+    """A fresh config, so sampling defaults shipped with a checkpoint never leak into a 'greedy' evaluation."""
+    from transformers import GenerationConfig
+
+    settings = recipe.eval.generation
+    sampling = {"temperature": settings.temperature or 1.0, "top_p": settings.top_p or 1.0} if settings.do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=settings.stop or None,
+        use_cache=True,
+        **sampling,
+    )
+
+
+def generate_both(model: Any, tokenizer: Any, prompts: Sequence[list[int]], recipe: Recipe) -> dict[str, list[str]]:
+    """Base and tuned continuations of every prompt, batch by batch on the same left-padded tensors."""
+    config = generation_config(tokenizer, recipe)
+    settings = recipe.eval.generation
+    outputs: dict[str, list[list[int]]] = {"base": [[] for _ in prompts], "tuned": [[] for _ in prompts]}
+    for number, batch in enumerate(length_batches([len(prompt) for prompt in prompts], settings.batch_size)):
+        for name, context in both_models(model):
+            with context:
+                generated = generate_batch(model, [prompts[i] for i in batch], config, tokenizer, seed=settings.seed + number)
+            for index, ids in zip(batch, generated):
+                outputs[name][index] = ids
+    return {name: [decode(tokenizer, ids, settings.stop) for ids in outputs[name]] for name in outputs}
+
+
+@torch.inference_mode()
+def generate_batch(model: Any, prompts: Sequence[list[int]], config: Any, tokenizer: Any = None, seed: int = 0) -> list[list[int]]:
+    """New token ids per prompt: left padding (so every prompt ends where generation starts), KV cache, trimmed at
+    the first stop token."""
+    device = model_device(model)
+    width = max(len(prompt) for prompt in prompts)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention[row, width - len(prompt) :] = 1
+    torch.manual_seed(seed)  # sampling only; greedy ignores it
+    extra = {"tokenizer": tokenizer} if config.stop_strings else {}
+    generated = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config, **extra
+    )
+    stops = set(_as_list(config.eos_token_id)) | {pad_id}
+    out = []
+    for row in generated[:, width:].tolist():
+        end = next((position for position, token in enumerate(row) if token in stops), len(row))
+        out.append(row[:end])
+    return out
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def decode(tokenizer: Any, ids: list[int], stop: Sequence[str] = ()) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for marker in stop:
+        position = text.find(marker)
+        if position >= 0:
+            text = text[:position]
+    return text.strip()

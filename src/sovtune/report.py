@@ -1,0 +1,580 @@
+"""The evaluation report (report.json schema-versioned, report.md, report.png), its gates, and `compare` of runs.
+
+Needs no torch: `sovtune compare` reads report.json files only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from sovtune.errors import SovtuneError
+from sovtune.recipe import GENERAL_DATASET, EvalSection, Gate, Recipe
+
+SCHEMA_VERSION = 1
+KIND = "sovtune.eval-report"
+FILES = ("report.json", "report.md", "report.png", "eval_predictions.jsonl")
+
+
+class ReportError(SovtuneError):
+    """A report cannot be read or runs cannot be compared."""
+
+
+@dataclass
+class MetricResult:
+    """One metric on one dataset, base vs tuned; the interval fields are those of metrics.Comparison."""
+
+    dataset: str
+    metric: str
+    higher_is_better: bool
+    aggregate: str  # mean | ratio | exp_ratio (how per-example values combine; exp_ratio = perplexity)
+    n: int
+    base: float
+    tuned: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    significant: bool
+    base_ci_low: float
+    base_ci_high: float
+    tuned_ci_low: float
+    tuned_ci_high: float
+    relative_change: float | None
+    relative_ci_low: float | None
+    relative_ci_high: float | None
+    confidence: float
+    resamples: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.metric}"
+
+    @property
+    def improved(self) -> bool:
+        return self.significant and (self.difference > 0) == self.higher_is_better
+
+    @property
+    def verdict(self) -> str:
+        if not self.significant:
+            return "no significant change"
+        return "better" if self.improved else "worse"
+
+
+@dataclass
+class GateResult:
+    gate: str  # the key in eval.gates
+    dataset: str
+    metric: str
+    rule: str
+    threshold: float | bool
+    value: float | bool | None
+    passed: bool
+
+    def describe(self) -> str:
+        shown = "undefined" if self.value is None else _plain(self.value)
+        return f"{self.gate} ({self.dataset}/{self.metric}) {self.rule} {_plain(self.threshold)}: got {shown}"
+
+
+@dataclass
+class Report:
+    run: str
+    base_model: dict[str, Any]
+    adapter: str
+    settings: dict[str, Any]
+    results: list[MetricResult]
+    gates: list[GateResult]
+    samples: list[dict[str, Any]]
+    notes: dict[str, list[str]]
+    timing: dict[str, Any]
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # every prediction: eval_predictions.jsonl
+
+    @property
+    def passed(self) -> bool:
+        return all(gate.passed for gate in self.gates)
+
+    @property
+    def forgetting(self) -> MetricResult | None:
+        return next((r for r in self.results if r.dataset == GENERAL_DATASET and r.metric == "perplexity"), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": KIND,
+            "created": self.created,
+            "run": self.run,
+            "base_model": self.base_model,
+            "adapter": self.adapter,
+            "passed": self.passed,
+            "results": [asdict(result) for result in self.results],
+            "forgetting": _forgetting_json(self.forgetting),
+            "gates": [asdict(gate) for gate in self.gates],
+            "samples": self.samples,
+            "notes": self.notes,
+            "settings": self.settings,
+            "timing": self.timing,
+        }
+
+    def write(self, run_dir: Path) -> list[Path]:
+        """All files are written to temporary names first, then renamed: no half-written report."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        predictions = "".join(
+            json.dumps({"dataset": dataset, **record}, ensure_ascii=False, default=str) + "\n"
+            for dataset, records in self.examples.items()
+            for record in records
+        )
+        staged = {
+            "report.json": json.dumps(self.to_json(), indent=2, ensure_ascii=False, default=str) + "\n",
+            "report.md": self.markdown(),
+            "eval_predictions.jsonl": predictions,
+        }
+        temporary = {name: run_dir / f".{name}.tmp" for name in FILES}
+        try:
+            for name, text in staged.items():
+                _write_synced(temporary[name], text.encode("utf-8"))
+            plot_results(self.results, temporary["report.png"], title=f"{self.run}: base vs tuned")
+            for name in FILES:
+                os.replace(temporary[name], run_dir / name)
+        finally:
+            for path in temporary.values():
+                path.unlink(missing_ok=True)
+        return [run_dir / name for name in FILES]
+
+    def markdown(self) -> str:
+        settings = self.settings["bootstrap"]
+        lines = [
+            f"# Evaluation: {self.run}",
+            "",
+            f"Base `{self.base_model['name_or_path']}`"
+            + (f" @ `{self.base_model['revision']}`" if self.base_model.get("revision") else "")
+            + f" vs adapter `{self.adapter}`. Same examples for both; "
+            f"{int(settings['confidence'] * 100)}% paired-bootstrap intervals ({settings['resamples']} resamples, "
+            f"seed {settings['seed']}). {self.created}",
+            "",
+        ]
+        if self.gates:
+            failed = [gate for gate in self.gates if not gate.passed]
+            lines += [f"**Gates: {'PASSED' if not failed else 'FAILED'}**" + (
+                " (" + "; ".join(gate.describe() for gate in failed) + ")" if failed else f" ({len(self.gates)} checks)"
+            ), ""]
+        lines += _markdown_table(self.results)
+        forgetting = self.forgetting
+        if forgetting is not None:
+            lines += ["", "## Forgetting check", "", _forgetting_sentence(forgetting)]
+        if self.gates:
+            lines += ["", "## Gates", "", "| gate | on | rule | threshold | value | result |", "|---|---|---|---|---|---|"]
+            for gate in self.gates:
+                value = "undefined" if gate.value is None else _plain(gate.value)
+                lines.append(
+                    f"| {gate.gate} | {gate.dataset}/{gate.metric} | {gate.rule} | {_plain(gate.threshold)} | {value} | "
+                    f"{'pass' if gate.passed else '**FAIL**'} |"
+                )
+        if self.samples:
+            lines += ["", "## Side by side: base vs tuned", ""]
+            for number, sample in enumerate(self.samples, start=1):
+                lines += _markdown_sample(number, sample)
+        notes = [f"- {dataset}: {note}" for dataset, items in self.notes.items() for note in items]
+        if notes:
+            lines += ["", "## Notes", "", *notes]
+        lines += ["", "![base vs tuned per metric](report.png)", ""]
+        return "\n".join(lines)
+
+    def print_table(self, console: Any) -> None:
+        console.print(rich_table(self.results, title=f"{self.run}: base vs tuned"))
+        forgetting = self.forgetting
+        if forgetting is not None:
+            console.print(_forgetting_sentence(forgetting).replace("**", ""))
+        for gate in self.gates:
+            mark = "[green]pass[/]" if gate.passed else "[bold red]FAIL[/]"
+            console.print(f"gate {mark}: {gate.describe()}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the report
+
+
+def build_report(recipe: Recipe, outcomes: Sequence[Any], adapter_dir: Path, seconds: float) -> Report:
+    """Bootstrap every metric of every suite outcome (evaluate.SuiteOutcome), check the gates, pick samples."""
+    from sovtune.metrics import paired_bootstrap
+
+    boot = recipe.eval.bootstrap
+    results = []
+    for outcome in outcomes:
+        for metric, paired in outcome.scores.items():
+            comparison = paired_bootstrap(paired.base, paired.tuned, boot.resamples, boot.seed, boot.confidence)
+            results.append(
+                MetricResult(
+                    dataset=outcome.name,
+                    metric=metric,
+                    higher_is_better=outcome.higher_is_better[metric],
+                    aggregate=paired.base.aggregate,
+                    **comparison.to_json(),
+                )
+            )
+    timing: dict[str, Any] = {"total_s": round(seconds, 3)}
+    for outcome in outcomes:
+        for phase, spent in outcome.seconds.items():
+            count = len(outcome.examples)
+            timing[f"{outcome.name}/{phase}"] = {
+                "seconds": round(spent, 3),
+                "examples": count,
+                "examples_per_s": round(count / spent, 3) if spent > 0 else None,
+            }
+    return Report(
+        run=recipe.name,
+        base_model={"name_or_path": recipe.model_location, "revision": recipe.model.revision},
+        adapter=str(adapter_dir),
+        settings=recipe.eval.model_dump(mode="json"),
+        results=results,
+        gates=check_gates(recipe.eval, results),
+        samples=pick_samples(outcomes, recipe.eval.samples),
+        notes={outcome.name: outcome.notes for outcome in outcomes if outcome.notes},
+        timing=timing,
+        examples={outcome.name: outcome.examples for outcome in outcomes},
+    )
+
+
+def pick_samples(outcomes: Sequence[Any], count: int) -> list[dict[str, Any]]:
+    """A few generations to read side by side, preferring examples where base and tuned answered differently."""
+    records = [
+        {"dataset": outcome.name, **record}
+        for outcome in outcomes
+        for record in outcome.examples
+        if "predictions" in record
+    ]
+    differing = [r for r in records if r["predictions"]["base"] != r["predictions"]["tuned"]]
+    same = [r for r in records if r["predictions"]["base"] == r["predictions"]["tuned"]]
+    return (differing + same)[:count]
+
+
+def check_gates(section: EvalSection, results: Sequence[MetricResult]) -> list[GateResult]:
+    by_key = {(result.dataset, result.metric): result for result in results}
+    outcomes = []
+    for key, gate in section.gates.items():
+        for target in section.gate_targets(key):
+            result = by_key.get(target)
+            if result is None:
+                raise ReportError(f"gate {key!r}: {target[0]}/{target[1]} was not computed")
+            outcomes.extend(_gate_rules(key, gate, result))
+    return outcomes
+
+
+def _gate_rules(key: str, gate: Gate, result: MetricResult) -> list[GateResult]:
+    sign = 1.0 if result.higher_is_better else -1.0
+    gain = sign * result.difference  # improvement in the metric's good direction
+    checks: list[tuple[str, float | bool, float | bool | None, bool]] = []
+    if gate.min_gain is not None:
+        checks.append(("min_gain", gate.min_gain, gain, gain >= gate.min_gain))
+    if gate.max_increase is not None:
+        relative = result.relative_change
+        checks.append(("max_increase", gate.max_increase, relative, relative is not None and relative <= gate.max_increase))
+    if gate.min_value is not None:
+        checks.append(("min_value", gate.min_value, result.tuned, result.tuned >= gate.min_value))
+    if gate.max_value is not None:
+        checks.append(("max_value", gate.max_value, result.tuned, result.tuned <= gate.max_value))
+    if gate.significant:
+        checks.append(("significant", True, result.improved, result.improved))
+    return [
+        GateResult(gate=key, dataset=result.dataset, metric=result.metric, rule=rule, threshold=threshold, value=value, passed=ok)
+        for rule, threshold, value, ok in checks
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _number(value: float) -> str:
+    if value != value or math.isinf(value):
+        return str(value)
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.4g}"
+
+
+def _signed(value: float) -> str:
+    text = _number(value)
+    return text if text.startswith("-") else f"+{text}"
+
+
+def _percent(value: float) -> str:
+    return f"{value * 100:+.1f}%"
+
+
+def difference_text(result: MetricResult) -> tuple[str, str]:
+    """Δ and its interval; perplexity reads best as a relative change."""
+    if result.aggregate == "exp_ratio" and result.relative_change is not None:
+        return _percent(result.relative_change), f"[{_percent(result.relative_ci_low)}, {_percent(result.relative_ci_high)}]"  # type: ignore[arg-type]
+    return _signed(result.difference), f"[{_signed(result.ci_low)}, {_signed(result.ci_high)}]"
+
+
+def _arrow(result: MetricResult) -> str:
+    return "↑" if result.higher_is_better else "↓"
+
+
+def _markdown_table(results: Sequence[MetricResult]) -> list[str]:
+    confidence = int(results[0].confidence * 100) if results else 95
+    lines = [
+        f"| dataset | metric | base | tuned | Δ | {confidence}% CI of Δ | verdict | n |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        delta, interval = difference_text(result)
+        verdict = f"**{result.verdict}**" if result.significant else result.verdict
+        lines.append(
+            f"| {result.dataset} | {result.metric} {_arrow(result)} | {_number(result.base)} | {_number(result.tuned)} | "
+            f"{delta} | {interval} | {verdict} | {result.n} |"
+        )
+    return lines
+
+
+def _forgetting_json(result: MetricResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "metric": "general_perplexity",
+        "base": result.base,
+        "tuned": result.tuned,
+        "relative_change": result.relative_change,
+        "ci_low": result.relative_ci_low,
+        "ci_high": result.relative_ci_high,
+        "significant": result.significant,
+        "n": result.n,
+    }
+
+
+def _forgetting_sentence(result: MetricResult) -> str:
+    change = _percent(result.relative_change or 0.0)
+    interval = f"[{_percent(result.relative_ci_low or 0.0)}, {_percent(result.relative_ci_high or 0.0)}]"
+    meaning = (
+        "no significant change" if not result.significant else ("the adapter forgot some general text" if result.difference > 0 else "general text got easier")
+    )
+    return (
+        f"General-text perplexity {_number(result.base)} → {_number(result.tuned)}: **{change}** "
+        f"({int(result.confidence * 100)}% CI {interval}, {result.n} texts): {meaning}."
+    )
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    text = text.replace("|", "\\|").replace("\n", "<br>")
+    return f"`{text}`" if text and "`" not in text else text
+
+
+def _markdown_sample(number: int, sample: dict[str, Any]) -> list[str]:
+    metrics = list(sample.get("scores", {}))
+    header = "| | output | " + " | ".join(metrics) + " |" if metrics else "| | output |"
+    rule = "|---|---|" + "---|" * len(metrics)
+    prompt = sample.get("prompt", "").strip().replace("\n", " ")
+    lines = [f"### {number}. {sample['dataset']} · {sample['origin']}", "", f"> {prompt[:400]}", "", header, rule]
+    lines.append(f"| reference | {_cell(sample.get('reference', ''))} |" + " |" * len(metrics))
+    for name in ("base", "tuned"):
+        scores = " | ".join(_plain(sample["scores"][metric][name]) for metric in metrics)
+        lines.append(f"| {name} | {_cell(sample['predictions'][name])} | {scores} |" if metrics else f"| {name} | {_cell(sample['predictions'][name])} |")
+    lines.append("")
+    return lines
+
+
+def rich_table(results: Sequence[MetricResult], title: str) -> Any:
+    from rich.table import Table
+
+    confidence = int(results[0].confidence * 100) if results else 95
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("dataset", "left"), ("metric", "left"), ("base", "right"), ("tuned", "right"), ("Δ", "right"),
+                          (f"{confidence}% CI of Δ", "right"), ("verdict", "left"), ("n", "right")):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for result in results:
+        delta, interval = difference_text(result)
+        style = "green" if result.improved else ("red" if result.significant else "")
+        table.add_row(
+            result.dataset, f"{result.metric} {_arrow(result)}", _number(result.base), _number(result.tuned),
+            delta, interval, result.verdict, str(result.n), style=style,
+        )  # fmt: skip
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Charts
+
+
+def plot_results(results: Sequence[MetricResult], path: Path, title: str) -> None:
+    """One panel per metric (scales differ): base and tuned bars with their intervals, Δ and its interval on top."""
+    plot_groups(
+        [(result.key, [("base", result.base, result.base_ci_low, result.base_ci_high),
+                        ("tuned", result.tuned, result.tuned_ci_low, result.tuned_ci_high)],
+          "Δ " + " ".join(difference_text(result))) for result in results],
+        path,
+        title,
+    )  # fmt: skip
+
+
+def plot_groups(groups: Sequence[tuple[str, list[tuple[str, float, float, float]], str]], path: Path, title: str) -> None:
+    """Small multiples: each group is (panel title, [(bar label, value, low, high)], subtitle)."""
+    from matplotlib.figure import Figure  # the Agg canvas: no display, no global pyplot state
+
+    count = max(1, len(groups))
+    columns = min(4, count)
+    rows = math.ceil(count / columns)
+    bars = max((len(group[1]) for group in groups), default=2)
+    figure = Figure(figsize=(max(3.0, 0.9 * bars + 1.6) * columns, 3.2 * rows), layout="constrained")
+    figure.suptitle(title)
+    palette = ["#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for index, (name, values, subtitle) in enumerate(groups):
+        axis = figure.add_subplot(rows, columns, index + 1)
+        heights = [value for _, value, _, _ in values]
+        errors = [[max(0.0, value - low) for _, value, low, _ in values], [max(0.0, high - value) for _, value, _, high in values]]
+        axis.bar(range(len(values)), heights, yerr=errors, capsize=4, color=palette[: len(values)] or None)
+        axis.set_xticks(range(len(values)), [label for label, *_ in values], rotation=20 if len(values) > 2 else 0)
+        axis.set_title(f"{name}\n{subtitle}", fontsize=9)
+        if all(low >= 0 for _, _, low, _ in values):
+            axis.set_ylim(bottom=0, top=None if any(high > 0 for *_, high in values) else 1)
+    if not groups:
+        figure.add_subplot(1, 1, 1).text(0.5, 0.5, "no metrics", ha="center")
+    figure.savefig(path, format="png", dpi=110)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading reports and comparing runs
+
+
+def load_report(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "report.json" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise ReportError(f"{path}: no report.json; evaluate the run first (sovtune eval {run_dir})")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: not a valid report ({exc}); re-run sovtune eval") from None
+    if not isinstance(report, dict) or report.get("kind") != KIND:
+        raise ReportError(f"{path}: not a sovtune evaluation report")
+    if report.get("schema_version") != SCHEMA_VERSION:
+        raise ReportError(
+            f"{path}: report schema {report.get('schema_version')} is not {SCHEMA_VERSION} (this sovtune); re-run sovtune eval"
+        )
+    return report
+
+
+def compare(run_dirs: Sequence[Path], out_dir: Path | None = None, console: Any = None) -> dict[str, Any]:
+    """Several runs side by side against their common base: compare.json/.md/.png in out_dir."""
+    if len(run_dirs) < 2:
+        raise ReportError("compare needs at least two run directories")
+    reports = [load_report(Path(run_dir)) for run_dir in run_dirs]
+    labels = _labels([Path(run_dir) for run_dir in run_dirs])
+    bases = {json.dumps(report["base_model"], sort_keys=True) for report in reports}
+    if len(bases) > 1:
+        found = ", ".join(f"{label}: {report['base_model']['name_or_path']}" for label, report in zip(labels, reports))
+        raise ReportError(f"runs have different base models ({found}); compare adapters of one base model")
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for label, report in zip(labels, reports):
+        for result in report["results"]:
+            row = rows.setdefault(
+                (result["dataset"], result["metric"]),
+                {"dataset": result["dataset"], "metric": result["metric"], "higher_is_better": result["higher_is_better"],
+                 "aggregate": result["aggregate"], "base": result["base"], "base_ci_low": result["base_ci_low"],
+                 "base_ci_high": result["base_ci_high"], "runs": {}},
+            )  # fmt: skip
+            if not math.isclose(row["base"], result["base"], rel_tol=1e-9, abs_tol=1e-12):
+                row["base_differs"] = True  # evaluated on different examples: deltas are not comparable
+            row["runs"][label] = {
+                key: result[key]
+                for key in ("tuned", "difference", "ci_low", "ci_high", "significant", "tuned_ci_low", "tuned_ci_high",
+                            "relative_change", "relative_ci_low", "relative_ci_high", "n")
+            }  # fmt: skip
+    comparison = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "sovtune.compare",
+        "base_model": reports[0]["base_model"],
+        "runs": {label: str(run_dir) for label, run_dir in zip(labels, run_dirs)},
+        "passed": {label: report.get("passed") for label, report in zip(labels, reports)},
+        "rows": list(rows.values()),
+    }
+    if out_dir is not None:
+        _write_comparison(comparison, labels, Path(out_dir))
+    if console is not None:
+        console.print(_compare_rich_table(comparison, labels))
+    return comparison
+
+
+def _labels(run_dirs: Sequence[Path]) -> list[str]:
+    names = [path.resolve().name for path in run_dirs]
+    return names if len(set(names)) == len(names) else [str(path) for path in run_dirs]
+
+
+def _run_cell(row: dict[str, Any], label: str) -> str:
+    run = row["runs"].get(label)
+    if run is None:
+        return "–"
+    if row["aggregate"] == "exp_ratio" and run["relative_change"] is not None:
+        delta = f"{_percent(run['relative_change'])} [{_percent(run['relative_ci_low'])}, {_percent(run['relative_ci_high'])}]"
+    else:
+        delta = f"{_signed(run['difference'])} [{_signed(run['ci_low'])}, {_signed(run['ci_high'])}]"
+    return f"{_number(run['tuned'])} ({delta}){' *' if run['significant'] else ''}"
+
+
+def _write_comparison(comparison: dict[str, Any], labels: list[str], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# Comparison against base `{comparison['base_model']['name_or_path']}`",
+        "",
+        "Each cell: tuned value (Δ vs base [95% CI]); * = significant. Perplexity Δ is relative.",
+        "",
+        "| dataset | metric | base | " + " | ".join(labels) + " |",
+        "|---|---|---|" + "---|" * len(labels),
+    ]
+    for row in comparison["rows"]:
+        base = _number(row["base"]) + (" (differs per run)" if row.get("base_differs") else "")
+        arrow = "↑" if row["higher_is_better"] else "↓"
+        cells = " | ".join(_run_cell(row, label) for label in labels)
+        lines.append(f"| {row['dataset']} | {row['metric']} {arrow} | {base} | {cells} |")
+    gates = ", ".join(f"{label}: {'-' if passed is None else ('pass' if passed else 'FAIL')}" for label, passed in comparison["passed"].items())
+    lines += ["", f"Gates: {gates}", "", "![comparison](compare.png)", ""]
+    temporary = {name: out_dir / f".{name}.tmp" for name in ("compare.json", "compare.md", "compare.png")}
+    try:
+        _write_synced(temporary["compare.json"], (json.dumps(comparison, indent=2) + "\n").encode("utf-8"))
+        _write_synced(temporary["compare.md"], "\n".join(lines).encode("utf-8"))
+        groups = []
+        for row in comparison["rows"]:
+            bars = [("base", row["base"], row["base_ci_low"], row["base_ci_high"])]
+            bars += [
+                (label, run["tuned"], run["tuned_ci_low"], run["tuned_ci_high"])
+                for label in labels
+                if (run := row["runs"].get(label)) is not None
+            ]
+            groups.append((f"{row['dataset']}/{row['metric']}", bars, ""))
+        plot_groups(groups, temporary["compare.png"], "runs vs their common base")
+        for name, path in temporary.items():
+            os.replace(path, out_dir / name)
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+
+
+def _compare_rich_table(comparison: dict[str, Any], labels: list[str]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="tuned (Δ vs base [95% CI]), * = significant", title_justify="left")
+    for name in ("dataset", "metric", "base", *labels):
+        table.add_column(name)
+    for row in comparison["rows"]:
+        arrow = "↑" if row["higher_is_better"] else "↓"
+        table.add_row(row["dataset"], f"{row['metric']} {arrow}", _number(row["base"]), *(_run_cell(row, label) for label in labels))
+    return table
