@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -154,7 +155,16 @@ def _read_text(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> Iterable[Row]:
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    # Split on b"\n" only: str.splitlines() also splits on U+2028, U+0085, ... which JSON strings may hold raw.
+    # Decoding line by line makes bad bytes one malformed row (skippable), not a failed file.
+    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            error = f"not valid UTF-8 (byte {exc.start} of the line); re-encode the file as UTF-8"
+            rows.append(Row({"__error__": error}, f"{path}:{number}"))
+            continue
         if not line.strip():
             continue
         try:
@@ -187,11 +197,21 @@ def _read_json(path: Path) -> Iterable[Row]:
 
 
 def _read_csv(path: Path) -> Iterable[Row]:
-    text = _read_text(path)
-    reader = csv.DictReader(text.splitlines())
+    # newline="" hands the csv module the raw line ends, so quoted fields keep their newlines.
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     rows = []
+    start = 2  # the header is line 1
     for item in reader:
-        rows.append(Row(dict(item), f"{path}:{reader.line_num}"))
+        values = dict(item)
+        # DictReader files surplus fields under the key None and fills absent ones with None.
+        surplus = values.pop(None, None) or []
+        absent = sum(value is None for value in values.values())
+        if surplus or absent:
+            found = len(values) - absent + len(surplus)
+            error = f"row has {found} fields but the header has {len(values)}; quote fields that contain commas"
+            values = {"__error__": error}
+        rows.append(Row(values, f"{path}:{start}"))
+        start = reader.line_num + 1
     return rows
 
 

@@ -495,6 +495,10 @@ class EvalSection(Section):
             where = f"eval.datasets[{index}] ({dataset.name})"
             data_format = dataset.format or recipe.data.format
             needs_prompt = [m for m in dataset.metrics if m in GENERATION_METRICS or m == "multiple_choice"]
+            if data_format == "text" and needs_prompt and not dataset.explicitly_set("metrics"):
+                # The default metric list includes exact_match; text has no prompt, so keep the loss-based ones.
+                dataset.metrics = [m for m in dataset.metrics if m not in needs_prompt]
+                needs_prompt = []
             if data_format == "text" and (needs_prompt or dataset.user_metrics):
                 raise ValueError(
                     f"{where}: format text has no prompt to generate from, so {needs_prompt or 'user metrics'} cannot be "
