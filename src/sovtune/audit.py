@@ -109,8 +109,10 @@ def event_record(
 
 
 def record(event: str, outcome: str, recipe: Recipe | None = None, path: Path | None = None, **fields: Any) -> dict[str, Any]:
-    """Append one event line; `AuditError` if the log cannot be written."""
+    """Append one event line; `AuditError` if the log cannot be written. In a multi-process launch only rank 0 writes."""
     entry = event_record(event, outcome, recipe, **fields)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return entry
     target = Path(path) if path is not None else log_path(recipe)
     line = (json.dumps(entry, ensure_ascii=False, default=str) + "\n").encode("utf-8")
     try:
@@ -141,19 +143,22 @@ def _refusals() -> tuple[type[Exception], ...]:
 def audited(
     event: str, recipe: Recipe | None = None, destination: str | None = None, details: dict[str, Any] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Record `event` when the block ends: outcome ok, failed (with the one-line error) or interrupted.
+    """Record `event` when the block ends: outcome ok, failed (with the one-line error), refused or interrupted.
 
-    The yielded dict may be filled by the block (e.g. a destination known only later).
+    The block may fill the yielded dict: `recipe` once loaded, `destination` and `details` once known.
     """
-    extra: dict[str, Any] = {"destination": destination, "details": dict(details or {})}
+    extra: dict[str, Any] = {"recipe": recipe, "destination": destination, "details": dict(details or {})}
+
+    def write(outcome: str, error: str | None = None) -> None:
+        record(event, outcome, extra["recipe"], destination=extra["destination"], error=error, details=extra["details"] or None)
+
     try:
         yield extra
     except KeyboardInterrupt:
-        record(event, "interrupted", recipe, destination=extra["destination"], details=extra["details"] or None)
+        write("interrupted")
         raise
     except Exception as exc:
-        outcome = "refused" if isinstance(exc, _refusals()) else "failed"
-        message = str(exc) if isinstance(exc, SovtuneError) else type(exc).__name__
-        record(event, outcome, recipe, destination=extra["destination"], error=message, details=extra["details"] or None)
+        # A SovtuneError's message is written for users (and scrubbed); a bug's message may hold anything.
+        write("refused" if isinstance(exc, _refusals()) else "failed", str(exc) if isinstance(exc, SovtuneError) else type(exc).__name__)
         raise
-    record(event, "ok", recipe, destination=extra["destination"], details=extra["details"] or None)
+    write("ok")

@@ -83,6 +83,15 @@ def enable(allowed_endpoints: Iterable[str] = ()) -> None:
         _guard.allowed_addresses |= {host for host in hosts if _is_ip(host)}
 
 
+def enable_for(recipe: Any) -> None:
+    """Offline mode for a recipe: its allowed endpoints and its hub endpoint (the configured private hub) stay reachable."""
+    endpoints = list(recipe.sovereignty.allowed_endpoints)
+    hub = getattr(recipe, "hub", None)
+    if hub is not None and hub.endpoint:
+        endpoints.append(hub.endpoint)
+    enable(endpoints)
+
+
 def disable() -> None:
     """Remove the guard (tests; a process that goes offline normally stays offline). Env switches stay set."""
     global _guard

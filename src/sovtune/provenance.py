@@ -297,11 +297,20 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: unreadable manifest ({exc}); it was damaged after the run") from None
 
 
-def start(recipe: Recipe, run_dir: Path, tokenizer: Any = None, resume: bool = False) -> dict[str, Any]:
-    """Write the manifest at the start of a run (and the resolved recipe beside it).
+def start(
+    recipe: Recipe,
+    run_dir: Path,
+    tokenizer: Any = None,
+    resume: bool = False,
+    data_stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the manifest at the start of a run (and the resolved recipe beside it). Runs the licence gate.
 
     On resume the first section stays as it was and a `resume` stage records the new environment.
     """
+    from sovtune.licence import check_licence
+
+    licence = check_licence(recipe).summary()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_text = recipe.to_yaml()
@@ -309,9 +318,10 @@ def start(recipe: Recipe, run_dir: Path, tokenizer: Any = None, resume: bool = F
     if (run_dir / MANIFEST).exists():
         if not resume:
             raise ManifestError(f"{run_dir / MANIFEST}: a manifest exists already; resume the run or use a new run directory")
-        return append_stage(run_dir, "resume", {"recipe_sha256": sha256_text(recipe_text), "environment": environment()})
-    if not recipe_path.exists() or recipe_path.read_text(encoding="utf-8") != recipe_text:
-        _write_text_atomic(recipe_path, recipe_text)
+        _write_recipe(recipe_path, recipe_text)
+        details = {"recipe_sha256": sha256_text(recipe_text), "licence": licence, "environment": environment()}
+        return append_stage(run_dir, "resume", details, files=[recipe_path])
+    _write_recipe(recipe_path, recipe_text)
     if tokenizer is None:
         from sovtune.model import load_tokenizer
 
@@ -326,7 +336,8 @@ def start(recipe: Recipe, run_dir: Path, tokenizer: Any = None, resume: bool = F
             "git": git_state(recipe.base_dir),
         },
         "data": data_records(recipe),
-        "base_model": base_model_record(recipe),
+        "data_scan": (data_stats or {}).get("data_scan"),
+        "base_model": {**base_model_record(recipe), "licence": licence},
         "tokenizer": tokenizer_record(recipe, tokenizer),
         "environment": environment(),
         "stages": [],
@@ -336,7 +347,9 @@ def start(recipe: Recipe, run_dir: Path, tokenizer: Any = None, resume: bool = F
     return manifest
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def _write_recipe(path: Path, text: str) -> None:
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -380,10 +393,14 @@ def record_train(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], started
     return append_stage(run_dir, "train", details, outputs, started_at)
 
 
-def record_eval(run_dir: Path, metrics: dict[str, Any], started_at: str | None = None) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    outputs = [run_dir / name for name in ("report.json", "report.md", "report.png") if (run_dir / name).exists()]
-    return append_stage(run_dir, "eval", {"metrics": metrics}, outputs, started_at)
+def record_eval(run_dir: Path, report: dict[str, Any], files: Iterable[Path], started_at: str | None = None) -> dict[str, Any]:
+    """The eval stage: base and tuned value of every metric, the gates' verdict, and the report files' hashes."""
+    metrics = {
+        f"{result['dataset']}/{result['metric']}": {key: result.get(key) for key in ("base", "tuned", "difference", "ci_low", "ci_high")}
+        for result in report.get("results", [])
+    }
+    details = {"metrics": metrics, "gates_passed": report.get("passed")}
+    return append_stage(run_dir, "eval", details, [Path(p) for p in files if Path(p).is_file()], started_at)
 
 
 # ---------------------------------------------------------------------------------------------------------------

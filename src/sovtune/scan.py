@@ -201,10 +201,16 @@ class ScanReport:
         }
 
     def describe(self) -> str:
-        if not self.total:
-            return f"data scan: {self.rows_scanned} rows, no secrets or PII found"
-        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.counts.items()))
-        return f"data scan: {self.rows_flagged} of {self.rows_scanned} rows flagged ({kinds}); policy {self.policy}"
+        return describe(self.summary())
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line from a scan summary (as stored in data_stats.json and the manifest)."""
+    if not summary["findings"]:
+        return f"{summary['rows_scanned']} rows, no secrets or PII found"
+    kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["findings"].items()))
+    action = {"warn": "left in (policy warn)", "redact": "redacted before tokenising", "block": "refused (policy block)"}
+    return f"{summary['rows_flagged']} of {summary['rows_scanned']} rows flagged ({kinds}): {action[summary['policy']]}"
 
 
 def scan_rows(rows: Iterable[Any], policy: str = "warn", report: ScanReport | None = None) -> tuple[list[Any], ScanReport]:
@@ -232,7 +238,7 @@ def scan_rows(rows: Iterable[Any], policy: str = "warn", report: ScanReport | No
         out.append(replace(row, values=values) if policy == "redact" and found else row)
     if policy == "block" and report.total:
         raise DataError(
-            f"{report.describe()}; first at {', '.join(report.origins[:3])}. Remove them from the data, "
+            f"data scan: {report.describe()}; first at {', '.join(report.origins[:3])}. Remove them from the data, "
             "or set sovereignty.data_scan: redact to replace them before training"
         )
     return out, report
