@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from sovtune import metrics as scoring
+from sovtune import provenance
 from sovtune.data import IGNORE_INDEX, Example, SplitStats, Tokenized, load_examples, prepare_data, stop_token_ids, tokenize_split
 from sovtune.errors import DataError, GateFailed, SovtuneError
 from sovtune.recipe import GENERAL_DATASET, GENERATION_METRICS, LOSS_METRICS, EvalDataset, Recipe, load_recipe
@@ -101,7 +102,7 @@ def evaluate(
         raise SovtuneError(
             f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or point --adapter at a peft adapter"
         )
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), provenance.now()
     tokenizer = eval_tokenizer(recipe, adapter_dir)
     suites = prepare_suites(recipe, tokenizer)
     try:
@@ -113,7 +114,9 @@ def evaluate(
                 close()
     report = reports.build_report(recipe, outcomes, adapter_dir=adapter_dir, seconds=time.perf_counter() - started)
     if write:
-        report.write(run_dir)
+        written = report.write(run_dir)
+        if (run_dir / provenance.MANIFEST).is_file():  # `sovtune eval` on a folder sovtune did not train has none
+            provenance.record_eval(run_dir, report.to_json(), written, started_at)
     if console is not None:
         report.print_table(console)
     failed = [gate for gate in report.gates if not gate.passed]
@@ -511,17 +514,25 @@ def generation_config(tokenizer: Any, recipe: Recipe) -> Any:
 
 
 def generate_both(model: Any, tokenizer: Any, prompts: Sequence[list[int]], recipe: Recipe) -> dict[str, list[str]]:
-    """Base and tuned continuations of every prompt, batch by batch on the same left-padded tensors."""
-    config = generation_config(tokenizer, recipe)
+    """Base and tuned answers to every prompt, decoded and cut at the stop strings."""
     settings = recipe.eval.generation
+    config = generation_config(tokenizer, recipe)
+    outputs = generate_ids_both(model, prompts, config, settings.batch_size, tokenizer, settings.seed)
+    return {name: [decode(tokenizer, ids, settings.stop) for ids in outputs[name]] for name in outputs}
+
+
+def generate_ids_both(
+    model: Any, prompts: Sequence[list[int]], config: Any, batch_size: int, tokenizer: Any = None, seed: int = 0
+) -> dict[str, list[list[int]]]:
+    """New token ids for every prompt from base and tuned, batch by batch on the same left-padded tensors."""
     outputs: dict[str, list[list[int]]] = {"base": [[] for _ in prompts], "tuned": [[] for _ in prompts]}
-    for number, batch in enumerate(length_batches([len(prompt) for prompt in prompts], settings.batch_size)):
+    for number, batch in enumerate(length_batches([len(prompt) for prompt in prompts], batch_size)):
         for name, context in both_models(model):
             with context:
-                generated = generate_batch(model, [prompts[i] for i in batch], config, tokenizer, seed=settings.seed + number)
+                generated = generate_batch(model, [prompts[i] for i in batch], config, tokenizer, seed=seed + number)
             for index, ids in zip(batch, generated):
                 outputs[name][index] = ids
-    return {name: [decode(tokenizer, ids, settings.stop) for ids in outputs[name]] for name in outputs}
+    return outputs
 
 
 @torch.inference_mode()
