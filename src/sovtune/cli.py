@@ -252,6 +252,55 @@ def compare(
     guarded(body)
 
 
+EndpointOpt = Annotated[
+    Optional[str],
+    typer.Option("--endpoint", help="Hub URL, e.g. https://hub.internal.example; default: the recipe's hub.endpoint, then $HF_ENDPOINT."),
+]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch (push; created when missing) or revision (pull).")]
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with adapter/ and manifest.json.", show_default=False)],
+    repo: Annotated[Optional[str], typer.Option("--repo", help="Repository ORG/NAME; default: the recipe's hub.repo.")] = None,
+    endpoint: EndpointOpt = None,
+    revision: RevisionOpt = None,
+    public: Annotated[bool, typer.Option("--public", help="Create the repository public (default: private).")] = False,
+) -> None:
+    """Publish the adapter, tokenizer, chat template, report, manifest and model card in one commit (token: $HF_TOKEN or `hf auth login`)."""
+
+    def body() -> None:
+        from sovtune.hub import push_run
+
+        result = push_run(run_dir, repo_id=repo, endpoint=endpoint, revision=revision, public=public, log=_plain)
+        console.print(f"[bold]{result.endpoint}/{result.repo_id}[/] @ {result.commit}", highlight=False)
+
+    guarded(body)
+
+
+@app.command()
+def pull(
+    repo: Annotated[str, typer.Argument(help="Repository ORG/NAME.", show_default=False)],
+    revision: RevisionOpt = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub URL; default: $HF_ENDPOINT.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="New folder for the download; default: ./NAME.")] = None,
+) -> None:
+    """Download a published adapter and check every file against its manifest (mismatch: exit 2, nothing written)."""
+
+    def body() -> None:
+        from sovtune.hub import pull as pull_adapter
+
+        result = pull_adapter(repo, endpoint=endpoint, revision=revision, out=out, log=_plain)
+        console.print(f"adapter verified in [bold]{result.out_dir}[/]", highlight=False)
+
+    guarded(body)
+
+
+def _plain(line: str) -> None:
+    """Progress lines from hub.py: printed as they are (no rich markup in URLs or repo names)."""
+    console.print(line, markup=False, highlight=False)
+
+
 def main() -> None:
     app()
 

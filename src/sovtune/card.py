@@ -1,0 +1,435 @@
+"""The model card (README.md) of a published adapter, built from the run directory with huggingface_hub's ModelCard.
+
+Metadata a hub validates (base model, datasets) only ever holds hub ids; local origins go into the body instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from sovtune.errors import SovtuneError
+from sovtune.recipe import looks_like_local_path
+
+# Licence ids the Hugging Face hub accepts in `license:` (https://huggingface.co/docs/hub/repositories-licenses);
+# any other id is published as `license: other` with `license_name`, which every hub accepts.
+HUB_LICENSES = frozenset(
+    """apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+    afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
+    cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
+    cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+    cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl
+    gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr
+    mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
+    fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other""".split()
+)
+
+
+class CardError(SovtuneError):
+    """The run directory lacks what the model card is built from, or holds unreadable files."""
+
+
+@dataclass
+class MetricRow:
+    dataset: str
+    metric: str
+    n: int | None
+    base: float
+    tuned: float
+    gain: float
+    ci_low: float | None
+    ci_high: float | None
+    significant: bool
+    confidence: float | None
+
+
+def read_json(path: Path, what: str) -> dict[str, Any] | None:
+    """A run file as a dict; None when absent. Damaged files are errors: a card must not silently drop evidence."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CardError(f"{path}: unreadable {what} ({exc}); re-create it or restore it from the run") from None
+    if not isinstance(value, dict):
+        raise CardError(f"{path}: {what} must be a JSON object; re-create it")
+    return value
+
+
+def read_run_recipe(run_dir: Path) -> dict[str, Any]:
+    """The resolved recipe a run recorded, as plain data.
+
+    Read for display only, not through `load_recipe`: its relative paths point at the machine it ran on, and a run
+    directory is often pushed from elsewhere (an exported bundle on a connected machine).
+    """
+    path = Path(run_dir) / "recipe.yaml"
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CardError(f"{path}: missing; is {run_dir} a run directory written by `sovtune train`?") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CardError(f"{path}: unreadable recorded recipe ({str(exc).splitlines()[0]}); restore it from the run") from None
+    if not isinstance(value, dict):
+        raise CardError(f"{path}: not a recipe mapping; restore it from the run")
+    return value
+
+
+def is_hub_id(value: Any) -> bool:
+    """`name` or `org/name` as the hub accepts it, and not something that reads as a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(value, str) or not value or looks_like_local_path(value) or "\\" in value:
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Facts from the run
+
+
+def base_model_facts(recipe: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """name, revision, commit, whether it is local, and its recorded files: the manifest wins over the recipe."""
+    model = recipe.get("model") or {}
+    record = (manifest or {}).get("base_model") or {}
+    name = record.get("name_or_path") or model.get("name_or_path") or "unknown"
+    revision = record.get("revision", model.get("revision"))
+    if "local" in record:
+        local = bool(record["local"])
+    else:
+        # Without a manifest: recipes must pin a revision for hub models, so an unpinned name was a local folder.
+        local = not is_hub_id(name) or revision is None
+    return {
+        "name": name,
+        "revision": revision,
+        "commit": record.get("commit"),
+        "local": local or not is_hub_id(name),
+        "files": [entry for entry in record.get("files") or [] if isinstance(entry, dict)],
+    }
+
+
+def dataset_facts(recipe: dict[str, Any], manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each training/eval source: hub id (with revision/commit) or a local file with its recorded hash."""
+    facts: list[dict[str, Any]] = []
+    records = (manifest or {}).get("data")
+    if isinstance(records, list) and records:
+        for record in records:
+            hub = record.get("hub")
+            if hub:
+                facts.append({"split": record.get("split"), "hub_id": hub.get("id"), "revision": hub.get("commit") or hub.get("revision")})
+            else:
+                for entry in record.get("files") or []:
+                    facts.append({"split": record.get("split"), "file": Path(str(entry.get("path"))).name, "sha256": entry.get("sha256")})
+        return facts
+    data = recipe.get("data") or {}
+    sources = [("train", source) for source in data.get("train") or []]
+    if data.get("eval"):
+        sources.append(("eval", data["eval"]))
+    for split, source in sources:
+        source = {"path": source} if isinstance(source, str) else source or {}
+        path = str(source.get("path", ""))
+        # Without a manifest only ORG/NAME ids count as hub datasets: a bare name may be a local folder.
+        if path.count("/") == 1 and is_hub_id(path):
+            facts.append({"split": split, "hub_id": path, "revision": source.get("revision")})
+        else:
+            facts.append({"split": split, "file": Path(path).name, "sha256": None})
+    return facts
+
+
+def find_licence(recipe: dict[str, Any], manifest: dict[str, Any] | None) -> str | None:
+    """The base model's licence: the recipe's model.license, else what the licence check recorded in the manifest."""
+    declared = (recipe.get("model") or {}).get("license")
+    if declared:
+        return str(declared).lower()
+    for node in _walk_dicts(manifest or {}):
+        licences = node.get("licences")
+        if isinstance(licences, list) and licences and "source" in node:
+            return str(licences[0]).lower()
+    return None
+
+
+def report_rows(report: dict[str, Any] | None) -> list[MetricRow]:
+    """Every base-vs-tuned comparison of report.json (`results`, one per dataset and metric)."""
+    rows: list[MetricRow] = []
+    for result in (report or {}).get("results") or []:
+        base, tuned = _number(result.get("base")), _number(result.get("tuned"))
+        if base is None or tuned is None:
+            continue  # an undefined metric (e.g. perplexity overflow) has no value a hub can index
+        gain = _number(result.get("difference"))
+        rows.append(
+            MetricRow(
+                dataset=str(result.get("dataset") or "eval"),
+                metric=str(result.get("metric")),
+                n=result.get("n") if isinstance(result.get("n"), int) else None,
+                base=base,
+                tuned=tuned,
+                gain=gain if gain is not None else tuned - base,
+                ci_low=_number(result.get("ci_low")),
+                ci_high=_number(result.get("ci_high")),
+                significant=bool(result.get("significant")),
+                confidence=_number(result.get("confidence")),
+            )
+        )
+    return rows
+
+
+def _walk_dicts(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk_dicts(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk_dicts(value)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The card
+
+
+def build_card(run_dir: Path, repo_id: str, revision: str | None = None) -> Any:
+    """A `huggingface_hub.ModelCard` for the adapter in `run_dir`, to be published as `repo_id`."""
+    from huggingface_hub import ModelCard
+
+    from sovtune.report import load_report
+
+    run_dir = Path(run_dir)
+    recipe = read_run_recipe(run_dir)
+    manifest = read_json(run_dir / "manifest.json", "manifest")
+    report = load_report(run_dir) if (run_dir / "report.json").exists() else None
+    base = base_model_facts(recipe, manifest)
+    datasets = dataset_facts(recipe, manifest)
+    rows = report_rows(report)
+    data = card_metadata(repo_id, recipe, base, datasets, rows, find_licence(recipe, manifest))
+    body = card_body(repo_id, revision, recipe, manifest, base, datasets, rows, data.get("license"), report)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def card_metadata(
+    repo_id: str,
+    recipe: dict[str, Any],
+    base: dict[str, Any],
+    datasets: list[dict[str, Any]],
+    rows: list[MetricRow],
+    licence: str | None,
+) -> Any:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    hub_datasets = sorted({fact["hub_id"] for fact in datasets if fact.get("hub_id") and is_hub_id(fact["hub_id"])})
+    tags = ["sovtune", "peft", "lora", _adapter_type(recipe)]
+    if base["local"]:
+        base_model = None
+    else:
+        base_model = base["name"]
+        tags.append(f"base_model:adapter:{base_model}")
+    eval_results = []
+    for row in rows:
+        common = {"task_type": "text-generation", "dataset_type": row.dataset, "dataset_name": row.dataset}
+        eval_results += [
+            EvalResult(**common, metric_type=row.metric, metric_value=row.tuned, metric_name=f"{row.metric} (adapter)"),
+            EvalResult(**common, metric_type=f"{row.metric}_base", metric_value=row.base, metric_name=f"{row.metric} (base model)"),
+            EvalResult(
+                **common,
+                metric_type=f"{row.metric}_gain",
+                metric_value=row.gain,
+                metric_name=f"{row.metric} gain (adapter - base)",
+                metric_args={"ci_low": row.ci_low, "ci_high": row.ci_high} if row.ci_low is not None else None,
+            ),
+        ]
+    licence_fields: dict[str, Any] = {}
+    if licence in HUB_LICENSES:
+        licence_fields["license"] = licence
+    elif licence:
+        licence_fields = {"license": "other", "license_name": licence}
+    return ModelCardData(
+        base_model=base_model,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=hub_datasets or None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results or None,
+        **licence_fields,
+    )
+
+
+_ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "rslora": "rsLoRA"}
+
+
+def _adapter_type(recipe: dict[str, Any]) -> str:
+    adapter = (recipe.get("adapter") or {}).get("type") or "lora"
+    quant = (recipe.get("quantization") or {}).get("mode")
+    return "qlora" if quant == "4bit" and adapter == "lora" else str(adapter)
+
+
+def card_body(
+    repo_id: str,
+    revision: str | None,
+    recipe: dict[str, Any],
+    manifest: dict[str, Any] | None,
+    base: dict[str, Any],
+    datasets: list[dict[str, Any]],
+    rows: list[MetricRow],
+    licence: str | None,
+    report: dict[str, Any] | None = None,
+) -> str:
+    sections = [
+        _intro(repo_id, revision, recipe, base),
+        _evaluation(rows, (report or {}).get("gates") or []),
+        _training(recipe, datasets),
+        _provenance(manifest, base),
+    ]
+    if licence is None:
+        sections.append("## Licence\n\nThe base model's licence was not declared; check it before using this adapter.\n")
+    return "\n".join(sections)
+
+
+def _intro(repo_id: str, revision: str | None, recipe: dict[str, Any], base: dict[str, Any]) -> str:
+    name = repo_id.split("/")[-1]
+    description = recipe.get("description")
+    if base["local"]:
+        hashed = f"its {len(base['files'])} files are hashed in `manifest.json`" if base["files"] else "see `manifest.json`"
+        origin = f"a local base model (`{base['name']}`, not on a hub; {hashed})"
+        load_base = '"/path/to/the/same/base/model"'
+    else:
+        pinned = base["commit"] or base["revision"]
+        origin = f"[`{base['name']}`]({base['name']})" + (f" at revision `{pinned}`" if pinned else "")
+        load_base = f'"{base["name"]}"' + (f', revision="{pinned}"' if pinned else "")
+    revision_arg = f', revision="{revision}"' if revision and revision != "main" else ""
+    lines = [
+        f"# {name}",
+        "",
+        f"A {_ADAPTER_NAMES.get(_adapter_type(recipe), _adapter_type(recipe))} adapter for {origin}, trained with sovtune.",
+    ]
+    if description:
+        lines += ["", str(description)]
+    lines += [
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({load_base})",
+        f'model = PeftModel.from_pretrained(base, "{repo_id}"{revision_arg})',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision_arg})  # with the chat template used in training',
+        "```",
+        "",
+        f"`sovtune pull {repo_id}` downloads it and checks every adapter file against `manifest.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _evaluation(rows: list[MetricRow], gates: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "## Evaluation\n\nThis adapter was not evaluated against its base model (no `report.json` in the run).\n"
+    confidence = next((row.confidence for row in rows if row.confidence), None)
+    level = f"{confidence:.0%} " if confidence else ""
+    lines = [
+        "## Evaluation: base model vs adapter",
+        "",
+        f"Same held-out examples for both models; the interval is the paired-bootstrap {level}confidence interval of "
+        "the gain (* = it excludes 0). Dataset `general` is the forgetting check on general text.",
+        "",
+        "| dataset | metric | n | base | adapter | gain | interval of the gain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        interval = f"[{row.ci_low:+.4g}, {row.ci_high:+.4g}]" if row.ci_low is not None and row.ci_high is not None else "-"
+        n = row.n if row.n is not None else "-"
+        mark = " *" if row.significant else ""
+        lines.append(
+            f"| {row.dataset} | {row.metric} | {n} | {row.base:.4g} | {row.tuned:.4g} | {row.gain:+.4g}{mark} | {interval} |"
+        )
+    if gates:
+        lines += ["", "Gates:", ""]
+        for gate in gates:
+            verdict = "pass" if gate.get("passed") else "FAIL"
+            lines.append(f"- {verdict}: {gate.get('gate')} ({gate.get('dataset')}/{gate.get('metric')}) {gate.get('rule')} {gate.get('threshold')}, got {gate.get('value')}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+_TRAINING_FIELDS = {
+    "adapter": ("type", "r", "alpha", "dropout", "target_modules", "modules_to_save"),
+    "quantization": ("mode", "quant_type", "double_quant", "compute_dtype"),
+    "train": (
+        "epochs", "max_steps", "batch_size", "gradient_accumulation", "learning_rate", "scheduler", "warmup_ratio",
+        "warmup_steps", "weight_decay", "optimizer", "seed",
+    ),
+    "data": ("format", "max_length", "train_on_inputs", "packing"),
+}  # fmt: skip
+
+
+def _training(recipe: dict[str, Any], datasets: list[dict[str, Any]]) -> str:
+    lines = ["## Training", "", "| setting | value |", "|---|---|"]
+    for section, names in _TRAINING_FIELDS.items():
+        values = recipe.get(section) or {}
+        for name in names:
+            value = values.get(name)
+            if value is not None:
+                shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+                lines.append(f"| {section}.{name} | {shown} |")
+    lines += ["", "Data:", ""]
+    for fact in datasets:
+        if fact.get("hub_id"):
+            pinned = f" @ `{fact['revision']}`" if fact.get("revision") else ""
+            lines.append(f"- {fact['split']}: hub dataset `{fact['hub_id']}`{pinned}")
+        else:
+            digest = f" (sha256 `{fact['sha256']}`)" if fact.get("sha256") else ""
+            lines.append(f"- {fact['split']}: local file `{fact['file']}`{digest}")
+    if not datasets:
+        lines.append("- not recorded")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _provenance(manifest: dict[str, Any] | None, base: dict[str, Any]) -> str:
+    if not manifest:
+        return "## Provenance\n\nNo `manifest.json` was recorded for this run.\n"
+    lines = ["## Provenance", "", "Everything below is in `manifest.json`, next to this card.", ""]
+    recipe = manifest.get("recipe") or {}
+    if recipe.get("sha256"):
+        lines.append(f"- recipe sha256: `{recipe['sha256']}`")
+    git = recipe.get("git") or {}
+    if git.get("commit"):
+        lines.append(f"- recipe repository commit: `{git['commit']}`" + (" (with uncommitted changes)" if git.get("dirty") else ""))
+    run = manifest.get("run") or {}
+    ended = [stage.get("ended_at") for stage in manifest.get("stages") or [] if isinstance(stage, dict) and stage.get("ended_at")]
+    if run.get("started_at"):
+        lines.append(f"- run: started {run['started_at']}" + (f", last stage ended {ended[-1]}" if ended else ""))
+    if run.get("seed") is not None:
+        lines.append(f"- seed: {run['seed']}")
+    if base["local"] and base["files"]:
+        lines.append(f"- local base model files ({len(base['files'])}):")
+        for entry in base["files"]:
+            lines.append(f"  - `{Path(str(entry.get('path'))).name}` sha256 `{entry.get('sha256')}`")
+    elif base["commit"]:
+        lines.append(f"- base model commit: `{base['commit']}`")
+    tokenizer = manifest.get("tokenizer") or {}
+    if tokenizer.get("chat_template_sha256"):
+        lines.append(f"- chat template sha256: `{tokenizer['chat_template_sha256']}`")
+    environment = manifest.get("environment") or {}
+    packages = {k: v for k, v in (environment.get("packages") or {}).items() if v}
+    if packages:
+        lines.append("- packages: " + ", ".join(f"{name} {version}" for name, version in packages.items()))
+    hardware = environment.get("hardware") or {}
+    accelerators = [item.get("name") for item in hardware.get("accelerators") or [] if isinstance(item, dict)]
+    if hardware:
+        lines.append(f"- hardware: {', '.join(accelerators) or 'CPU only'}; {hardware.get('cpu_count')} CPUs")
+    lines.append("")
+    return "\n".join(lines)
