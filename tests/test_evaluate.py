@@ -86,6 +86,16 @@ def test_perplexity_equals_a_direct_computation(make_recipe: Any) -> None:
         assert int(sums.tokens.sum()) == sum(s.supervised_tokens for s in sequences) == token_total
 
 
+def test_models_without_logits_to_keep_get_the_same_sums(make_recipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe, tokenizer, base = loaded(make_recipe())
+    sequences = [item.tokens for item in ev.prepare_dataset(recipe, tokenizer, recipe.eval.datasets[0]).items]
+    model = lora_on(base).eval()
+    sliced = ev.teacher_forced_sums(model, sequences, batch_size=4)
+    monkeypatch.setattr(ev, "supports_logits_to_keep", lambda model: False)
+    full = ev.teacher_forced_sums(model, sequences, batch_size=4)
+    assert torch.allclose(sliced.nll, full.nll, rtol=1e-6) and torch.equal(sliced.correct, full.correct)
+
+
 def test_disabling_the_adapter_reproduces_base_logits_exactly(make_recipe: Any) -> None:
     recipe, tokenizer, base = loaded(make_recipe())
     input_ids = torch.tensor([tokenizer("How many employees work in Sales?")["input_ids"]])
@@ -175,7 +185,9 @@ def test_evaluate_writes_a_complete_report(make_recipe: Any, tmp_path: Path, com
     recipe_path = sql_recipe(make_recipe, tmp_path, company_db, gates={"general_perplexity": {"max_increase": 10.0}})
     save_adapter(recipe_path)
     recipe = load_recipe(recipe_path)
-    report = ev.evaluate(recipe)
+    import sovtune
+
+    report = sovtune.evaluate(recipe)  # the public API, although the submodule of that name is already imported
     data = json.loads((recipe.run_dir / "report.json").read_text())
     assert data["schema_version"] == 1 and data["passed"] is True
     computed = {(r["dataset"], r["metric"]) for r in data["results"]}

@@ -301,6 +301,59 @@ def _plain(line: str) -> None:
     console.print(line, markup=False, highlight=False)
 
 
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    gpu: Annotated[
+        Optional[list[str]],
+        typer.Option("--gpu", help="GPU to check (repeatable): h100-80gb, a100-40gb, a100-80gb, l4-24gb, rtx4090-24gb, ... or 32gb."),
+    ] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs per job (FSDP/ZeRO-3 shard the weights over them).")] = 1,
+    strategy: Annotated[str, typer.Option("--strategy", help="ddp | fsdp | deepspeed (ZeRO-3), as for sovtune launch.")] = "ddp",
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Use the built-in config of this hub id instead of reading one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+) -> None:
+    """Estimate per-GPU memory from the model config alone, say whether it fits, and what to change if not."""
+
+    def body() -> None:
+        from sovtune import plan as planner
+
+        result = planner.plan(_load(recipe, overrides), gpu or (), gpus, planner.strategy_name(strategy), arch)
+        if as_json:
+            sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        else:
+            planner.render(result, console)
+
+    guarded(body)
+
+
+@app.command()
+def launch(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Processes (GPUs) on this node.")] = 1,
+    strategy: Annotated[
+        str, typer.Option("--strategy", help="ddp | fsdp (FSDP2; fsdp-qlora for 4-bit) | deepspeed (ZeRO-3) | deepspeed-zero2.")
+    ] = "ddp",
+    config_file: Annotated[
+        Optional[Path], typer.Option("--config-file", help="Your own accelerate config instead of configs/accelerate/.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the accelerate command without running it.")] = False,
+) -> None:
+    """Train on several GPUs: print and run `accelerate launch --config_file ... -m sovtune train RECIPE`."""
+
+    def body() -> None:
+        from sovtune.launch import launch as run_launch
+
+        loaded = _load(recipe, overrides)  # bad recipes fail here, before any process starts
+        run_launch(recipe, loaded, gpus, strategy, overrides or [], config_file, resume, overwrite, dry_run, console)
+
+    guarded(body)
+
+
 def main() -> None:
     app()
 

@@ -7,7 +7,7 @@ paired bootstrap in metrics.py; report.py turns the comparisons into report.json
 
 from __future__ import annotations
 
-import logging
+import inspect
 import random
 import re
 import sys
@@ -25,8 +25,6 @@ from sovtune import provenance
 from sovtune.data import IGNORE_INDEX, Example, SplitStats, Tokenized, load_examples, prepare_data, stop_token_ids, tokenize_split
 from sovtune.errors import DataError, GateFailed, SovtuneError
 from sovtune.recipe import GENERAL_DATASET, GENERATION_METRICS, LOSS_METRICS, EvalDataset, Recipe, load_recipe
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -178,7 +176,8 @@ def load_model(recipe: Recipe, tokenizer: Any, adapter_dir: Path) -> Any:
     from sovtune import model as models
 
     base = models.load_base_model(recipe, tokenizer)
-    if getattr(base, "hf_device_map", None) is None:
+    # Quantised weights are placed by their device map when loaded (and bitsandbytes models refuse `.to`).
+    if getattr(base, "hf_device_map", None) is None and not getattr(base, "is_quantized", False):
         base.to(models.device())
     peft_model = models.load_adapter(base, adapter_dir)
     peft_model.eval()
@@ -430,6 +429,7 @@ def teacher_forced_sums(model: Any, sequences: Sequence[Tokenized], batch_size: 
     n = len(sequences)
     nll, tokens, correct = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     pad_id = _pad_id(model)
+    slicing = supports_logits_to_keep(model)
     with context if context is not None else nullcontext():
         for batch in length_batches([len(sequence.input_ids) for sequence in sequences], batch_size):
             width = max(len(sequences[index].input_ids) for index in batch)
@@ -444,9 +444,12 @@ def teacher_forced_sums(model: Any, sequences: Sequence[Tokenized], batch_size: 
             targets = labels[:, 1:]
             keep = torch.zeros_like(labels, dtype=torch.bool)
             keep[:, :-1] = targets != IGNORE_INDEX
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep.to(device)
-            ).logits
+            if slicing:
+                logits = model(
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep.to(device)
+                ).logits
+            else:
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[keep.to(device)]
             gold = targets[keep[:, :-1]].to(device)
             logits = logits.reshape(-1, logits.shape[-1]).float()
             token_nll = torch.nn.functional.cross_entropy(logits, gold, reduction="none").double().cpu()
@@ -456,6 +459,12 @@ def teacher_forced_sums(model: Any, sequences: Sequence[Tokenized], batch_size: 
             tokens.index_add_(0, rows, torch.ones_like(token_nll))
             correct.index_add_(0, rows, token_correct)
     return TokenSums(nll, tokens, correct)
+
+
+def supports_logits_to_keep(model: Any) -> bool:
+    """transformers models take `logits_to_keep`; older remote-code models may not, and get full logits instead."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def _pad_id(model: Any) -> int:

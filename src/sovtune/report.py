@@ -310,7 +310,8 @@ def _signed(value: float) -> str:
 
 
 def _percent(value: float) -> str:
-    return f"{value * 100:+.1f}%"
+    percent = value * 100
+    return f"{percent:+.1f}%" if abs(percent) >= 0.1 or percent == 0 else f"{percent:+.2g}%"
 
 
 def difference_text(result: MetricResult) -> tuple[str, str]:
