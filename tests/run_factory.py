@@ -14,12 +14,14 @@ def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
 
     from sovtune import model as models
     from sovtune import provenance
+    from sovtune.data import prepare_data
     from sovtune.recipe import load_recipe
     from sovtune.train import save_adapter, write_json_atomic
 
     torch.set_num_threads(1)
     recipe = load_recipe(recipe_path)
     tokenizer = models.load_tokenizer(recipe)
+    data = prepare_data(recipe, tokenizer)
     base = models.load_base_model(recipe, tokenizer)
     adapted = models.attach_adapter(base, recipe)
     generator = torch.Generator().manual_seed(seed)
@@ -27,7 +29,9 @@ def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
         if "lora_B" in name:  # freshly initialised B is zero: the adapter would change nothing
             parameter.data = torch.randn(parameter.shape, generator=generator) * scale
     run_dir = recipe.run_dir
-    provenance.start(recipe, run_dir, tokenizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "data_stats.json", data.stats)
+    provenance.start(recipe, run_dir, tokenizer, data_stats=data.stats)
     save_adapter(adapted, tokenizer, run_dir)
     metrics: dict[str, Any] = {"train_loss": 1.25, "global_step": 0}
     write_json_atomic(run_dir / "train_metrics.json", metrics)

@@ -26,8 +26,9 @@ from sovtune.provenance import (
     sha256_stream,
 )
 
+CARD = "README.md"
 # Besides the adapter and the manifest: what a receiving site needs to judge and use the adapter.
-RUN_FILES = ("recipe.yaml", "README.md", "report.json", "report.md", "report.png", "data_stats.json", "train_metrics.json")
+RUN_FILES = ("recipe.yaml", CARD, "report.json", "report.md", "report.png", "data_stats.json", "train_metrics.json")
 
 
 class BundleError(SovtuneError):
@@ -67,6 +68,8 @@ def export(run_dir: str | Path, bundle_path: str | Path) -> Path:
         raise BundleError(f"refusing to export: {result.describe()}")
     top = read_manifest(run_dir)["run"]["name"]
     digests = {name: sha256_file(run_dir / name) for name in names}
+    generated = {} if CARD in names else {CARD: model_card(run_dir, top).encode("utf-8")}
+    digests.update({name: sha256_bytes(data) for name, data in generated.items()})
     mtime = int((run_dir / MANIFEST).stat().st_mtime)
     mode = "w:gz" if bundle_path.name.endswith((".tar.gz", ".tgz")) else "w"
     bundle_path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,8 @@ def export(run_dir: str | Path, bundle_path: str | Path) -> Path:
             with tarfile.open(fileobj=raw, mode=mode, format=tarfile.PAX_FORMAT) as tar:
                 listing = checksums_text(digests).encode()
                 tar.addfile(_member(f"{top}/{CHECKSUMS}", len(listing), mtime), io.BytesIO(listing))
+                for name, data in generated.items():
+                    tar.addfile(_member(f"{top}/{name}", len(data), mtime), io.BytesIO(data))
                 for name in names:
                     with open(run_dir / name, "rb") as handle:
                         tar.addfile(_member(f"{top}/{name}", (run_dir / name).stat().st_size, mtime), handle)
@@ -87,6 +92,14 @@ def export(run_dir: str | Path, bundle_path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return bundle_path
+
+
+def model_card(run_dir: Path, run_name: str) -> str:
+    """The same card `sovtune push` publishes (eval results, provenance), named after hub.repo when the recipe has one."""
+    from sovtune.card import build_card, read_run_recipe
+
+    repo_id = (read_run_recipe(run_dir).get("hub") or {}).get("repo") or run_name
+    return str(build_card(run_dir, repo_id))
 
 
 def _member(name: str, size: int, mtime: int) -> tarfile.TarInfo:

@@ -1,0 +1,156 @@
+"""The manifest: what it records, that stages only append, and that `verify` catches any changed file (exit 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from run_factory import make_run
+from typer.testing import CliRunner
+
+from sovtune import provenance
+from sovtune.cli import app
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def run(make_recipe, tmp_path: Path):
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    recipe_path = make_recipe("prov")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", recipe_path.name], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "recipe"], check=True)
+    return make_run(recipe_path)
+
+
+def test_manifest_records_inputs_environment_and_outputs(run, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    manifest = provenance.read_manifest(run.run_dir)
+    recipe_file = run.run_dir / "recipe.yaml"
+    assert manifest["recipe"]["sha256"] == sha(recipe_file) == manifest["recipe"]["file"]["sha256"]
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert manifest["recipe"]["git"]["commit"] == head
+    [data] = manifest["data"]
+    data_file = Path(run.resolve(run.data.train[0].path))
+    assert data["files"] == [{"path": str(data_file.resolve()), "root": "absolute", "sha256": sha(data_file), "bytes": data_file.stat().st_size}]
+    base = manifest["base_model"]
+    weights = {Path(e["path"]).name: e["sha256"] for e in base["files"]}
+    assert base["local"] and weights["model.safetensors"] == sha(tiny_model_dir / "model.safetensors")
+    assert weights["config.json"] == sha(tiny_model_dir / "config.json")
+    tokenizer = manifest["tokenizer"]
+    template = (tiny_model_dir / "chat_template.jinja").read_text()
+    assert tokenizer["chat_template_sha256"] == hashlib.sha256(template.encode()).hexdigest()
+    assert {Path(e["path"]).name for e in tokenizer["files"]} >= {"tokenizer.json", "tokenizer_config.json"}
+    assert len(tokenizer["tokenizer_sha256"]) == 64
+    env = manifest["environment"]
+    assert env["packages"]["torch"] and env["packages"]["peft"] and env["hardware"]["cpu_count"]
+    assert torch.__version__.startswith(env["packages"]["torch"].split("+")[0])
+    assert manifest["run"]["seed"] == run.train.seed == 0
+    [stage] = manifest["stages"]
+    assert stage["stage"] == "train" and stage["metrics"] == {"train_loss": 1.25, "global_step": 0}
+    assert datetime.fromisoformat(manifest["run"]["started_at"]) <= datetime.fromisoformat(stage["ended_at"])
+    outputs = {e["path"]: e["sha256"] for e in stage["files"]}
+    adapter_weights = run.run_dir / "adapter" / "adapter_model.safetensors"
+    assert outputs["adapter/adapter_model.safetensors"] == sha(adapter_weights)
+    assert "adapter/adapter_config.json" in outputs and "train_metrics.json" in outputs
+    assert manifest["base_model"]["licence"]["allowed"] == []
+
+
+def test_verify_passes_on_untouched_run(run) -> None:
+    result = provenance.verify(run.run_dir)
+    assert result.ok and "adapter/adapter_model.safetensors" in result.checked and not result.not_checked
+    cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
+    assert cli.exit_code == 0 and "match their recorded SHA-256" in cli.output
+
+
+def test_tampered_adapter_fails_with_exit_2(run) -> None:
+    flip_byte(run.run_dir / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(provenance.VerifyFailed, match="hash mismatch: adapter/adapter_model.safetensors"):
+        provenance.verify(run.run_dir)
+    cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
+    assert cli.exit_code == 2 and "adapter/adapter_model.safetensors" in cli.output
+
+
+def test_tampered_data_and_deleted_adapter_file_are_listed(run) -> None:
+    data_file = Path(run.resolve(run.data.train[0].path))
+    data_file.write_text(data_file.read_text() + '{"messages": []}\n')
+    (run.run_dir / "adapter" / "adapter_config.json").unlink()
+    cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
+    assert cli.exit_code == 2
+    assert str(data_file.resolve()) in cli.output.replace("\n", "") and "missing: adapter/adapter_config.json" in cli.output
+
+
+def test_absent_external_file_is_reported_not_checked_unless_strict(run) -> None:
+    Path(run.resolve(run.data.train[0].path)).unlink()
+    result = provenance.verify(run.run_dir)
+    assert result.ok and len(result.not_checked) == 1 and "not checked" in result.describe()
+    with pytest.raises(provenance.VerifyFailed, match="missing"):
+        provenance.verify(run.run_dir, strict=True)
+
+
+def test_stages_append_and_never_rewrite(run) -> None:
+    before = provenance.read_manifest(run.run_dir)
+    provenance.append_stage(run.run_dir, "eval", {"metrics": {"sql/exact_match": {"base": 0.1, "tuned": 0.6}}})
+    after = provenance.read_manifest(run.run_dir)
+    assert after["stages"][:-1] == before["stages"] and {k: v for k, v in after.items() if k != "stages"} == {
+        k: v for k, v in before.items() if k != "stages"
+    }
+    assert after["stages"][-1]["stage"] == "eval"
+    with pytest.raises(provenance.ManifestError, match="exists already"):
+        provenance.start(run, run.run_dir)
+    provenance.start(run, run.run_dir, resume=True)
+    assert provenance.read_manifest(run.run_dir)["stages"][-1]["stage"] == "resume"
+
+
+def test_a_later_stage_supersedes_an_earlier_entry(run) -> None:
+    """A retrained adapter is recorded by its own stage; verify checks the latest hash, not the stale one."""
+    flip_byte(run.run_dir / "adapter" / "adapter_model.safetensors")
+    provenance.record_train(run.run_dir, run, {"train_loss": 1.0})
+    assert provenance.verify(run.run_dir).ok
+
+
+def test_manifest_write_is_atomic(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = run.run_dir / provenance.MANIFEST
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(provenance.json, "dump", crash)
+    with pytest.raises(OSError):
+        provenance.append_stage(run.run_dir, "eval", {})
+    assert path.read_bytes() == before
+    assert [p.name for p in run.run_dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_scan_counts_reach_the_manifest_without_values(make_recipe) -> None:
+    from conftest import qa_rows
+
+    rows = qa_rows()
+    rows[0]["messages"][1]["content"] = "mail jane.doe@example.org, card 4111 1111 1111 1111"
+    recipe = make_run(make_recipe("scanned", rows=rows, sovereignty={"data_scan": "redact"}))
+    text = (recipe.run_dir / provenance.MANIFEST).read_text()
+    scan = json.loads(text)["data_scan"]
+    assert scan["findings"] == {"email": 1, "card_number": 1} and scan["redacted"] is True
+    assert "jane.doe" not in text and "4111" not in text
+
+
+def test_verify_rejects_what_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(provenance.ManifestError, match="no manifest"):
+        provenance.verify(tmp_path)
+    with pytest.raises(provenance.VerifyFailed, match="neither a run directory nor a bundle"):
+        provenance.verify(tmp_path / "nope.tar")
