@@ -46,6 +46,13 @@ class MetricRow:
     ci_high: float | None
     significant: bool
     confidence: float | None
+    higher_is_better: bool
+
+    @property
+    def verdict(self) -> str:
+        if not self.significant:
+            return "no significant change"
+        return "better" if (self.gain > 0) == self.higher_is_better else "worse"
 
 
 def read_json(path: Path, what: str) -> dict[str, Any] | None:
@@ -176,6 +183,7 @@ def report_rows(report: dict[str, Any] | None) -> list[MetricRow]:
                 ci_high=_number(result.get("ci_high")),
                 significant=bool(result.get("significant")),
                 confidence=_number(result.get("confidence")),
+                higher_is_better=bool(result.get("higher_is_better", True)),
             )
         )
     return rows
@@ -307,7 +315,7 @@ def _intro(repo_id: str, revision: str | None, recipe: dict[str, Any], base: dic
         load_base = '"/path/to/the/same/base/model"'
     else:
         pinned = base["commit"] or base["revision"]
-        origin = f"[`{base['name']}`]({base['name']})" + (f" at revision `{pinned}`" if pinned else "")
+        origin = f"`{base['name']}`" + (f" at revision `{pinned}`" if pinned else "")
         load_base = f'"{base["name"]}"' + (f', revision="{pinned}"' if pinned else "")
     revision_arg = f', revision="{revision}"' if revision and revision != "main" else ""
     lines = [
@@ -342,18 +350,18 @@ def _evaluation(rows: list[MetricRow], gates: list[dict[str, Any]]) -> str:
     lines = [
         "## Evaluation: base model vs adapter",
         "",
-        f"Same held-out examples for both models; the interval is the paired-bootstrap {level}confidence interval of "
-        "the gain (* = it excludes 0). Dataset `general` is the forgetting check on general text.",
+        f"Same held-out examples for both models. Gain = adapter - base (for loss and perplexity lower is better); "
+        f"the interval is its paired-bootstrap {level}confidence interval. Dataset `general` is the forgetting check "
+        "on general text.",
         "",
-        "| dataset | metric | n | base | adapter | gain | interval of the gain |",
-        "|---|---|---|---|---|---|---|",
+        "| dataset | metric | n | base | adapter | gain | interval of the gain | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         interval = f"[{row.ci_low:+.4g}, {row.ci_high:+.4g}]" if row.ci_low is not None and row.ci_high is not None else "-"
         n = row.n if row.n is not None else "-"
-        mark = " *" if row.significant else ""
         lines.append(
-            f"| {row.dataset} | {row.metric} | {n} | {row.base:.4g} | {row.tuned:.4g} | {row.gain:+.4g}{mark} | {interval} |"
+            f"| {row.dataset} | {row.metric} | {n} | {row.base:.4g} | {row.tuned:.4g} | {row.gain:+.4g} | {interval} | {row.verdict} |"
         )
     if gates:
         lines += ["", "Gates:", ""]
@@ -379,9 +387,13 @@ def _training(recipe: dict[str, Any], datasets: list[dict[str, Any]]) -> str:
     lines = ["## Training", "", "| setting | value |", "|---|---|"]
     for section, names in _TRAINING_FIELDS.items():
         values = recipe.get(section) or {}
+        if section == "quantization" and values.get("mode") in (None, "none"):
+            names = ("mode",)  # the 4-bit settings mean nothing without quantisation
         for name in names:
             value = values.get(name)
-            if value is not None:
+            if name == "epochs" and values.get("max_steps") is not None:
+                continue  # ignored when max_steps is set
+            if value is not None and value != []:
                 shown = ", ".join(map(str, value)) if isinstance(value, list) else value
                 lines.append(f"| {section}.{name} | {shown} |")
     lines += ["", "Data:", ""]
