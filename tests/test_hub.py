@@ -435,3 +435,23 @@ def test_cli_push_takes_repo_endpoint_and_visibility_from_the_runs_recipe(run_di
     done = CliRunner().invoke(app, ["push", str(run_dir)])
     assert done.exit_code == 0, done.output
     assert hub.repos["acme/from-recipe"].private is False
+
+
+def test_preflight_of_push_settings_and_a_bad_hub_section_in_the_run(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sovtune.hub import HubError, check_push_settings, run_hub_settings
+    from sovtune.recipe import HubSection
+
+    check_push_settings(HubSection())  # nothing to publish, nothing to check
+    check_push_settings(HubSection(repo=REPO, endpoint=hub.url, push=True))
+    with pytest.raises(HubError, match="no hub endpoint"):
+        check_push_settings(HubSection(repo=REPO, push=True))
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError, match="no token for"):
+        check_push_settings(HubSection(repo=REPO, endpoint=hub.url, push=True))
+    assert hub.requests == []  # no network in a preflight
+
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe["hub"] = {"repo": "not-an-org-slash-name"}
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    with pytest.raises(HubError, match="recipe.yaml: hub.repo: 'not-an-org-slash-name' is not a repository id"):
+        run_hub_settings(run_dir)
