@@ -489,8 +489,7 @@ class _Handler(BaseHTTPRequestHandler):
         stored = commit.files.get(path)
         headers = {"X-Repo-Commit": commit.oid}
         if stored is None:
-            err = HubError(404, "Entry not found", "EntryNotFound")
-            raise err
+            raise HubError(404, "Entry not found", "EntryNotFound")
         data = self.state.lfs_store[stored.lfs_oid] if stored.lfs_oid else stored.data or b""
         headers["ETag"] = f'"{stored.blob_id}"'
         if stored.lfs_oid:

@@ -339,6 +339,7 @@ def test_settings_errors(run_dir: Path, hub: HubDouble, monkeypatch: pytest.Monk
 
     assert "not a repository id" in push_error(run_dir, hub, repo_id="acme/bad--name")
     assert "is not an http(s) URL" in push_error(run_dir, hub, endpoint="hub.internal")
+    assert "--revision: 'my branch' is not a branch name" in push_error(run_dir, hub, revision="my branch")
     with pytest.raises(HubError, match="no hub endpoint: pass --endpoint"):
         resolve_endpoint(None, None)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.internal.example/")

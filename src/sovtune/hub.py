@@ -111,6 +111,13 @@ def checked_repo_id(repo_id: str | None, source: str = "--repo") -> str:
         raise HubError(f"{source}: {exc}") from None
 
 
+def _checked_branch(revision: str | None) -> str | None:
+    try:
+        return HubSection(revision=revision).revision
+    except ValueError as exc:  # pydantic's ValidationError
+        raise HubError(f"--revision: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 def run_hub_settings(run_dir: Path) -> HubSection:
     """The hub section of the recipe the run recorded (defaults when it has none)."""
     from sovtune.card import read_run_recipe
@@ -249,7 +256,7 @@ def push(
 
     run_dir = Path(run_dir)
     repo_id, endpoint = checked_repo_id(repo_id), resolve_endpoint(endpoint)
-    branch = revision or "main"
+    branch = _checked_branch(revision) or "main"
     files = publish_files(run_dir)
     manifest = read_json(files[MANIFEST], "manifest") or {}
     check_against_manifest(manifest, files, str(run_dir))
