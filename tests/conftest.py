@@ -87,29 +87,39 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def write_recipe(
+    folder: Path, model_dir: Path, name: str = "recipe", rows: list[dict[str, Any]] | None = None, **sections: Any
+) -> Path:
+    """A recipe YAML (and its training rows) in `folder`; sections given as dicts are merged over small defaults.
+
+    A plain function so module-scoped fixtures can share one trained run; `make_recipe` wraps it per test.
+    """
+    data_file = write_jsonl(folder / f"{name}-train.jsonl", rows if rows is not None else qa_rows())
+    recipe: dict[str, Any] = {
+        "name": name,
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": {"r": 4, "dropout": 0.0},
+        "data": {"train": str(data_file), "format": "messages", "max_length": 64, "eval_fraction": 0.25},
+        "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1,
+                  "save_steps": 2, "gradient_checkpointing": False, "seed": 0},
+        "output": {"dir": str(folder / "runs" / name)},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def make_recipe(tmp_path: Path, tiny_model_dir: Path):
     """Write a recipe YAML for the tiny model; sections given as dicts are merged over small defaults."""
 
     def make(name: str = "recipe", rows: list[dict[str, Any]] | None = None, **sections: Any) -> Path:
-        data_file = write_jsonl(tmp_path / f"{name}-train.jsonl", rows if rows is not None else qa_rows())
-        recipe: dict[str, Any] = {
-            "name": name,
-            "model": {"name_or_path": str(tiny_model_dir)},
-            "adapter": {"r": 4, "dropout": 0.0},
-            "data": {"train": str(data_file), "format": "messages", "max_length": 64, "eval_fraction": 0.25},
-            "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1,
-                      "save_steps": 2, "gradient_checkpointing": False, "seed": 0},
-            "output": {"dir": str(tmp_path / "runs" / name)},
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-                recipe[key] = {**recipe[key], **value}
-            else:
-                recipe[key] = value
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-        return path
+        return write_recipe(tmp_path, tiny_model_dir, name, rows, **sections)
 
     return make
 

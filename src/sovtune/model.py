@@ -122,6 +122,12 @@ def ensure_pad_token(tokenizer: Any) -> bool:
     return True
 
 
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    """dtype of the quantised matmuls: the recipe's, or the model dtype when auto."""
+    name = recipe.quantization.compute_dtype
+    return resolve_dtype(recipe.model.dtype) if name == "auto" else DTYPES[name]
+
+
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
     """The only BitsAndBytesConfig in sovtune."""
     quant = recipe.quantization
@@ -145,7 +151,6 @@ def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(recipe.model.dtype)
-    compute_dtype = dtype if recipe.quantization.compute_dtype == "auto" else DTYPES[recipe.quantization.compute_dtype]
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": attn_implementation(recipe),
@@ -153,7 +158,7 @@ def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool
         **_hub_kwargs(recipe),
     }
     if quantize and recipe.quantization.mode != "none":
-        kwargs["quantization_config"] = quantization_config(recipe, compute_dtype)
+        kwargs["quantization_config"] = quantization_config(recipe, compute_dtype(recipe))
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": _local_rank_device()}
     try:

@@ -171,6 +171,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         processing_class=tokenizer,
         callbacks=[_tensorboard(run_dir), _jsonl_log(run_dir / "logs" / "train_log.jsonl")] if is_main_process() else [],
     )
+    _adapter_in_compute_dtype(trainer.model, recipe)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {
         "train_loss": output.training_loss,
@@ -197,6 +198,20 @@ def _jsonl_log(path: Path) -> Any:
                 handle.write(json.dumps({"step": state.global_step, **(logs or {})}, default=str) + "\n")
 
     return JsonlLog()
+
+
+def _adapter_in_compute_dtype(peft_model: Any, recipe: Recipe) -> None:
+    """Undo SFTTrainer's cast of quantised-model adapters to bf16 where the matmuls do not run in bf16.
+
+    bf16 adapters are the QLoRA paper's setting on bf16 GPUs. With fp32 (CPU) or fp16 compute they only lose
+    precision, and the saved adapter, which peft reloads in fp32, would no longer compute like the trained one.
+    Runs before the optimizer exists, so it optimises the fp32 tensors.
+    """
+    if recipe.quantization.mode == "none" or models.compute_dtype(recipe) == torch.bfloat16:
+        return
+    for parameter in peft_model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+            parameter.data = parameter.data.float()
 
 
 def _tensorboard(run_dir: Path) -> Any:

@@ -1,0 +1,273 @@
+"""Training on the CPU: LoRA and QLoRA runs whose loss falls, resume, and adapters that reload in plain peft.
+
+The runs are module-scoped and shared by the tests that inspect them, so each is trained once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, qa_rows, write_recipe
+from sovtune import model as models
+from sovtune import train as training
+from sovtune.recipe import Recipe, load_recipe
+
+STEPS = 20
+TRAIN = {"max_steps": STEPS, "save_steps": 10, "save_total_limit": 2, "learning_rate": 1e-2, "warmup_steps": 0}
+
+
+@pytest.fixture(scope="module")
+def learnable_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model with larger initial weights. With the usual 0.02 init the untouched lm_head keeps logits
+    near-uniform whatever LoRA does to the hidden states, so the loss can barely move; 0.2 lets it fall."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return build_tiny_model(tmp_path_factory.mktemp("learnable"), tokenizer, initializer_range=0.2)
+
+
+@dataclass
+class TrainedRun:
+    recipe: Recipe
+    result: training.TrainResult
+    probe: torch.Tensor  # input ids the in-memory model was run on right after training
+    logits: torch.Tensor  # its logits: what the saved adapter must reproduce
+    model: Any  # the in-memory trained peft model
+
+
+def probe_ids(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chats = [row["messages"] for row in qa_rows(2)]
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    shortest = min(len(i) for i in ids)
+    return torch.tensor([i[:shortest] for i in ids])
+
+
+def train_and_probe(recipe: Recipe, audit_log: Path, **train_kwargs: Any) -> TrainedRun:
+    """Run `sovtune.train.train` and keep the in-memory model it saves, with its logits on a probe batch."""
+    kept: dict[str, Any] = {}
+    save = training.save_adapter
+
+    def keep_and_save(peft_model: Any, tokenizer: Any, run_dir: Path) -> Path:
+        kept["model"] = peft_model
+        return save(peft_model, tokenizer, run_dir)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "save_adapter", keep_and_save)
+        patch.setenv("SOVTUNE_AUDIT_LOG", str(audit_log))
+        result = training.train(recipe, **train_kwargs)
+    model = kept["model"].eval()
+    probe = probe_ids(Path(recipe.model_location))
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+    return TrainedRun(recipe, result, probe, logits, model)
+
+
+def losses(run: TrainedRun) -> list[float]:
+    return [entry["loss"] for entry in run.result.metrics["log_history"] if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory, learnable_model_dir: Path) -> TrainedRun:
+    folder = tmp_path_factory.mktemp("lora")
+    path = write_recipe(folder, learnable_model_dir, "lora", rows=qa_rows(32), adapter={"r": 8}, train=TRAIN)
+    return train_and_probe(load_recipe(path), folder / "audit.jsonl")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory: pytest.TempPathFactory, learnable_model_dir: Path) -> TrainedRun:
+    folder = tmp_path_factory.mktemp("qlora")
+    path = write_recipe(
+        folder, learnable_model_dir, "qlora", rows=qa_rows(32), adapter={"r": 8},
+        quantization={"mode": "4bit", "quant_type": "nf4", "double_quant": True}, train={**TRAIN, "save_steps": 100},
+    )
+    return train_and_probe(load_recipe(path), folder / "audit.jsonl")
+
+
+def plain_peft(base: Path, adapter: Path, **base_kwargs: Any) -> Any:
+    """The adapter as a user would load it, with nothing from sovtune."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **base_kwargs), adapter).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_loss_falls(lora_run: TrainedRun) -> None:
+    loss = losses(lora_run)
+    assert len(loss) == STEPS  # logging_steps: 1
+    # Near-uniform over the 400-token vocabulary at the start (ln 400 = 5.99); the fixed answers are then learnt.
+    assert loss[0] > 5.5
+    assert loss[-1] < loss[0] - 3.0, loss
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 2.5, loss
+    assert lora_run.result.metrics["global_step"] == STEPS
+    assert lora_run.result.metrics["resumed_from"] is None
+
+
+def test_lora_run_directory(lora_run: TrainedRun) -> None:
+    run_dir = lora_run.result.run_dir
+    adapter = run_dir / "adapter"
+    assert lora_run.result.adapter_dir == adapter
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (adapter / name).is_file(), name
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
+    # all-linear: every linear layer of the blocks (peft may store full module paths), never the output head.
+    adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # The chat template travels with the adapter, so inference renders prompts exactly as training did.
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(adapter)
+    assert saved.chat_template == AutoTokenizer.from_pretrained(lora_run.recipe.model_location).chat_template
+    assert saved.pad_token_id != saved.eos_token_id
+    # The resolved recipe reloads to the same settings.
+    again = load_recipe(run_dir / "recipe.yaml")
+    assert again.model_dump(exclude={"source_path"}) == lora_run.recipe.model_dump(exclude={"source_path"})
+    metrics = json.loads((run_dir / "train_metrics.json").read_text())
+    assert metrics["global_step"] == STEPS and [e["loss"] for e in metrics["log_history"] if "loss" in e] == losses(lora_run)
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert stats["train"]["kept"] == 24 and stats["eval"]["kept"] == 8
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-10", "checkpoint-20"]
+
+
+def test_saved_lora_adapter_reloads_in_plain_peft_with_identical_logits(lora_run: TrainedRun) -> None:
+    reloaded = plain_peft(Path(lora_run.recipe.model_location), lora_run.result.adapter_dir)
+    with torch.no_grad():
+        logits = reloaded(input_ids=lora_run.probe).logits
+    torch.testing.assert_close(logits, lora_run.logits, rtol=0, atol=1e-6)
+    # A real check: the adapter changed the model, so a reload that silently dropped it would fail.
+    with torch.no_grad(), reloaded.disable_adapter():
+        base_logits = reloaded(input_ids=lora_run.probe).logits
+    assert (base_logits - lora_run.logits).abs().max() > 0.1
+
+
+def test_occupied_run_dir_is_refused(lora_run: TrainedRun) -> None:
+    run_dir = lora_run.result.run_dir
+    with pytest.raises(training.RunDirError) as info:
+        training.train(lora_run.recipe)
+    assert str(info.value) == (
+        f"{run_dir}: already holds a run; continue it with --resume, or choose another --set output.dir=..."
+    )
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, learnable_model_dir: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, learnable_model_dir, "fresh"))
+    with pytest.raises(training.RunDirError) as info:
+        training.train(recipe, resume=True)
+    assert str(info.value) == f"{recipe.run_dir}: no complete checkpoint to resume from; run without --resume"
+    assert not recipe.run_dir.exists()
+
+
+def test_resume_continues_from_the_last_complete_checkpoint(lora_run: TrainedRun, tmp_path: Path) -> None:
+    """Interrupt the LoRA run after step 10 (drop what came later), resume it, and land on the same adapter."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "interrupted"
+    shutil.copytree(lora_run.result.run_dir, run_dir)
+    for later in ("adapter", "train_metrics.json", "checkpoints/checkpoint-20"):
+        shutil.rmtree(run_dir / later) if (run_dir / later).is_dir() else (run_dir / later).unlink()
+    # A checkpoint the trainer had not finished writing (no trainer_state.json) is not resumed from.
+    (run_dir / "checkpoints" / "checkpoint-15").mkdir()
+    assert training.last_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-10"
+    recipe = load_recipe(lora_run.recipe.source_path, [f"output.dir={run_dir}"])
+
+    resumed = train_and_probe(recipe, tmp_path / "audit.jsonl", resume=True)
+
+    assert resumed.result.metrics["global_step"] == STEPS
+    assert resumed.result.metrics["resumed_from"] == "checkpoint-10"
+    assert json.loads((run_dir / "train_metrics.json").read_text())["resumed_from"] == "checkpoint-10"
+    new_steps = [e["step"] for e in resumed.result.metrics["log_history"] if "loss" in e and e["step"] > 10]
+    assert new_steps == list(range(11, STEPS + 1))
+    # Optimizer, scheduler, RNG and data order were restored: the same weights as the uninterrupted run.
+    uninterrupted = load_file(lora_run.result.adapter_dir / "adapter_model.safetensors")
+    continued = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert uninterrupted.keys() == continued.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(continued[key], uninterrupted[key], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(resumed.logits, lora_run.logits, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QLoRA (bitsandbytes 4-bit runs on the CPU)
+
+
+def test_qlora_quantizes_the_base_to_nf4_with_double_quant(qlora_run: TrainedRun) -> None:
+    import bitsandbytes as bnb
+
+    quantized = [m for m in qlora_run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # every linear layer of both blocks; lm_head stays in full precision
+    assert {m.weight.quant_state.quant_type for m in quantized} == {"nf4"}
+    assert all(m.weight.quant_state.nested for m in quantized)  # double quantisation
+    trainable = {name: p.dtype for name, p in qlora_run.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    # fp32 compute on the CPU: the adapter trains in fp32 (as peft reloads it), not in TRL's bf16.
+    assert set(trainable.values()) == {torch.float32}
+
+
+def test_qlora_loss_falls(qlora_run: TrainedRun) -> None:
+    loss = losses(qlora_run)
+    assert len(loss) == STEPS
+    assert loss[0] > 5.5
+    assert loss[-1] < loss[0] - 3.0, loss
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 2.5, loss
+
+
+def test_saved_qlora_adapter_reloads_on_a_4bit_base_with_identical_logits(qlora_run: TrainedRun) -> None:
+    from transformers import BitsAndBytesConfig
+
+    config = json.loads((qlora_run.result.adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 8
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
+    reloaded = plain_peft(Path(qlora_run.recipe.model_location), qlora_run.result.adapter_dir, quantization_config=quantization)
+    with torch.no_grad():
+        logits = reloaded(input_ids=qlora_run.probe).logits
+    torch.testing.assert_close(logits, qlora_run.logits, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapter variants
+
+
+@pytest.mark.parametrize("variant", ["dora", "rslora"])
+def test_dora_and_rslora_adapters_build_and_train_a_step(variant: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, variant, adapter={"type": variant, "r": 4, "alpha": 8}))
+    config = models.lora_config(recipe)
+    assert (config.use_dora, config.use_rslora) == (variant == "dora", variant == "rslora")
+    model = models.attach_adapter(models.load_base_model(recipe), recipe)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    if variant == "dora":
+        assert "default" in layer.lora_magnitude_vector
+        assert layer.lora_magnitude_vector["default"].weight.requires_grad
+    else:
+        assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # alpha / sqrt(r), not alpha / r
+    ids = torch.tensor([[1, 5, 9, 12, 2]])
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for name, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_lora_alpha_defaults_to_twice_the_rank(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, "alpha", adapter={"r": 6}))
+    config = models.lora_config(recipe)
+    assert (config.r, config.lora_alpha, config.use_dora, config.use_rslora) == (6, 12, False, False)
