@@ -372,6 +372,12 @@ def run_suite(model: Any, tokenizer: Any, suite: Suite, recipe: Recipe) -> Suite
         sequences = [item.tokens for item in suite.items]
         sums = {name: teacher_forced_sums(model, sequences, settings.batch_size, context) for name, context in both_models(model)}
         seconds["loss"] = time.perf_counter() - started
+        for name, totals in sums.items():
+            if not bool(torch.isfinite(totals.nll).all()):
+                raise SovtuneError(
+                    f"eval dataset {suite.name!r}: the {name} model gives non-finite losses (NaN/inf logits, often a "
+                    "float16 overflow); set model.dtype: bfloat16 or float32"
+                )
         for metric in loss_metrics:
             scores[metric] = PairedScores(*(loss_scores(metric, sums[name]) for name in ("base", "tuned")))
         for index, record in enumerate(records):

@@ -389,20 +389,25 @@ def _markdown_sample(number: int, sample: dict[str, Any]) -> list[str]:
 
 
 def rich_table(results: Sequence[MetricResult], title: str) -> Any:
+    """Compact enough for an 80-column terminal: dataset/metric in one column, Δ with its interval in another."""
+    from rich import box
     from rich.table import Table
 
     confidence = int(results[0].confidence * 100) if results else 95
-    table = Table(title=title, title_justify="left")
-    for name, justify in (("dataset", "left"), ("metric", "left"), ("base", "right"), ("tuned", "right"), ("Δ", "right"),
-                          (f"{confidence}% CI of Δ", "right"), ("verdict", "left"), ("n", "right")):  # fmt: skip
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("dataset/metric", no_wrap=True)
+    for name in ("base", "tuned", f"Δ [{confidence}% CI]", "verdict", "n"):
+        table.add_column(name, justify="left" if name == "verdict" else "right", no_wrap=True)
     for result in results:
         delta, interval = difference_text(result)
         style = "green" if result.improved else ("red" if result.significant else "")
+        verdict = result.verdict if result.significant else "n.s."
         table.add_row(
-            result.dataset, f"{result.metric} {_arrow(result)}", _number(result.base), _number(result.tuned),
-            delta, interval, result.verdict, str(result.n), style=style,
+            f"{result.key} {_arrow(result)}", _number(result.base), _number(result.tuned), f"{delta} {interval}",
+            verdict, str(result.n), style=style,
         )  # fmt: skip
+    if results:
+        table.caption = "↑/↓ higher/lower is better · n.s. = interval includes 0 · perplexity Δ relative"
     return table
 
 
