@@ -147,3 +147,36 @@ def test_bad_endpoint_is_an_error(guard: Any) -> None:
 
     with pytest.raises(SovtuneError, match="ftp://files"):
         guard.enable(["ftp://files"])
+
+
+def test_attempts_a_library_swallows_are_still_counted(guard: Any) -> None:
+    """What makes the full-run test below meaningful: a refusal caught and ignored by library code is recorded."""
+    guard.enable()
+    try:
+        socket.create_connection((TEST_NET, 443), timeout=1)
+    except Exception:
+        pass  # e.g. telemetry or an update check that gives up quietly
+    assert [(a.host, a.port) for a in guard.refused_attempts()] == [(TEST_NET, 443)]
+
+
+@pytest.mark.slow
+def test_full_run_in_offline_mode_attempts_no_connection(guard: Any, make_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sovtune run --offline`: data, model, training, evaluation and manifest with zero outbound attempts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sovtune.cli import app
+
+    recipe_path = make_recipe(
+        "offline-run",
+        train={"max_steps": 1, "batch_size": 4, "gradient_checkpointing": False, "seed": 0, "save_steps": 10},
+        eval={"max_examples": 2, "samples": 0, "generation": {"max_new_tokens": 4}},
+    )
+    result = CliRunner().invoke(app, ["run", str(recipe_path), "--offline"])
+    assert result.exit_code in (0, 3), result.output  # 3 = a gate said no: the run itself completed
+    assert guard.is_active() and __import__("os").environ["HF_HUB_OFFLINE"] == "1"
+    assert guard.refused_attempts() == []
+    run_dir = recipe_path.parent / "runs" / "offline-run"
+    stages = [stage["stage"] for stage in json.loads((run_dir / "manifest.json").read_text())["stages"]]
+    assert stages == ["train", "eval"]

@@ -5,9 +5,7 @@ Standard library only, so the CLI can install it before torch, transformers or h
 
 from __future__ import annotations
 
-import atexit
 import ipaddress
-import json
 import os
 import socket
 import sys
@@ -19,8 +17,6 @@ from sovtune.errors import SovtuneError
 
 # huggingface_hub, transformers and datasets read these at import time; set them before importing those.
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-# Where a subprocess (e.g. a test) can ask for the list of refused attempts to be written at exit.
-RECORD_ENV = "SOVTUNE_OFFLINE_RECORD"
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
 
@@ -76,8 +72,6 @@ def enable(allowed_endpoints: Iterable[str] = ()) -> None:
     if _guard is None:
         _guard = _Guard()
         _install(_guard)
-        if os.environ.get(RECORD_ENV):
-            atexit.register(_write_record, os.environ[RECORD_ENV])
     with _guard.lock:
         _guard.allowed_hosts |= hosts
         _guard.allowed_addresses |= {host for host in hosts if _is_ip(host)}
@@ -204,9 +198,3 @@ def _install(guard: _Guard) -> None:
     socket.socket.sendto = sendto  # type: ignore[method-assign]
     socket.getaddrinfo = getaddrinfo
     socket.create_connection = create_connection
-
-
-def _write_record(path: str) -> None:
-    attempts = [{"call": a.call, "host": a.host, "port": a.port} for a in refused_attempts()]
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump({"guard_active": is_active(), "refused": attempts}, handle)
