@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sqlite3
 from contextlib import nullcontext
 from pathlib import Path
@@ -231,9 +232,11 @@ def test_eval_cli_passes_and_bad_input_exits_2(make_recipe: Any, tmp_path: Path,
     run_dir = adapter.parent
     bad_gate = CliRunner().invoke(app, ["eval", str(run_dir), "--recipe", str(recipe_path), "--set", "eval.gates={sql_exec: {min_gain: 0}}"])
     assert bad_gate.exit_code == 2 and "did you mean 'sql_execution'?" in bad_gate.output
-    result = CliRunner().invoke(app, ["eval", str(run_dir), "--recipe", str(recipe_path)])
+    copied_base = shutil.copytree(load_recipe(recipe_path).model_location, tmp_path / "base-copy")
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--recipe", str(recipe_path), "--base", str(copied_base)])
     assert result.exit_code == 0, result.output
     assert "sql_execution" in result.output and "gate pass" in result.output
+    assert json.loads((run_dir / "report.json").read_text())["base_model"]["name_or_path"] == str(copied_base)
     missing = CliRunner().invoke(app, ["eval", str(tmp_path / "nothing-here")])
     assert missing.exit_code == 2 and "pass --recipe" in missing.output
 
@@ -254,6 +257,10 @@ def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: An
     assert "gate failed: exact_match (eval/exact_match) min_value 0.99" in " ".join(result.output.split())
     run_dir = load_recipe(recipe_path).run_dir
     assert (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "report.json").is_file()
+    # `sovtune eval RUN_DIR` alone re-evaluates with the recipe the run saved.
+    again = CliRunner().invoke(app, ["eval", str(run_dir), "--set", "eval.gates={}"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((run_dir / "report.json").read_text())["gates"] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
