@@ -64,6 +64,12 @@ def build_tiny_model(path: Path, tokenizer: Any, seed: int = 0, **overrides: Any
     return path
 
 
+@pytest.fixture(autouse=True)
+def _audit_log_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit events written by commands under test go to a temporary log, never to ~/.sovtune."""
+    monkeypatch.setenv("SOVTUNE_AUDIT_LOG", str(tmp_path_factory.getbasetemp() / "audit.jsonl"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 32) with a 400-token BPE and a ChatML template, saved like a hub checkpoint."""

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from sovtune.errors import DataError
 from sovtune.recipe import DataSection, DataSource, Recipe, looks_like_local_path
+from sovtune.scan import ScanReport, scan_rows
 
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -450,10 +451,16 @@ def split_text_example(example: Example, tokenizer: Any, max_length: int) -> lis
 # The whole data stage
 
 
-def load_examples(sources: list[DataSource], recipe: Recipe, tokenizer: Any, stats: SplitStats) -> list[Example]:
+def load_examples(
+    sources: list[DataSource], recipe: Recipe, tokenizer: Any, stats: SplitStats, scanned: ScanReport | None = None
+) -> list[Example]:
     examples, bad = [], []
     for source in sources:
-        for row in read_rows(source, recipe):
+        rows = read_rows(source, recipe)
+        if scanned is not None:
+            # Secrets/PII are counted, and redacted or refused per sovereignty.data_scan, before anything is tokenised.
+            rows, _ = scan_rows(rows, recipe.sovereignty.data_scan, scanned)
+        for row in rows:
             stats.rows += 1
             try:
                 examples.append(to_example(row, recipe.data, tokenizer))
@@ -527,9 +534,10 @@ def split_train_eval(examples: list[Example], recipe: Recipe) -> tuple[list[Exam
 def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
     """Read, render, split, de-duplicate and tokenise the recipe's data; raise on what would ruin a run."""
     train_stats, eval_stats = SplitStats(), SplitStats()
-    train_examples = load_examples(recipe.data.train, recipe, tokenizer, train_stats)
+    scanned = ScanReport(policy=recipe.sovereignty.data_scan)
+    train_examples = load_examples(recipe.data.train, recipe, tokenizer, train_stats, scanned)
     if recipe.data.eval is not None:
-        eval_examples = load_examples([recipe.data.eval], recipe, tokenizer, eval_stats)
+        eval_examples = load_examples([recipe.data.eval], recipe, tokenizer, eval_stats, scanned)
     else:
         train_examples, eval_examples = split_train_eval(train_examples, recipe)
         eval_stats.rows = len(eval_examples)
@@ -543,7 +551,8 @@ def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
     evaluation = tokenize_split(eval_examples, recipe, tokenizer, eval_stats)
     kept_origins = {item.origin.split("@")[0] for item in evaluation}
     eval_examples = [example for example in eval_examples if example.origin in kept_origins]
-    stats = {"train": train_stats.summary(), "eval": eval_stats.summary(), "eval_duplicates_removed": duplicates}
+    stats = {"train": train_stats.summary(), "eval": eval_stats.summary(), "eval_duplicates_removed": duplicates,
+             "data_scan": scanned.summary()}
     _refuse_ruinous(train, train_stats, recipe)
     return PreparedData(train=train, eval=evaluation, eval_examples=eval_examples, stats=stats)
 

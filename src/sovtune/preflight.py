@@ -73,7 +73,25 @@ def check(recipe: Recipe) -> PreflightReport:
         detail = f"adapting {', '.join(arch['targeted_modules'])}"
     add(Finding("target modules", not arch.get("missing_modules"), detail))
     add(Finding("eval split", bool(data.eval), f"{len(data.eval)} held-out examples", fatal=False))
+    add(data_scan_finding(data.stats["data_scan"]))
+    add(licence_finding(recipe))
     return report
+
+
+def data_scan_finding(summary: dict[str, Any]) -> Finding:
+    """Counts only, never the values; policy block has already stopped in prepare_data."""
+    from sovtune.scan import describe
+
+    return Finding("data scan", not summary["findings"] or summary["redacted"], describe(summary), fatal=False)
+
+
+def licence_finding(recipe: Recipe) -> Finding:
+    from sovtune.licence import LicenceRefused, check_licence
+
+    try:
+        return Finding("licence", True, check_licence(recipe).describe())
+    except LicenceRefused as exc:
+        return Finding("licence", False, str(exc))
 
 
 def template_round_trip(items: list[Any], tokenizer: Any) -> Finding:
