@@ -19,7 +19,7 @@ from sovtune import evaluate as ev
 from sovtune import model as models
 from sovtune.cli import app
 from sovtune.data import IGNORE_INDEX
-from sovtune.errors import GateFailed, RecipeError
+from sovtune.errors import DataError, GateFailed, RecipeError
 from sovtune.recipe import load_recipe
 
 torch.set_num_threads(1)
@@ -261,6 +261,28 @@ def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: An
     again = CliRunner().invoke(app, ["eval", str(run_dir), "--set", "eval.gates={}"])
     assert again.exit_code == 0, again.output
     assert json.loads((run_dir / "report.json").read_text())["gates"] == []
+
+
+def test_check_eval_finds_bad_eval_data_before_any_model_loads(make_recipe: Any, tmp_path: Path, company_db: Path) -> None:
+    good = sql_recipe(make_recipe, tmp_path, company_db)
+    assert ev.check_eval(load_recipe(good)) == {"sql": 6, "general": 8}
+    broken = write_jsonl(tmp_path / "broken.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "SELECT nope FROM employees"}]}
+    ])  # fmt: skip
+    recipe = make_recipe(
+        name="broken",
+        eval={"datasets": [{"source": str(broken), "metrics": ["sql_execution"], "database": str(company_db)}]},
+    )
+    with pytest.raises(DataError, match=r"broken.jsonl:1: reference SQL fails on company.db \(no such column: nope\)"):
+        ev.check_eval(load_recipe(recipe))
+
+
+def test_text_recipes_default_to_loss_metrics_and_gates_follow(make_recipe: Any, tmp_path: Path) -> None:
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."}] * 8)
+    recipe = load_recipe(make_recipe(rows=None, data={"train": str(text), "format": "text"}))
+    assert recipe.eval.datasets[0].metrics == ["loss", "perplexity", "token_accuracy"]
+    with pytest.raises(RecipeError, match="gate 'exact_match' names a metric no eval dataset computes"):
+        load_recipe(make_recipe(data={"train": str(text), "format": "text"}, eval={"gates": {"exact_match": {"min_gain": 0}}}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -123,6 +123,21 @@ def evaluate(
     return report
 
 
+def check_eval(recipe: Recipe, tokenizer: Any = None) -> dict[str, int]:
+    """Everything evaluation needs except the model: data read, references executed, user metrics imported.
+
+    Run before training so a broken eval setting fails in seconds, not after hours. Returns examples per dataset.
+    """
+    from sovtune import model as models
+
+    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(recipe)
+    suites = prepare_suites(recipe, tokenizer)
+    for suite in suites:
+        for close in suite.closers:
+            close()
+    return {suite.name: len(suite.items) for suite in suites}
+
+
 def recipe_for_run(
     run_dir: Path, recipe_path: Path | None = None, base: str | None = None, overrides: Sequence[str] = ()
 ) -> Recipe:

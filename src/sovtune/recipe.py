@@ -517,6 +517,8 @@ class EvalSection(Section):
             unknown = sorted(set(self.general.columns) - set(FORMAT_COLUMNS[self.general.format]))
             if unknown:
                 raise ValueError(f"eval.general: columns {unknown} do not apply to format {self.general.format!r}")
+        for key, gate in self.gates.items():  # again: text datasets may have lost their generation metrics above
+            self._check_gate(key, gate)
 
 
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
