@@ -79,3 +79,12 @@ def test_check_fails_and_train_stops_before_loading_weights(make_recipe, tiny_mo
     train = CliRunner().invoke(app, ["train", str(recipe_path)])
     assert train.exit_code == 2 and "not in sovereignty.allowed_licenses" in train.output
     assert not load_recipe(recipe_path).run_dir.exists()
+
+
+def test_allowed_licences_are_validated_and_normalised(make_recipe) -> None:
+    from sovtune.errors import RecipeError
+
+    recipe = load_recipe(make_recipe("norm", sovereignty={"allowed_licenses": ["Apache-2.0", "MIT"]}))
+    assert recipe.sovereignty.allowed_licenses == ["apache-2.0", "mit"]
+    with pytest.raises(RecipeError, match="not licence ids"):
+        load_recipe(make_recipe("badlic", sovereignty={"allowed_licenses": ["Apache 2.0"]}))

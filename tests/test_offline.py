@@ -180,3 +180,36 @@ def test_full_run_in_offline_mode_attempts_no_connection(guard: Any, make_recipe
     run_dir = recipe_path.parent / "runs" / "offline-run"
     stages = [stage["stage"] for stage in json.loads((run_dir / "manifest.json").read_text())["stages"]]
     assert stages == ["train", "eval"]
+
+
+def test_recipe_switches_offline_and_allows_its_hub(guard: Any, make_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sovereignty.offline: true` needs no flag; the recipe's hub endpoint is the configured private endpoint."""
+    from sovtune import cli
+
+    path = make_recipe(
+        "offline-recipe",
+        sovereignty={"offline": True, "allowed_endpoints": ["https://mirror.internal.example"]},
+        hub={"endpoint": "https://hub.internal.example:8443"},
+    )
+    cli._load(path, None)
+    assert guard.is_active()
+    assert offline._guard.allowed_hosts == {"mirror.internal.example", "hub.internal.example"}
+    with pytest.raises(offline.NetworkBlocked, match="huggingface.co"):
+        socket.getaddrinfo("huggingface.co", 443)
+
+
+def test_online_recipe_installs_nothing(guard: Any, make_recipe) -> None:
+    from sovtune import cli
+
+    cli._load(make_recipe("online"), None)
+    assert not guard.is_active()
+    cli._load(make_recipe("online-flag"), None, offline=True)
+    assert guard.is_active()
+
+
+def test_endpoints_are_validated_at_load(make_recipe) -> None:
+    from sovtune.errors import RecipeError
+    from sovtune.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=r"sovereignty.allowed_endpoints: \['ftp://files', 'bad host'\] are not http\(s\)"):
+        load_recipe(make_recipe("badend", sovereignty={"allowed_endpoints": ["ftp://files", "bad host", "https://ok.example"]}))

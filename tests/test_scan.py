@@ -104,3 +104,59 @@ def test_block_passes_clean_data() -> None:
     rows = [Row(values={"text": "nothing to see"}, origin="a:1")]
     out, report = scan.scan_rows(rows, policy="block")
     assert out == rows and report.total == 0
+
+
+def planted_rows() -> list[dict]:
+    from conftest import qa_rows
+
+    rows = qa_rows()
+    rows[0]["messages"][1]["content"] = f"Write to {EMAIL} using {HF} now."
+    rows[1]["messages"][0]["content"] = f"My card is {CARD}"
+    return rows
+
+
+def test_check_reports_counts_never_values(make_recipe) -> None:
+    from typer.testing import CliRunner
+
+    from sovtune.cli import app
+
+    result = CliRunner().invoke(app, ["check", str(make_recipe("scanwarn", rows=planted_rows())), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["data"]["data_scan"]["findings"] == {"email": 1, "huggingface_token": 1, "card_number": 1}
+    [finding] = [check for check in report["checks"] if check["check"] == "data scan"]
+    assert not finding["ok"] and "left in (policy warn)" in finding["detail"]
+    assert EMAIL not in result.output and HF not in result.output and CARD not in result.output
+
+
+def test_redact_happens_before_tokenising(make_recipe) -> None:
+    from sovtune import model as models
+    from sovtune.data import prepare_data
+    from sovtune.recipe import load_recipe
+
+    recipe = load_recipe(make_recipe("scanredact", rows=planted_rows(), sovereignty={"data_scan": "redact"}))
+    tokenizer = models.load_tokenizer(recipe)
+    data = prepare_data(recipe, tokenizer)
+    text = "".join(tokenizer.decode(item.input_ids) for item in [*data.train, *data.eval])
+    assert "jane.doe" not in text and "Qw9Er8" not in text and "4111" not in text
+    assert "[REDACTED_EMAIL]" in text and "[REDACTED_CARD_NUMBER]" in text
+    assert data.stats["data_scan"]["redacted"] is True
+
+
+def test_block_stops_check_with_exit_2(make_recipe) -> None:
+    from typer.testing import CliRunner
+
+    from sovtune.cli import app
+
+    result = CliRunner().invoke(app, ["check", str(make_recipe("scanblock", rows=planted_rows(), sovereignty={"data_scan": "block"}))])
+    assert result.exit_code == 2
+    assert "2 of 24 rows flagged" in result.output and "scanblock-train.jsonl:1" in result.output.replace("\n", "")
+    assert EMAIL not in result.output and HF not in result.output
+
+
+def test_policy_is_validated(make_recipe) -> None:
+    from sovtune.errors import RecipeError
+    from sovtune.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="sovereignty.data_scan: found 'redcat'.*did you mean 'redact'"):
+        load_recipe(make_recipe("badpolicy", sovereignty={"data_scan": "redcat"}))
