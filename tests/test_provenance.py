@@ -154,3 +154,29 @@ def test_verify_rejects_what_is_not_a_run(tmp_path: Path) -> None:
         provenance.verify(tmp_path)
     with pytest.raises(provenance.VerifyFailed, match="neither a run directory nor a bundle"):
         provenance.verify(tmp_path / "nope.tar")
+
+
+def test_hub_model_and_dataset_record_revision_and_resolved_commit(make_recipe, tmp_path: Path, monkeypatch) -> None:
+    """Hub ids: the pinned revision plus the commit it resolved to, read from the local cache (no network)."""
+    import huggingface_hub.constants as hub_constants
+
+    cache, commit = tmp_path / "hub-cache", "0123456789abcdef0123456789abcdef01234567"
+    for folder, filename in (("models--org--tiny", "config.json"), ("datasets--org--sql", "train.jsonl")):
+        snapshot = cache / folder / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / filename).write_text("{}\n")
+        (cache / folder / "refs").mkdir()
+        (cache / folder / "refs" / "v1").write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    from sovtune.recipe import load_recipe
+
+    recipe = load_recipe(
+        make_recipe("hubids", model={"name_or_path": "org/tiny", "revision": "v1"}, data={"train": {"path": "org/sql", "revision": "v1"}})
+    )
+    base = provenance.base_model_record(recipe)
+    assert (base["revision"], base["commit"], base["local"]) == ("v1", commit, False)
+    assert [Path(entry["path"]).name for entry in base["files"]] == ["config.json"]
+    [data] = provenance.data_records(recipe)
+    assert data["hub"] == {"id": "org/sql", "revision": "v1", "commit": commit, "subset": None, "split": "train"}
+    uncached = load_recipe(make_recipe("uncached", model={"name_or_path": "org/other", "revision": "v1"}))
+    assert provenance.base_model_record(uncached)["commit"] is None  # recorded later by the train stage
