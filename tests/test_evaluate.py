@@ -129,6 +129,22 @@ def test_batched_generation_equals_one_by_one_under_greedy(make_recipe: Any) -> 
         assert any(len(ids) > 0 for ids in together)
 
 
+def test_stop_strings_cut_answers_and_sampling_is_seeded(make_recipe: Any) -> None:
+    recipe, tokenizer, base = loaded(make_recipe(eval={"generation": {"max_new_tokens": 16, "stop": ["e"]}}))
+    prompts = [item.prompt_ids for item in ev.prepare_dataset(recipe, tokenizer, recipe.eval.datasets[0]).items]
+    model = lora_on(base).eval()
+    free = ev.generate_both(model, tokenizer, prompts, recipe.model_copy(update={"eval": recipe.eval.model_copy(
+        update={"generation": recipe.eval.generation.model_copy(update={"stop": []})})}))  # fmt: skip
+    stopped = ev.generate_both(model, tokenizer, prompts, recipe)
+    for name in ("base", "tuned"):
+        for full, cut in zip(free[name], stopped[name]):
+            assert "e" not in cut and full.startswith(cut)
+    assert ev.decode(tokenizer, tokenizer("SELECT name;\n\nmore", add_special_tokens=False)["input_ids"], ["\n\n"]) == "SELECT name;"
+    sampling = load_recipe(make_recipe(name="s", eval={"generation": {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5}}))
+    first = ev.generate_both(model, tokenizer, prompts, sampling)
+    assert first == ev.generate_both(model, tokenizer, prompts, sampling)
+
+
 def test_multiple_choice_picks_the_option_with_the_highest_likelihood(make_recipe: Any, tmp_path: Path) -> None:
     rows = [
         {"prompt": "Capital of France?", "completion": " Paris", "choices": [" Paris", " Lyon", " Nice"], "answer": 0},

@@ -40,6 +40,7 @@ class EvalItem:
     choices: list[list[int]] = field(default_factory=list)  # multiple_choice: token ids of each option
     answer: int = -1  # multiple_choice: index of the correct option
     sql_rows: list[tuple[Any, ...]] | None = None  # sql_execution: the reference's result
+    prompt_truncated: bool = False
 
 
 @dataclass
@@ -249,6 +250,9 @@ def prepare_dataset(recipe: Recipe, tokenizer: Any, dataset: EvalDataset) -> Sui
         for token_row in tokenized
     ]
     items = _sample(items, dataset.max_examples or recipe.eval.max_examples, recipe.eval.bootstrap.seed, notes)
+    truncated = sum(item.prompt_truncated for item in items)
+    if truncated:
+        notes.append(f"{truncated} prompts longer than data.max_length={recipe.data.max_length} lost their beginning")
     suite = Suite(
         name=dataset.name,
         items=items,
@@ -295,12 +299,12 @@ def _item(tokens: Tokenized, example: Example | None, tokenizer: Any, max_length
     if example is None:  # text windows: loss metrics only
         return EvalItem(origin=tokens.origin, tokens=tokens)
     prompt = prompt_token_ids(example, tokenizer)
-    # Generation continues from the end of the prompt, so long prompts lose their beginning, never their end.
-    prompt = prompt[-max_length:]
     return EvalItem(
         origin=example.origin,
         tokens=tokens,
-        prompt_ids=prompt,
+        # Generation continues from the end of the prompt, so long prompts lose their beginning, never their end.
+        prompt_ids=prompt[-max_length:],
+        prompt_truncated=len(prompt) > max_length,
         reference=example.reference,
         row=example.row,
         shown_prompt=_shown_prompt(example),
