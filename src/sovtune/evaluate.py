@@ -24,7 +24,7 @@ from sovtune import metrics as scoring
 from sovtune import provenance
 from sovtune.data import IGNORE_INDEX, Example, SplitStats, Tokenized, load_examples, prepare_data, stop_token_ids, tokenize_split
 from sovtune.errors import DataError, GateFailed, SovtuneError
-from sovtune.recipe import GENERAL_DATASET, GENERATION_METRICS, LOSS_METRICS, EvalDataset, Recipe, load_recipe
+from sovtune.recipe import GENERAL_DATASET, LOSS_METRICS, EvalDataset, Recipe, load_recipe
 
 
 @dataclass
