@@ -160,3 +160,12 @@ def test_policy_is_validated(make_recipe) -> None:
 
     with pytest.raises(RecipeError, match="sovereignty.data_scan: found 'redcat'.*did you mean 'redact'"):
         load_recipe(make_recipe("badpolicy", sovereignty={"data_scan": "redcat"}))
+
+
+@pytest.mark.parametrize("text", ["a." * 10000, "1-" * 10000, "+1 " * 7000, "a@" * 10000, "eyJ" * 7000, "QUJD" * 5000])
+def test_scan_stays_linear_on_pathological_rows(text: str) -> None:
+    import time
+
+    started = time.perf_counter()
+    scan.find(text)
+    assert time.perf_counter() - started < 1.0  # quadratic patterns took seconds on these 20 kB rows

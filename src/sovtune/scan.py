@@ -95,7 +95,15 @@ DETECTORS: tuple[Detector, ...] = (
     ),
     Detector("google_api_key", SECRET, re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b")),
     Detector("stripe_key", SECRET, re.compile(r"\b[rs]k_live_[0-9A-Za-z]{24,}\b")),
-    Detector("email", PII, re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")),
+    # Bounded parts (RFC 5321 limits) keep the scan linear on long runs like "a.a.a.a..." that never reach an "@".
+    Detector(
+        "email",
+        PII,
+        re.compile(
+            r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+            r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?){0,8}\.[A-Za-z]{2,24}\b"
+        ),
+    ),
     Detector("iban", PII, re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"), iban_valid),
     Detector("card_number", PII, re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card_valid),
     Detector(
