@@ -123,3 +123,37 @@ def test_cli_commands_write_events(make_recipe, tmp_path: Path, monkeypatch: pyt
     export_entry = lines(log)[1]
     assert export_entry["recipe_sha256"] and len(export_entry["details"]["bundle_sha256"]) == 64
     assert os.path.getsize(log) > 0
+
+
+def test_push_and_pull_are_audited_without_the_token(make_recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real huggingface_hub client against the hub double on 127.0.0.1 (tests/hub_server.py)."""
+    from huggingface_hub import constants
+    from hub_server import HubDouble
+    from run_factory import make_run
+
+    from sovtune import hub as hub_module
+    from sovtune.cli import app
+
+    recipe = make_run(make_recipe("pushaudit"))
+    double = HubDouble().start()
+    try:
+        token = double.add_token("alice", "write")
+        monkeypatch.setenv("HF_TOKEN", token)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login"))
+        monkeypatch.setattr(hub_module, "RETRY_WAIT_S", 0.0)
+        log = tmp_path / "hub.jsonl"
+        monkeypatch.setenv(audit.ENV_PATH, str(log))
+        runner = CliRunner()
+        pushed = runner.invoke(app, ["push", str(recipe.run_dir), "--repo", "acme/audited", "--endpoint", double.url])
+        assert pushed.exit_code == 0, pushed.output
+        pulled = runner.invoke(app, ["pull", "acme/audited", "--endpoint", double.url, "--out", str(tmp_path / "pulled")])
+        assert pulled.exit_code == 0, pulled.output
+        refused = runner.invoke(app, ["push", str(recipe.run_dir), "--repo", "acme/other", "--endpoint", double.url + "/nope"])
+        assert refused.exit_code == 2
+    finally:
+        double.stop()
+    entries = lines(log)
+    assert [(e["event"], e["outcome"]) for e in entries] == [("push", "ok"), ("pull", "ok"), ("push", "failed")]
+    assert entries[0]["destination"].startswith(f"{double.url}/acme/audited@") and entries[0]["details"]["private"] is True
+    assert entries[0]["recipe_sha256"] and entries[1]["destination"] == str(tmp_path / "pulled")
+    assert token not in log.read_text()
