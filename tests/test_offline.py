@@ -213,3 +213,15 @@ def test_endpoints_are_validated_at_load(make_recipe) -> None:
 
     with pytest.raises(RecipeError, match=r"sovereignty.allowed_endpoints: \['ftp://files', 'bad host'\] are not http\(s\)"):
         load_recipe(make_recipe("badend", sovereignty={"allowed_endpoints": ["ftp://files", "bad host", "https://ok.example"]}))
+
+
+def test_offline_push_needs_a_private_endpoint(make_recipe) -> None:
+    from sovtune.errors import RecipeError
+    from sovtune.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="sovereignty.offline with hub.push needs hub.endpoint"):
+        load_recipe(make_recipe("offpush", sovereignty={"offline": True}, hub={"repo": "acme/x", "push": True}))
+    ok = load_recipe(
+        make_recipe("offpush2", sovereignty={"offline": True}, hub={"repo": "acme/x", "push": True, "endpoint": "https://hub.internal.example"})
+    )
+    assert ok.hub.endpoint == "https://hub.internal.example"
