@@ -12,6 +12,9 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread: tiny models gain nothing from more, and on a shared, loaded CPU the spinning OpenMP
+# workers made each training step ~20x slower. Set before anything imports torch (child processes inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHATML = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
