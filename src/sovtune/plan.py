@@ -515,8 +515,8 @@ def activation_bytes(arch: Architecture, settings: Settings) -> int:
     tokens = settings.batch_size * settings.seq_len
     e, h = settings.dtype_bytes, arch.hidden_size
     per_layer = layer_activation_bytes(arch, settings)
-    # Outside the layers: the final norm's fp32 input and output, the copy the fused head keeps, its per-token stats.
-    outside = 4 * tokens * h + 2 * e * tokens * h + 3 * 4 * tokens
+    # Outside the layers: the final norm's fp32 input, the copy of its output the fused head keeps, per-token stats.
+    outside = 4 * tokens * h + e * tokens * h + 3 * 4 * tokens
     if settings.gradient_checkpointing:
         return arch.num_layers * e * tokens * h + per_layer + outside
     return arch.num_layers * per_layer + outside
