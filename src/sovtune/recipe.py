@@ -157,9 +157,11 @@ class DataSection(Section):
     train_on_inputs: bool = Field(
         default=False, description="Also compute the loss on prompt/user tokens (default: completion/assistant only)."
     )
-    packing: bool = Field(
-        default=False,
-        description="Padding-free packing: examples share a row with position ids restarting per example (no cross-attention).",
+    packing: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Padding-free batches: a batch's examples share one row, position ids restarting per example, so no "
+        "padding is computed and no example attends to another. auto = on where the model's attention keeps examples "
+        "apart, else padded batches grouped by length; true = on or stop; false = padded batches grouped by length.",
     )
     on_bad_rows: Literal["error", "skip"] = Field(
         default="error", description="Malformed rows stop the run (error) or are skipped and reported (skip)."
@@ -212,6 +214,14 @@ class TrainSection(Section):
     save_steps: int = Field(default=200, gt=0, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
     eval_steps: int | None = Field(default=None, gt=0, description="Held-out loss every N steps during training.")
+    liger_kernel: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) on CUDA: auto = on when liger-kernel is "
+        "installed and supports the architecture; true = on or stop; false = off. Always off on the CPU.",
+    )
+    torch_compile: bool = Field(
+        default=False, description="Compile the model with torch.compile on CUDA (slow first steps); off on the CPU."
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainSection:

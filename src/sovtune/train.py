@@ -17,6 +17,7 @@ from sovtune import model as models
 from sovtune.data import PreparedData, prepare_data
 from sovtune.errors import SovtuneError
 from sovtune.recipe import Recipe
+from sovtune.speed import SpeedPlan, announce_plan, plan_speed
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     return None
 
 
-def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
+def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, plan: SpeedPlan | None = None) -> Any:
     from trl import SFTConfig
 
+    plan = plan or plan_speed(recipe)
     cfg = recipe.train
     dtype = models.resolve_dtype(recipe.model.dtype)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio
@@ -102,9 +104,7 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
         fp16=on_cuda and dtype == torch.float16,
         use_cpu=not on_cuda,
         report_to="none",
-        max_length=recipe.data.max_length,
-        packing=recipe.data.packing,
-        packing_strategy="bfd",
+        **plan.sft_kwargs(recipe.data.max_length),  # padding-free or length-grouped batches, kernels, compile
         shuffle_dataset=False,  # the trainer's seeded sampler shuffles; shuffling twice would break resume order
         dataset_num_proc=None,
         remove_unused_columns=True,
@@ -156,7 +156,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     data = prepare_data(recipe, tokenizer)
     base = models.load_base_model(recipe, tokenizer)
     peft_model = models.attach_adapter(base, recipe)
+    throughput = plan_speed(recipe, peft_model)  # refuses an impossible setting before anything is written
     _announce(recipe, data, peft_model, checkpoint, console)
+    if is_main_process():
+        announce_plan(throughput, console)
 
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +168,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     started = time.time()
     trainer = SFTTrainer(
         model=peft_model,
-        args=sft_config(recipe, run_dir, has_eval=bool(data.eval)),
+        args=sft_config(recipe, run_dir, has_eval=bool(data.eval), plan=throughput),
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.eval) if data.eval and recipe.train.eval_steps else None,
         processing_class=tokenizer,

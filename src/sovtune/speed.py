@@ -1,0 +1,220 @@
+"""Throughput settings of a training run: padding-free or length-grouped batches, Liger kernels, torch.compile,
+mixed precision and the attention kernel, each decided from the recipe, the model and the machine, with its reason.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sovtune import model as models
+from sovtune.errors import SovtuneError
+from sovtune.recipe import Recipe
+
+# Varlen kernels read the per-example boundaries (cu_seq_lens) that TRL's padding-free collator passes.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# These get the block-diagonal causal mask that transformers' masking utilities build from position ids
+# restarting at 0 (masking_utils.find_packed_sequence_indices), provided the modeling code uses those utilities.
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask")
+LIGER_MIN_VERSION = (0, 3, 0)  # what transformers' `apply_liger_kernel` accepts
+
+
+class SpeedError(SovtuneError):
+    """A throughput setting the recipe asks for cannot be honoured on this model or machine."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    setting: str  # batching | attention | precision | liger kernels | torch.compile
+    choice: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.setting}: {self.choice} ({self.reason})"
+
+
+@dataclass
+class SpeedPlan:
+    padding_free: bool
+    group_by_length: bool
+    liger_kernel: bool
+    torch_compile: bool
+    decisions: list[Decision] = field(default_factory=list)
+
+    def sft_kwargs(self, max_length: int) -> dict[str, Any]:
+        """The `SFTConfig` arguments this plan sets."""
+        return {
+            # Batches keep `train.batch_size` examples; padding-free flattens them into one row instead of padding.
+            "packing": False,
+            "padding_free": self.padding_free,
+            # data.py has already cut every example to data.max_length. TRL refuses a max_length it cannot enforce on
+            # padding-free batches without packing, so it gets None there; elsewhere its truncation is a no-op.
+            "max_length": None if self.padding_free else max_length,
+            "train_sampling_strategy": "group_by_length" if self.group_by_length else "random",
+            "use_liger_kernel": self.liger_kernel,
+            "torch_compile": self.torch_compile,
+        }
+
+    def lines(self) -> list[str]:
+        return [decision.line() for decision in self.decisions]
+
+
+def plan_speed(recipe: Recipe, model: Any | None = None, cuda: bool | None = None) -> SpeedPlan:
+    """Decide every throughput setting; `model` (the loaded base or peft model) refines the batching decision."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    attention = attention_implementation(recipe, model)
+    decisions = [_attention_decision(attention, cuda), _precision_decision(recipe, cuda)]
+    padding_free, group_by_length, batching = _batching(recipe, model, attention)
+    liger, liger_decision = _liger(recipe, model, cuda)
+    compile_model, compile_decision = _compile(recipe, cuda)
+    decisions = [batching, *decisions, liger_decision, compile_decision]
+    return SpeedPlan(padding_free, group_by_length, liger, compile_model, decisions)
+
+
+def announce_plan(speed_plan: SpeedPlan, console: Any = None) -> None:
+    """Print each decision with its reason (to the console when given, else to the log)."""
+    for line in speed_plan.lines():
+        if console is not None:
+            console.print(f"speed: {line}", highlight=False, soft_wrap=True)
+        else:
+            import logging
+
+            logging.getLogger(__name__).info("speed: %s", line)
+
+
+def attention_implementation(recipe: Recipe, model: Any | None = None) -> str:
+    """What the model runs (transformers records it in the config), else what model.py will ask for."""
+    config = getattr(model, "config", None)
+    loaded = getattr(config, "_attn_implementation", None) if config is not None else None
+    return loaded or models.attn_implementation(recipe)
+
+
+def padding_free_blocker(model: Any | None, attention: str) -> str | None:
+    """Why examples sharing a row could attend to each other under this model and kernel; None when they cannot."""
+    if attention in VARLEN_ATTENTION:
+        return None
+    if attention not in MASKED_ATTENTION:
+        return f"attention implementation {attention!r} is not known to keep examples in one row apart"
+    if model is None:
+        return None  # decided again once the model is loaded
+    base = _base_model(model)
+    module = sys.modules.get(type(base).__module__)
+    if module is None or not any(hasattr(module, name) for name in MASK_BUILDERS):
+        return (
+            f"{type(base).__name__} does not build its attention mask with transformers' masking utilities, "
+            "so examples sharing a row would attend to each other"
+        )
+    return None
+
+
+def _base_model(model: Any) -> Any:
+    get_base = getattr(model, "get_base_model", None)  # peft wrappers
+    return get_base() if callable(get_base) else model
+
+
+def _batching(recipe: Recipe, model: Any | None, attention: str) -> tuple[bool, bool, Decision]:
+    choice = recipe.data.packing
+    if choice is False:
+        return False, True, Decision("batching", "padded, grouped by length", "data.packing: false")
+    if recipe.train.batch_size == 1:
+        return False, False, Decision("batching", "one example per micro-batch", "train.batch_size is 1: nothing to pad")
+    blocker = padding_free_blocker(model, attention)
+    if blocker is None:
+        how = (
+            f"{attention} reads each example's boundaries"
+            if attention in VARLEN_ATTENTION
+            else f"{attention} gets a block-diagonal causal mask"
+        )
+        return True, False, Decision(
+            "batching",
+            "padding-free",
+            f"each batch is one row with position ids restarting per example; {how}, so no example sees another",
+        )
+    if choice is True:
+        raise SpeedError(
+            f"data.packing: true, but {blocker}; set data.packing: auto (length-grouped padded batches) or false"
+        )
+    return False, True, Decision("batching", "padded, grouped by length", f"padding-free is off: {blocker}")
+
+
+def _attention_decision(attention: str, cuda: bool) -> Decision:
+    if not cuda:
+        return Decision("attention", attention, "flash-attention needs CUDA")
+    if attention in VARLEN_ATTENTION:
+        return Decision("attention", attention, "varlen kernels: padding-free rows cost no attention across examples")
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        return Decision("attention", attention, "set by model.attn_implementation")
+    return Decision("attention", attention, "flash-attn is not installed: pip install 'sovtune[flash-attn]' for varlen kernels")
+
+
+def _precision_decision(recipe: Recipe, cuda: bool) -> Decision:
+    dtype = models.resolve_dtype(recipe.model.dtype)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    if not cuda:
+        return Decision("precision", name, "no CUDA device: 16-bit mixed precision is a GPU setting here")
+    if dtype == torch.float32:
+        return Decision("precision", name, "model.dtype: float32")
+    why = "model.dtype: auto picks bf16 where the GPU supports it" if recipe.model.dtype == "auto" else "model.dtype"
+    return Decision("precision", f"{name} mixed precision", why)
+
+
+def liger_model_types() -> set[str] | None:
+    """Model types Liger can patch, or None when a usable liger-kernel is not installed."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    try:
+        version = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if _version_tuple(version) < LIGER_MIN_VERSION:
+        return None
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _liger(recipe: Recipe, model: Any | None, cuda: bool) -> tuple[bool, Decision]:
+    choice = recipe.train.liger_kernel
+    if choice is False:
+        return False, Decision("liger kernels", "off", "train.liger_kernel: false")
+    if not cuda:
+        return False, Decision("liger kernels", "off", "Liger's kernels are Triton GPU kernels and there is no CUDA device")
+    supported = liger_model_types()
+    if supported is None:
+        if choice is True:
+            raise SpeedError("train.liger_kernel: true, but liger-kernel is not installed; pip install 'sovtune[liger]' or set auto")
+        return False, Decision("liger kernels", "off", "liger-kernel is not installed: pip install 'sovtune[liger]'")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is not None and model_type not in supported:
+        if choice is True:
+            raise SpeedError(f"train.liger_kernel: true, but Liger has no kernels for model type {model_type!r}; set auto")
+        return False, Decision("liger kernels", "off", f"Liger has no kernels for model type {model_type!r}")
+    # TRL's fused, chunked LM head already computes the loss without the full logits, so Liger's fused linear
+    # cross-entropy stays off (TRL refuses it) and Liger contributes RMSNorm, RoPE and SwiGLU.
+    return True, Decision("liger kernels", "on", "RMSNorm, RoPE and SwiGLU; TRL's fused LM head computes the loss")
+
+
+def _compile(recipe: Recipe, cuda: bool) -> tuple[bool, Decision]:
+    if not recipe.train.torch_compile:
+        return False, Decision("torch.compile", "off", "train.torch_compile: false")
+    if not cuda:
+        return False, Decision(
+            "torch.compile", "off", "no CUDA device: compiling on the CPU takes minutes and is set aside here"
+        )
+    return True, Decision("torch.compile", "on", "train.torch_compile: true (the first steps are slow while it compiles)")
