@@ -138,6 +138,7 @@ def test_disable_restores_socket(guard: Any) -> None:
     original = socket.socket.connect
     guard.enable()
     assert socket.socket.connect is not original
+    offline._guard.originals["connect"] = lambda sock, address: None  # a stand-in must not outlive the guard
     guard.disable()
     assert socket.socket.connect is original and not guard.is_active()
 

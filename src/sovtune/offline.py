@@ -36,7 +36,8 @@ class _Guard:
     allowed_hosts: set[str] = field(default_factory=set)
     allowed_addresses: set[str] = field(default_factory=set)
     refused: list[Attempt] = field(default_factory=list)
-    originals: dict[str, Any] = field(default_factory=dict)
+    originals: dict[str, Any] = field(default_factory=dict)  # what the wrappers call (tests may stand in for the network)
+    restore: dict[str, Any] = field(default_factory=dict)  # what `disable` puts back, whatever `originals` became
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -91,11 +92,11 @@ def disable() -> None:
     global _guard
     if _guard is None:
         return
-    socket.socket.connect = _guard.originals["connect"]
-    socket.socket.connect_ex = _guard.originals["connect_ex"]
-    socket.socket.sendto = _guard.originals["sendto"]
-    socket.getaddrinfo = _guard.originals["getaddrinfo"]
-    socket.create_connection = _guard.originals["create_connection"]
+    socket.socket.connect = _guard.restore["connect"]
+    socket.socket.connect_ex = _guard.restore["connect_ex"]
+    socket.socket.sendto = _guard.restore["sendto"]
+    socket.getaddrinfo = _guard.restore["getaddrinfo"]
+    socket.create_connection = _guard.restore["create_connection"]
     _guard = None
 
 
@@ -161,6 +162,7 @@ def _install(guard: _Guard) -> None:
         getaddrinfo=socket.getaddrinfo,
         create_connection=socket.create_connection,
     )
+    guard.restore.update(originals)
 
     def connect(self: socket.socket, address: Any) -> None:
         _check_address(guard, "connect", self.family, address)
