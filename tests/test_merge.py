@@ -101,3 +101,8 @@ def test_merge_cli(make_recipe, tmp_path: Path) -> None:
     assert "top-1 agreement" in result.output and (out / "model.safetensors").is_file()
     again = CliRunner().invoke(app, ["merge", str(recipe.run_dir), str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output
+    from sovtune.audit import log_path
+
+    events = [json.loads(line) for line in log_path().read_text().splitlines() if f'"{out}"' in line]
+    assert [(e["event"], e["outcome"]) for e in events][-2:] == [("merge", "ok"), ("merge", "failed")]
+    assert events[-2]["details"]["check"]["passed"] is True

@@ -181,6 +181,10 @@ def test_full_run_in_offline_mode_attempts_no_connection(guard: Any, make_recipe
     run_dir = recipe_path.parent / "runs" / "offline-run"
     stages = [stage["stage"] for stage in json.loads((run_dir / "manifest.json").read_text())["stages"]]
     assert stages == ["train", "eval"]
+    from sovtune.audit import log_path
+
+    events = [json.loads(line) for line in log_path().read_text().splitlines()]
+    assert [e["event"] for e in events if e["destination"] == str(run_dir)][-2:] == ["train", "eval"]
 
 
 def test_recipe_switches_offline_and_allows_its_hub(guard: Any, make_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
