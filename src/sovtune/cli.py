@@ -50,11 +50,32 @@ def _root(
 
 def guarded(func: Callable[..., Any]) -> Any:
     """Run a command body; a SovtuneError becomes one red line and its exit code, never a traceback."""
+    from sovtune.safety import redact_secrets
+
     try:
         return func()
     except SovtuneError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _close_progress_bars()
+        # markup=False: a message may quote user text with [brackets]; secrets never reach the terminal.
+        err_console.print("[bold red]error:[/] ", end="", highlight=False)
+        err_console.print(redact_secrets(str(exc)), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/] without saving; if the run had saved a checkpoint, continue it with --resume")
+        raise typer.Exit(130) from None
+
+
+def _close_progress_bars() -> None:
+    """A failure during training leaves the trainer's tqdm bar open: end it so the error starts on its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="With --resume: continue although the recipe or the data changed since the run started.")
+]
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Any:
@@ -88,15 +109,21 @@ def check(
 def train(
     recipe: RecipeArg,
     overrides: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+    resume: ResumeOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Train the adapter into the run directory."""
 
     def body() -> None:
+        from sovtune.safety import resume_command
         from sovtune.train import train as run_training
 
-        result = run_training(_load(recipe, overrides), resume=resume, overwrite=overwrite, console=console)
+        loaded = _load(recipe, overrides)
+        result = run_training(
+            loaded, resume=resume, overwrite=overwrite, console=console, force=force,
+            resume_command=resume_command(loaded, "train", overrides or []),
+        )
         console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
 
     guarded(body)
@@ -106,15 +133,21 @@ def train(
 def run(
     recipe: RecipeArg,
     overrides: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+    resume: ResumeOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Train, evaluate against the base model and (if the recipe says so) publish."""
 
     def body() -> None:
         from sovtune.pipeline import run as run_pipeline
+        from sovtune.safety import resume_command
 
-        result = run_pipeline(_load(recipe, overrides), resume=resume, overwrite=overwrite, console=console)
+        loaded = _load(recipe, overrides)
+        result = run_pipeline(
+            loaded, resume=resume, overwrite=overwrite, console=console, force=force,
+            resume_command=resume_command(loaded, "run", overrides or []),
+        )
         console.print(f"run finished: [bold]{result.run_dir}[/]")
 
     guarded(body)

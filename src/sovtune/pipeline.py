@@ -15,12 +15,30 @@ class RunResult:
     stages: dict[str, Any] = field(default_factory=dict)
 
 
-def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Any = None) -> RunResult:
+def run(
+    recipe: Recipe,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Any = None,
+    force: bool = False,
+    resume_command: str | None = None,
+) -> RunResult:
     """The whole job for one recipe. Later stages are added here as they exist (evaluate, publish)."""
+    from sovtune.safety import RunLock
+    from sovtune.train import is_main_process
+
+    # One writer for the whole job (train's own lock nests inside): a second run cannot slip in before eval.
+    with RunLock(recipe.run_dir, enabled=is_main_process()):
+        return _run(recipe, resume, overwrite, console, force, resume_command)
+
+
+def _run(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: bool, resume_command: str | None) -> RunResult:
     from sovtune.train import is_main_process, train
 
     result = RunResult(run_dir=recipe.run_dir)
-    result.stages["train"] = train(recipe, resume=resume, overwrite=overwrite, console=console)
+    result.stages["train"] = train(
+        recipe, resume=resume, overwrite=overwrite, console=console, force=force, resume_command=resume_command
+    )
     if recipe.eval.enabled and is_main_process():
         from sovtune.evaluate import evaluate
 

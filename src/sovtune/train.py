@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from sovtune import model as models
+from sovtune import provenance, safety
 from sovtune.data import PreparedData, prepare_data
 from sovtune.errors import SovtuneError
 from sovtune.recipe import Recipe
@@ -42,14 +43,9 @@ def world_size() -> int:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose trainer state was written (the trainer writes it last)."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    complete = [
-        path for path in folder.glob("checkpoint-*") if (path / "trainer_state.json").is_file() and path.name[11:].isdigit()
-    ]
-    return max(complete, key=lambda path: int(path.name[11:]), default=None)
+    """The newest complete checkpoint: its trainer state, which the trainer writes last, is whole."""
+    complete = safety.complete_checkpoints(run_dir)
+    return complete[-1] if complete else None
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
@@ -121,12 +117,7 @@ def to_dataset(items: list[Any]) -> Any:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write to a temporary file, flush to disk, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    provenance.write_json_atomic(path, value)
 
 
 def save_adapter(peft_model: Any, tokenizer: Any, run_dir: Path) -> Path:
@@ -137,6 +128,7 @@ def save_adapter(peft_model: Any, tokenizer: Any, run_dir: Path) -> Path:
     # "auto": peft also saves the embeddings when the vocabulary grew (a pad token was added).
     peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers="auto")
     tokenizer.save_pretrained(str(tmp))
+    safety.fsync_tree(tmp)  # on disk before the rename makes it the adapter
     old = run_dir / ".adapter.old"
     if final.exists():
         os.replace(final, old)
@@ -145,8 +137,24 @@ def save_adapter(peft_model: Any, tokenizer: Any, run_dir: Path) -> Path:
     return final
 
 
-def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Any = None) -> TrainResult:
-    """Recipe -> data -> base + adapter -> SFTTrainer -> run_dir/adapter."""
+def train(
+    recipe: Recipe,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Any = None,
+    force: bool = False,
+    resume_command: str | None = None,
+) -> TrainResult:
+    """Recipe -> data -> base + adapter -> SFTTrainer -> run_dir/adapter, as the run directory's only writer.
+
+    `force` resumes although the recipe or data changed; `resume_command` is what a stopped run tells the user.
+    """
+    with safety.RunLock(recipe.run_dir, enabled=is_main_process()):
+        return _train(recipe, resume, overwrite, console, force, resume_command or safety.resume_command(recipe))
+
+
+def _train(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: bool, resume_command: str) -> TrainResult:
+    from transformers import set_seed
     from trl import SFTTrainer
 
     models.check_device_support(recipe)
@@ -154,39 +162,53 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     checkpoint = check_run_dir(run_dir, resume, overwrite)
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
+    fingerprint = safety.run_fingerprint(recipe, data)
+    forced_changes = safety.check_resume(run_dir, fingerprint, force) if checkpoint is not None else []
+    safety.check_weight_files(recipe)
+    # Seed before the model exists: embedding resizing and LoRA init draw from the global RNG, so without this
+    # the initial adapter depends on whatever ran earlier in the process and runs are not reproducible.
+    set_seed(recipe.train.seed)
     base = models.load_base_model(recipe, tokenizer)
     peft_model = models.attach_adapter(base, recipe)
     throughput = plan_speed(recipe, peft_model)  # refuses an impossible setting before anything is written
     _announce(recipe, data, peft_model, checkpoint, console)
     if is_main_process():
         announce_plan(throughput, console)
+        safety.check_disk_space(run_dir, peft_model, recipe, tokenizer)
 
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        safety.write_fingerprint(run_dir, fingerprint, forced_changes)
+        safety.discard_incomplete_checkpoints(run_dir)  # left by a killed run; the trainer rotates by mtime
+        safety.atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         write_json_atomic(run_dir / "data_stats.json", data.stats)
     started = time.time()
+    stop = safety.GracefulStop(resume_command)
     trainer = SFTTrainer(
         model=peft_model,
         args=sft_config(recipe, run_dir, has_eval=bool(data.eval), plan=throughput),
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.eval) if data.eval and recipe.train.eval_steps else None,
         processing_class=tokenizer,
-        callbacks=[_tensorboard(run_dir), _jsonl_log(run_dir / "logs" / "train_log.jsonl")] if is_main_process() else [],
+        callbacks=([_tensorboard(run_dir), _jsonl_log(run_dir / "logs" / "train_log.jsonl")] if is_main_process() else [])
+        + [stop.callback()],
     )
     _adapter_in_compute_dtype(trainer.model, recipe)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = {
-        "train_loss": output.training_loss,
-        "global_step": output.global_step,
-        "train_runtime_s": round(time.time() - started, 2),
-        "resumed_from": checkpoint.name if checkpoint else None,
-        "log_history": trainer.state.log_history,
-    }
-    adapter_dir = run_dir / "adapter"
-    if is_main_process():
-        adapter_dir = save_adapter(trainer.model, tokenizer, run_dir)
-        write_json_atomic(run_dir / "train_metrics.json", metrics)
+    # SIGINT/SIGTERM until the adapter is written: a checkpoint and a clean stop, never a half-saved run.
+    with stop, safety.DiskFullGuard(run_dir, resume_command):
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        stop.raise_if_stopped(trainer.state, run_dir)
+        metrics = {
+            "train_loss": output.training_loss,
+            "global_step": output.global_step,
+            "train_runtime_s": round(time.time() - started, 2),
+            "resumed_from": checkpoint.name if checkpoint else None,
+            "log_history": trainer.state.log_history,
+        }
+        adapter_dir = run_dir / "adapter"
+        if is_main_process():
+            adapter_dir = save_adapter(trainer.model, tokenizer, run_dir)
+            write_json_atomic(run_dir / "train_metrics.json", metrics)
     return TrainResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics)
 
 
