@@ -271,3 +271,38 @@ def test_lora_alpha_defaults_to_twice_the_rank(tmp_path: Path, tiny_model_dir: P
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, "alpha", adapter={"r": 6}))
     config = models.lora_config(recipe)
     assert (config.r, config.lora_alpha, config.use_dora, config.use_rslora) == (6, 12, False, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batching changes memory, not the maths
+
+
+def test_accumulation_checkpointing_and_packing_leave_the_step_unchanged(tmp_path: Path, learnable_model_dir: Path) -> None:
+    """One optimizer step over the same 6 rows of different lengths, three ways: one batch; two micro-batches of 3
+    with gradient checkpointing; packed padding-free rows. Loss, gradient norm and the updated adapter must agree:
+    a per-micro-batch mean (the classic accumulation bug) or attention leaking across packed rows would not.
+    SGD, because Adam's first step is about lr * sign(gradient), which flips on near-zero components."""
+    from safetensors.torch import load_file
+
+    rows = qa_rows(8)
+    for i, row in enumerate(rows):
+        row["messages"][1]["content"] += " and more" * i
+    ways = {
+        "one-batch": ({}, {"batch_size": 6}),
+        "accumulated": ({}, {"batch_size": 3, "gradient_accumulation": 2, "gradient_checkpointing": True}),
+        "packed": ({"packing": True}, {"batch_size": 6}),
+    }
+    results = {}
+    for name, (data, train) in ways.items():
+        path = write_recipe(tmp_path, learnable_model_dir, name, rows=rows, adapter={"r": 8},
+                            data={"max_length": 128, **data}, train={**TRAIN, "max_steps": 1, "save_steps": 100, "optimizer": "sgd", **train})
+        result = training.train(load_recipe(path))
+        assert json.loads((result.run_dir / "data_stats.json").read_text())["train"]["kept"] == 6
+        first = result.metrics["log_history"][0]
+        results[name] = (first["loss"], first["grad_norm"], load_file(result.adapter_dir / "adapter_model.safetensors"))
+    loss, grad_norm, weights = results["one-batch"]
+    for name, (other_loss, other_norm, other_weights) in results.items():
+        assert other_loss == pytest.approx(loss, rel=1e-6), name
+        assert other_norm == pytest.approx(grad_norm, rel=1e-5), name
+        for key in weights:
+            torch.testing.assert_close(other_weights[key], weights[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
