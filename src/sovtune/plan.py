@@ -504,7 +504,7 @@ def layer_activation_bytes(arch: Architecture, settings: Settings) -> int:
 
 def _mask_elements(settings: Settings) -> int:
     """Elements of the attention mask SDPA converts per layer (0 with flash-attention 2 or eager's shared mask)."""
-    if settings.attention == "flash_attention_2":
+    if settings.attention in ("flash_attention_2", "eager"):
         return 0
     if settings.packing:
         return (settings.batch_size * settings.seq_len) ** 2
