@@ -887,9 +887,17 @@ def _describe_error(err: dict[str, Any], located: _Located) -> str:
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
         return f"{where}{field}: {message}" if loc else f"{where}{message}"
+    if kind in ("model_type", "dict_type"):  # pydantic says "instance of TrainSection": name the YAML shape instead
+        return f"{where}{field}: expected a mapping of settings (indented `name: value` lines), found {_yaml_kind(found)}"
     shown = "" if isinstance(found, (dict, list)) else f", found {found!r}"
     # Lower-case only the first letter: the rest may quote a pattern or a value verbatim.
     return f"{where}{field}: {message[:1].lower()}{message[1:]}{shown}"
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list (`- ` items)"
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -1,0 +1,112 @@
+"""Every bad input in tests/bad_inputs/ gets one clear line through the real command line: what is wrong and where
+(file:line or field) and how to fix it, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sovtune.cli import app
+
+CORPUS = Path(__file__).parent / "bad_inputs"
+CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
+
+
+def params() -> list[Any]:
+    return [
+        pytest.param(case, id=case["id"], marks=[pytest.mark.xfail(strict=True, reason=case["xfail"])] if "xfail" in case else [])
+        for case in CASES
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The tiny model, and a copy of it whose tokenizer has no chat template."""
+    no_template = tmp_path_factory.mktemp("no-template") / "model"
+    shutil.copytree(tiny_model_dir, no_template)
+    (no_template / "chat_template.jinja").unlink()
+    return {"TINY_MODEL": str(tiny_model_dir), "TINY_MODEL_NO_TEMPLATE": str(no_template)}
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the corpus under an empty working directory (where runs/ would go)."""
+    work = tmp_path / "work"
+    shutil.copytree(CORPUS, work / "corpus")
+    monkeypatch.chdir(work)
+    for name, value in model_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SOVTUNE_TEST_DATA_DIR", raising=False)
+    return work
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def command(case: dict[str, Any], corpus: Path) -> list[str]:
+    args = case.get("args", ["train", "{corpus}/recipes/" + case["id"] + ".yaml"])
+    return [arg.replace("{corpus}", str(corpus)) for arg in args]
+
+
+def the_error_line(stderr: str) -> str:
+    """The one `error:` line; anything else on stderr may only be a progress bar (e.g. weights being loaded)."""
+    lines = [line for line in stderr.replace("\r", "\n").split("\n") if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert all("%|" in line for line in lines if line not in errors), stderr
+    return errors[0]
+
+
+def test_every_case_says_where_and_how_to_fix() -> None:
+    ids = [case["id"] for case in CASES]
+    assert len(ids) == len(set(ids))
+    for case in CASES:
+        assert case["where"], case["id"]
+        assert case["fix"] or "xfail" in case, case["id"]
+        if "args" not in case:
+            assert (CORPUS / "recipes" / f"{case['id']}.yaml").is_file(), case["id"]
+
+
+@pytest.mark.parametrize("case", params())
+def test_bad_input_gets_one_clear_line(case: dict[str, Any], workspace: Path) -> None:
+    if case.get("cpu"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this input is only bad on a machine without a GPU")
+    before = snapshot(workspace)
+    result = CliRunner().invoke(app, command(case, workspace / "corpus"))
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a bug would leave another exception
+    assert "Traceback" not in result.output
+    message = the_error_line(result.stderr)
+    for text in case["where"] + case["fix"]:
+        assert text in message, (text, message)
+    assert snapshot(workspace) == before, "a failed command wrote or changed files"
+
+
+@pytest.mark.parametrize("case_id", ["malformed_yaml", "malformed_jsonl"])
+def test_a_real_process_prints_only_the_line(case_id: str, workspace: Path) -> None:
+    """The same through a separate `python -m sovtune` process: its real stderr, exit code and files."""
+    case = next(case for case in CASES if case["id"] == case_id)
+    before = snapshot(workspace)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sovtune", *command(case, workspace / "corpus")],
+        cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout.strip() == ""
+    message = the_error_line(done.stderr)
+    assert all(text in message for text in case["where"] + case["fix"])
+    assert snapshot(workspace) == before
