@@ -22,7 +22,7 @@ def _settings(**overrides) -> planner.Settings:
     base = dict(
         batch_size=1, seq_len=512, gradient_accumulation=1, quant_mode="none", double_quant=True, dtype_bytes=2, r=16,
         targets="all-linear", lora_dropout=0.0, dora=False, bias="none", modules_to_save=(), optimizer="adamw_torch",
-        gradient_checkpointing=True, packing=False, attention="sdpa",
+        gradient_checkpointing=True, padding_free=False, attention="sdpa",
     )
     return planner.Settings(**{**base, **overrides})
 
@@ -204,17 +204,18 @@ def _measured_peak(recipe) -> tuple[int, int]:
     [
         {},
         {"train": {"gradient_checkpointing": True}},
-        {"quantization": {"mode": "4bit"}},
+        {"quantization": {"mode": "4bit"}, "data": {"packing": False}},
     ],
-    ids=["lora", "lora-checkpointing", "qlora-nf4"],
+    ids=["lora-padding-free", "lora-checkpointing", "qlora-nf4-padded"],
 )
 def test_estimate_within_25_percent_of_measured_cpu_peak(make_recipe, measured_model_dir: Path, sections):
     torch.set_num_threads(1)
+    sections = {key: dict(value) for key, value in sections.items()}  # the parameters are shared between runs
     train = {"max_steps": 2, "batch_size": 2, "gradient_checkpointing": False, "save_steps": 100, **sections.pop("train", {})}
+    data = {"format": "text", "max_length": 128, "eval_fraction": 0.1, **sections.pop("data", {})}
     path = make_recipe(
         "measured", rows=_long_text_rows(), model={"name_or_path": str(measured_model_dir)},
-        data={"format": "text", "max_length": 128, "eval_fraction": 0.1}, train=train, adapter={"r": 8, "dropout": 0.0},
-        **sections,
+        data=data, train=train, adapter={"r": 8, "dropout": 0.0}, **sections,
     )
     recipe = load_recipe(path)
     measured, longest = _measured_peak(recipe)
@@ -235,7 +236,7 @@ def test_activation_formula_against_saved_tensors(make_recipe, measured_model_di
 
     path = make_recipe(
         "saved", rows=_long_text_rows(), model={"name_or_path": str(measured_model_dir)},
-        data={"format": "text", "max_length": 128}, adapter={"r": 8, "dropout": 0.0},
+        data={"format": "text", "max_length": 128, "packing": False}, adapter={"r": 8, "dropout": 0.0},
         train={"batch_size": 2, "gradient_checkpointing": checkpointing},
     )
     recipe = load_recipe(path)

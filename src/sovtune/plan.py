@@ -16,8 +16,9 @@ e = bytes of the compute dtype: 2 for bf16/fp16, 4 for fp32):
     + e·T·h ·(1-2)   the normalised inputs, saved when a LoRA layer reads them (attention block / MLP block)
     + e·T·h·3 ... e·T·(h + 2·kv·d + h)   q after RoPE, k and v (repeated to `a` heads when a padding mask is present), attention output
     + 4·T·a          attention log-sum-exp
-    + e·b·s²         the padding mask, converted per layer to the compute dtype by SDPA (none with flash-attention 2;
-                     (b·s)² with packing, where the mask is block-diagonal over the packed row)
+    + e·b·s²         the padding mask, converted per layer to the compute dtype by SDPA; with padding-free batches
+                     (data.packing true/auto: the batch is one row, position ids restarting per example) the
+                     block-diagonal mask over the row, e·(b·s)²; none with flash-attention 2 or a batch of one
     + e·T·i·4        gated MLP: gate, activation, up and their product (2 for a plain MLP)
     + e·T·Σr         LoRA A outputs (Σ over targeted linears of the layer); with LoRA dropout each targeted input is copied (e+1 bytes)
   With gradient checkpointing only each layer's input (e·T·h) is kept, and one layer is recomputed during the backward pass.
@@ -344,7 +345,7 @@ class Settings:
     modules_to_save: tuple[str, ...]
     optimizer: str
     gradient_checkpointing: bool
-    packing: bool
+    padding_free: bool  # the batch is one row of concatenated examples (data.packing true, or auto with batch > 1)
     attention: str  # sdpa | flash_attention_2 | eager
     gpus: int = 1
     strategy: Strategy = "ddp"
@@ -373,7 +374,7 @@ class Settings:
             modules_to_save=tuple(recipe.adapter.modules_to_save),
             optimizer=recipe.train.optimizer,
             gradient_checkpointing=recipe.train.gradient_checkpointing,
-            packing=recipe.data.packing,
+            padding_free=recipe.data.packing is True or (recipe.data.packing == "auto" and recipe.train.batch_size > 1),
             attention="sdpa" if attention == "auto" else attention,
             gpus=gpus,
             strategy=strategy,
@@ -490,10 +491,13 @@ def layer_activation_bytes(arch: Architecture, settings: Settings) -> int:
     unknown = leaves - ATTENTION_INPUT - ATTENTION_OUTPUT - MLP_INPUT - MLP_OUTPUT
     norm_inputs = 2 * 4 * tokens * h
     normed = e * tokens * h * ((bool(leaves & ATTENTION_INPUT) or bool(unknown)) + (bool(leaves & MLP_INPUT) or bool(unknown)))
-    kv_heads_kept = heads if (kv < heads and mask) else kv  # SDPA repeats k/v to all heads when a mask is passed
+    # SDPA repeats k/v to all heads when it gets a mask; eager always does; flash-attention 2 never.
+    repeated = kv < heads and (settings.attention == "eager" or (mask > 0 and settings.attention != "flash_attention_2"))
+    kv_heads_kept = heads if repeated else kv
     attention = e * tokens * (heads * d + 2 * kv_heads_kept * d + heads * d) + 4 * tokens * heads
-    if settings.attention == "eager":
-        attention += (4 + e) * settings.batch_size * heads * settings.seq_len**2
+    if settings.attention == "eager":  # the fp32 softmax and its cast: one score per query-key pair that can attend
+        pairs = tokens**2 if settings.padding_free else settings.batch_size * settings.seq_len**2
+        attention += (4 + e) * heads * pairs
     mlp = e * tokens * i * (4 if arch.gated_mlp else 2)
     if not (leaves & MLP_OUTPUT or unknown):
         mlp -= e * tokens * i  # the product fed to down_proj is only kept for a LoRA layer on it
@@ -503,10 +507,10 @@ def layer_activation_bytes(arch: Architecture, settings: Settings) -> int:
 
 
 def _mask_elements(settings: Settings) -> int:
-    """Elements of the attention mask SDPA converts per layer (0 with flash-attention 2 or eager's shared mask)."""
-    if settings.attention in ("flash_attention_2", "eager"):
+    """Elements of the attention mask SDPA converts and keeps per layer (eager's mask is shared by all layers)."""
+    if settings.attention in ("flash_attention_2", "eager") or settings.batch_size == 1:
         return 0
-    if settings.packing:
+    if settings.padding_free:
         return (settings.batch_size * settings.seq_len) ** 2
     return settings.batch_size * settings.seq_len**2
 
