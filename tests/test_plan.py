@@ -199,6 +199,7 @@ def _measured_peak(recipe) -> tuple[int, int]:
     return sum(storages.values()) + peak, max(len(item.input_ids) for item in data.train)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sections",
     [
