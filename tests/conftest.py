@@ -30,12 +30,13 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(path: Path) -> Any:
+def build_tokenizer(path: Path, pad_token: str | None = "<pad>", unk_token: str | None = "<unk>") -> Any:
+    """A byte-level BPE trained on CORPUS; pad/unk can be renamed or left out to mimic other tokenizer families."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    special = [t for t in (unk_token, "<s>", "</s>", pad_token) if t] + ["<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -43,7 +44,7 @@ def build_tokenizer(path: Path) -> Any:
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=pad_token, unk_token=unk_token,
         additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=512,
     )
     fast.chat_template = CHATML

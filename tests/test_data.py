@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CORPUS, write_jsonl
+from conftest import CORPUS, build_tokenizer, write_jsonl
 from sovtune import model as models
 from sovtune.data import (
     IGNORE_INDEX,
@@ -229,36 +229,30 @@ def test_tokenizer_without_pad_gets_an_existing_distinct_token(tiny_model_dir) -
         assert len(tokenizer) == size
 
 
-@pytest.fixture
-def pad_is_eos_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    """The tiny model re-saved with a tokenizer whose pad token is its EOS."""
-    import shutil
-
+def test_pad_named_added_token_is_reused_before_adding_one(tmp_path: Path) -> None:
+    """A GPT-NeoX/Pythia-style vocabulary: no <pad>/<unk>, but a <|padding|> token; pad == eos on arrival."""
     from transformers import AutoTokenizer
 
-    folder = tmp_path / "pad-is-eos"
-    shutil.copytree(tiny_model_dir, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    build_tokenizer(tmp_path, pad_token="<|padding|>", unk_token=None)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.save_pretrained(folder)
-    return folder
+    size = len(tokenizer)
+    assert models.ensure_pad_token(tokenizer) is False
+    assert tokenizer.pad_token == "<|padding|>" and len(tokenizer) == size
 
 
-def test_pad_equal_to_eos_with_no_spare_token_adds_one_and_resizes(tmp_path, pad_is_eos_model, monkeypatch) -> None:
-    # No spare token in the vocabulary (as in GPT-2 style tokenizers): a new one must be added.
-    monkeypatch.setattr(models, "PAD_CANDIDATES", ())
-    recipe = make(tmp_path, pad_is_eos_model)
-    tokenizer = models.load_tokenizer(recipe)
-    assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id)
-    assert len(tokenizer) == 401 and tokenizer.pad_token_id == 400
-    model = models.load_base_model(recipe, tokenizer)
-    assert model.get_input_embeddings().weight.shape[0] == 401
-    assert model.get_output_embeddings().weight.shape[0] == 401
-    assert model.config.pad_token_id == 400
-    # EOS labels stay trained although EOS is no longer the pad token.
-    rows = {"prompt": "Q?", "completion": "A."}
-    data = make(tmp_path, pad_is_eos_model, format="prompt_completion").data
-    tokens = tokenize(to_example(Row(rows, "t:1"), data, tokenizer), tokenizer, 64)
+def test_no_spare_token_adds_a_pad_token(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    build_tokenizer(tmp_path, pad_token=None, unk_token=None)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.pad_token is None
+    assert models.ensure_pad_token(tokenizer) is True
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id == 400 and len(tokenizer) == 401
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    # EOS labels stay trained.
+    data = validate_recipe({"model": {"name_or_path": "./m"}, "data": {"train": "t.jsonl", "format": "prompt_completion"}}).data
+    tokens = tokenize(to_example(Row({"prompt": "Q?", "completion": "A."}, "t:1"), data, tokenizer), tokenizer, 64)
     assert tokens.labels[-1] == tokenizer.eos_token_id
 
 

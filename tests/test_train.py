@@ -306,3 +306,40 @@ def test_accumulation_checkpointing_and_packing_leave_the_step_unchanged(tmp_pat
         assert other_norm == pytest.approx(grad_norm, rel=1e-5), name
         for key in weights:
             torch.testing.assert_close(other_weights[key], weights[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A vocabulary with no spare token for padding
+
+
+def test_added_pad_token_resizes_the_model_and_the_adapter_carries_the_embeddings(tmp_path: Path) -> None:
+    """pad == eos and nothing to reuse: a pad token is added, both embedding matrices grow, and the adapter saves
+    them. peft can then only load it on a base resized the same way, which is what this checks."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import build_tokenizer
+
+    model_dir = tmp_path / "no-pad"
+    tokenizer = build_tokenizer(model_dir, pad_token=None, unk_token=None)
+    tokenizer.pad_token = tokenizer.eos_token
+    build_tiny_model(model_dir, tokenizer, initializer_range=0.2)
+    recipe = load_recipe(write_recipe(tmp_path, model_dir, "added-pad", train={**TRAIN, "max_steps": 2}))
+
+    run = train_and_probe(recipe, tmp_path / "audit.jsonl")
+
+    assert run.model.get_input_embeddings().weight.shape[0] == 401
+    saved = AutoTokenizer.from_pretrained(run.result.adapter_dir)
+    assert (saved.pad_token, saved.pad_token_id, len(saved)) == ("<|pad|>", 400, 401)
+    weights = load_file(run.result.adapter_dir / "adapter_model.safetensors")
+    embeddings = {key: value.shape for key, value in weights.items() if "embed_tokens" in key or "lm_head" in key}
+    assert sorted(shape[0] for shape in embeddings.values()) == [401, 401], embeddings
+
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.resize_token_embeddings(len(saved))
+    reloaded = PeftModel.from_pretrained(base, run.result.adapter_dir).eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=run.probe).logits
+    torch.testing.assert_close(logits, run.logits, rtol=0, atol=1e-6)

@@ -114,7 +114,11 @@ def ensure_pad_token(tokenizer: Any) -> bool:
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         return False
     vocab = tokenizer.get_vocab()
-    for candidate in PAD_CANDIDATES:
+    # Then any added token named like a pad (<|padding|>, <|fim_pad|>, [PAD]...). Reusing a token keeps the
+    # vocabulary, so the saved adapter stays loadable on the unmodified base with plain peft; adding one does not.
+    added = sorted(tokenizer.get_added_vocab().items(), key=lambda item: item[1])
+    named_pad = [token for token, _ in added if "pad" in token.lower()]
+    for candidate in (*PAD_CANDIDATES, *named_pad):
         if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
             tokenizer.pad_token = candidate
             return False
