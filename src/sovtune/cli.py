@@ -76,12 +76,28 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the las
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="With --resume: continue although the recipe or the data changed since the run started.")
 ]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline",
+        help="Refuse every network connection but loopback and sovereignty.allowed_endpoints (as sovereignty.offline: true).",
+    ),
+]
 
 
-def _load(recipe: Path, overrides: list[str] | None) -> Any:
+def _load(recipe: Path, overrides: list[str] | None, offline: bool = False) -> Any:
     from sovtune.recipe import load_recipe
 
-    return load_recipe(recipe, overrides or [])
+    return _go_offline(load_recipe(recipe, overrides or []), offline)
+
+
+def _go_offline(loaded: Any, flag: bool) -> Any:
+    """Install the network guard (flag or recipe) before the command imports anything that could connect."""
+    if flag or loaded.sovereignty.offline:
+        from sovtune.offline import enable_for
+
+        enable_for(loaded)
+    return loaded
 
 
 @app.command()
@@ -89,18 +105,23 @@ def check(
     recipe: RecipeArg,
     overrides: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    offline: OfflineOpt = False,
 ) -> None:
     """Validate the recipe and the data without training or downloading weights."""
 
     def body() -> None:
-        from sovtune import preflight
+        from sovtune.audit import audited
 
-        report = preflight.check(_load(recipe, overrides))
-        if as_json:
-            sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
-        else:
-            preflight.render(report, console)
-        preflight.raise_on_failures(report)
+        with audited("check") as event:
+            loaded = event["recipe"] = _load(recipe, overrides, offline)
+            from sovtune import preflight
+
+            report = preflight.check(loaded)
+            if as_json:
+                sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+            else:
+                preflight.render(report, console)
+            preflight.raise_on_failures(report)
 
     guarded(body)
 
@@ -112,19 +133,26 @@ def train(
     resume: ResumeOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     force: ForceOpt = False,
+    offline: OfflineOpt = False,
 ) -> None:
     """Train the adapter into the run directory."""
 
     def body() -> None:
-        from sovtune.safety import resume_command
-        from sovtune.train import train as run_training
+        from sovtune.audit import audited
 
-        loaded = _load(recipe, overrides)
-        result = run_training(
-            loaded, resume=resume, overwrite=overwrite, console=console, force=force,
-            resume_command=resume_command(loaded, "train", overrides or []),
-        )
-        console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
+        with audited("train") as event:
+            loaded = event["recipe"] = _load(recipe, overrides, offline)
+            event["destination"] = str(loaded.run_dir)
+            from sovtune.safety import resume_command
+            from sovtune.train import is_main_process
+            from sovtune.train import train as run_training
+
+            result = run_training(
+                loaded, resume=resume, overwrite=overwrite, console=console, force=force,
+                resume_command=resume_command(loaded, "train", overrides or []),
+            )
+        if is_main_process():
+            console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
 
     guarded(body)
 
@@ -136,14 +164,15 @@ def run(
     resume: ResumeOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     force: ForceOpt = False,
+    offline: OfflineOpt = False,
 ) -> None:
     """Train, evaluate against the base model and (if the recipe says so) publish."""
 
     def body() -> None:
+        loaded = _load(recipe, overrides, offline)  # each stage records its own audit event
         from sovtune.pipeline import run as run_pipeline
         from sovtune.safety import resume_command
 
-        loaded = _load(recipe, overrides)
         result = run_pipeline(
             loaded, resume=resume, overwrite=overwrite, console=console, force=force,
             resume_command=resume_command(loaded, "run", overrides or []),
@@ -256,14 +285,18 @@ def eval_(
     base: Annotated[Optional[str], typer.Option("--base", help="Base model hub id or folder (default: the recipe's).")] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe (default RUN_DIR/recipe.yaml).")] = None,
     overrides: SetOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     """Evaluate base vs adapter on the held-out data: report.json/md/png in RUN_DIR; exit 3 if a gate fails."""
 
     def body() -> None:
-        from sovtune.evaluate import evaluate, recipe_for_run
+        from sovtune.audit import audited
 
-        loaded = recipe_for_run(run_dir, recipe, base, overrides or [])
-        evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, console=console)
+        with audited("eval", destination=str(run_dir)) as event:
+            from sovtune.evaluate import evaluate, recipe_for_run
+
+            loaded = event["recipe"] = _go_offline(recipe_for_run(run_dir, recipe, base, overrides or []), offline)
+            evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, console=console)
         console.print(f"report written to [bold]{run_dir / 'report.md'}[/]")
 
     guarded(body)
@@ -303,9 +336,13 @@ def push(
     """Publish the adapter, tokenizer, chat template, report, manifest and model card in one commit (token: $HF_TOKEN or `hf auth login`)."""
 
     def body() -> None:
+        from sovtune.audit import audited
         from sovtune.hub import push_run
 
-        result = push_run(run_dir, repo_id=repo, endpoint=endpoint, revision=revision, public=public, log=_plain)
+        with audited("push", _run_recipe(run_dir), destination=repo) as event:
+            result = push_run(run_dir, repo_id=repo, endpoint=endpoint, revision=revision, public=public, log=_plain)
+            event["destination"] = f"{result.endpoint}/{result.repo_id}@{result.commit}"
+            event["details"].update(private=result.private, files=len(result.files))
         console.print(f"[bold]{result.endpoint}/{result.repo_id}[/] @ {result.commit}", highlight=False)
 
     guarded(body)
@@ -321,9 +358,13 @@ def pull(
     """Download a published adapter and check every file against its manifest (mismatch: exit 2, nothing written)."""
 
     def body() -> None:
+        from sovtune.audit import audited
         from sovtune.hub import pull as pull_adapter
 
-        result = pull_adapter(repo, endpoint=endpoint, revision=revision, out=out, log=_plain)
+        with audited("pull", destination=str(out) if out else None, details={"source": repo}) as event:
+            result = pull_adapter(repo, endpoint=endpoint, revision=revision, out=out, log=_plain)
+            event["destination"] = str(result.out_dir)
+            event["details"]["source"] = f"{result.endpoint}/{result.repo_id}@{result.commit}"
         console.print(f"adapter verified in [bold]{result.out_dir}[/]", highlight=False)
 
     guarded(body)
@@ -332,6 +373,82 @@ def pull(
 def _plain(line: str) -> None:
     """Progress lines from hub.py: printed as they are (no rich markup in URLs or repo names)."""
     console.print(line, markup=False, highlight=False)
+
+
+@app.command()
+def verify(
+    target: Annotated[Path, typer.Argument(help="Run directory or bundle (.tar) from `sovtune export`.", show_default=False)],
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Also fail when files outside the run (data, local base model) are absent.")
+    ] = False,
+) -> None:
+    """Recompute every SHA-256 the manifest records; exit 2 listing any file that changed or is missing."""
+
+    def body() -> None:
+        from sovtune.audit import audited
+        from sovtune.provenance import verify as verify_hashes
+
+        with audited("verify", _run_recipe(target), destination=str(target)):
+            result = verify_hashes(target, strict=strict)
+        console.print(result.describe(), highlight=False)
+
+    guarded(body)
+
+
+@app.command()
+def export(
+    run_dir: RunDirArg,
+    bundle: Annotated[Path, typer.Argument(help="Bundle file to write, e.g. adapter.tar (.tar.gz compresses).", show_default=False)],
+) -> None:
+    """Pack adapter, manifest, card, report and a SHA256SUMS file into one tar for air-gapped transfer."""
+
+    def body() -> None:
+        from sovtune.audit import audited
+        from sovtune.bundle import export as export_bundle
+        from sovtune.provenance import sha256_file
+
+        with audited("export", _run_recipe(run_dir), destination=str(bundle)) as event:
+            written = export_bundle(run_dir, bundle)
+            event["details"]["bundle_sha256"] = sha256_file(written)
+        console.print(f"bundle written to [bold]{written}[/]; check it anywhere with: sovtune verify {written}", highlight=False)
+
+    guarded(body)
+
+
+@app.command()
+def merge(
+    run_dir: RunDirArg,
+    out: Annotated[Path, typer.Argument(help="New folder for the merged model.", show_default=False)],
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto (bf16 on CUDA with support, else fp32 on the CPU) | float32 | bfloat16 | float16.")
+    ] = "auto",
+    examples: Annotated[int, typer.Option("--examples", min=1, help="Held-out examples for the logits check.")] = 4,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT folder.")] = False,
+) -> None:
+    """Merge the adapter into its base (a QLoRA base is reloaded unquantised); written only if the logits match."""
+
+    def body() -> None:
+        from sovtune.audit import audited
+        from sovtune.merge import merge as merge_adapter
+
+        with audited("merge", _run_recipe(run_dir), destination=str(out)) as event:
+            result = merge_adapter(run_dir, out, dtype=dtype, examples=examples, overwrite=overwrite)
+            event["details"]["check"] = result.report["check"]
+        console.print(result.check.describe(), highlight=False)
+        console.print(f"merged model written to [bold]{result.out_dir}[/]", highlight=False)
+
+    guarded(body)
+
+
+def _run_recipe(run_dir: Path) -> Any:
+    """The recipe a run saved, for the audit record (its hash, data hashes and audit-log setting); None if unreadable."""
+    from sovtune.recipe import load_recipe
+
+    path = run_dir / "recipe.yaml"
+    try:
+        return load_recipe(path) if path.is_file() else None
+    except SovtuneError:
+        return None
 
 
 @app.command()

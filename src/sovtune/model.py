@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|reserved_s
 
 class ModelError(SovtuneError):
     """The base model, tokenizer or adapter cannot be loaded or does not fit the recipe."""
+
+
+def sharded_training() -> bool:
+    """Launched by accelerate with FSDP or DeepSpeed (the launcher exports these switches to every process)."""
+    return any(os.environ.get(name, "false").lower() == "true" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
 def device() -> torch.device:
@@ -163,7 +169,7 @@ def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool
     }
     if quantize and recipe.quantization.mode != "none":
         kwargs["quantization_config"] = quantization_config(recipe, compute_dtype(recipe))
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not sharded_training():  # FSDP places (and shards) the weights itself
             kwargs["device_map"] = {"": _local_rank_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.model_location, **kwargs)
@@ -175,8 +181,6 @@ def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool
 
 
 def _local_rank_device() -> int:
-    import os
-
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -211,14 +215,16 @@ def attach_adapter(model: Any, recipe: Recipe) -> Any:
     """Wrap the base in a fresh peft adapter (k-bit preparation first for QLoRA)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if recipe.quantization.mode != "none":
+    # Under FSDP the fp32 upcast of k-bit preparation would mix dtypes with the float-stored 4-bit weights.
+    if recipe.quantization.mode != "none" and not sharded_training():
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     check_target_modules(model, recipe)
-    return get_peft_model(model, lora_config(recipe))
+    # Sharded strategies need the adapter in the model's dtype (ZeRO-3 flattens parameters of one dtype).
+    return get_peft_model(model, lora_config(recipe), autocast_adapter_dtype=not sharded_training())
 
 
 def linear_module_names(model: Any) -> set[str]:

@@ -33,17 +33,24 @@ def run(
 
 
 def _run(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: bool, resume_command: str | None) -> RunResult:
+    from sovtune.audit import audited
     from sovtune.train import is_main_process, train
 
     result = RunResult(run_dir=recipe.run_dir)
-    result.stages["train"] = train(
-        recipe, resume=resume, overwrite=overwrite, console=console, force=force, resume_command=resume_command
-    )
+    if recipe.eval.enabled and is_main_process():
+        from sovtune.evaluate import check_eval
+
+        check_eval(recipe)  # a broken eval setting (data, SQL reference, metric file) fails now, not after training
+    with audited("train", recipe, destination=str(result.run_dir)):
+        result.stages["train"] = train(
+            recipe, resume=resume, overwrite=overwrite, console=console, force=force, resume_command=resume_command
+        )
     if recipe.eval.enabled and is_main_process():
         from sovtune.evaluate import evaluate
 
         # Raises GateFailed (exit 3) after writing the report, so a failing adapter is never published.
-        result.stages["evaluate"] = evaluate(
-            recipe, run_dir=result.run_dir, adapter_dir=result.stages["train"].adapter_dir, console=console
-        )
+        with audited("eval", recipe, destination=str(result.run_dir)):
+            result.stages["evaluate"] = evaluate(
+                recipe, run_dir=result.run_dir, adapter_dir=result.stages["train"].adapter_dir, console=console
+            )
     return result

@@ -17,6 +17,7 @@ from sovtune import model as models
 from sovtune import provenance, safety
 from sovtune.data import PreparedData, prepare_data
 from sovtune.errors import SovtuneError
+from sovtune.licence import check_licence
 from sovtune.recipe import Recipe
 from sovtune.speed import SpeedPlan, announce_plan, plan_speed
 
@@ -56,7 +57,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
             raise RunDirError(f"{run_dir}: no complete checkpoint to resume from; run without --resume")
         return checkpoint
     occupied = run_dir.exists() and any(run_dir.iterdir())
-    if occupied and not overwrite:
+    if occupied and not overwrite and is_main_process():  # other ranks would see the folder rank 0 just made
         action = "continue it with --resume" if checkpoint else "pass --overwrite to replace it"
         raise RunDirError(f"{run_dir}: already holds a run; {action}, or choose another --set output.dir=...")
     if occupied and overwrite and is_main_process():
@@ -77,7 +78,9 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, plan: SpeedPlan | 
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        # The in-loop eval loss is a mean of per-batch means: batches of one make it independent of the number of
+        # processes (evaluate.py computes the token-weighted figures that the report uses).
+        per_device_eval_batch_size=1,
         gradient_accumulation_steps=cfg.gradient_accumulation,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.scheduler,
@@ -120,13 +123,16 @@ def write_json_atomic(path: Path, value: Any) -> None:
     provenance.write_json_atomic(path, value)
 
 
-def save_adapter(peft_model: Any, tokenizer: Any, run_dir: Path) -> Path:
-    """Adapter + tokenizer (with chat template) into run_dir/adapter, atomically."""
+def save_adapter(peft_model: Any, tokenizer: Any, run_dir: Path, state_dict: dict[str, Any] | None = None) -> Path:
+    """Adapter + tokenizer (with chat template) into run_dir/adapter, atomically.
+
+    `state_dict` is the gathered full state under FSDP/ZeRO-3, where rank 0 alone holds only a shard.
+    """
     final = run_dir / "adapter"
     tmp = run_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # "auto": peft also saves the embeddings when the vocabulary grew (a pad token was added).
-    peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers="auto")
+    peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers="auto", state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     safety.fsync_tree(tmp)  # on disk before the rename makes it the adapter
     old = run_dir / ".adapter.old"
@@ -158,6 +164,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: b
     from trl import SFTTrainer
 
     models.check_device_support(recipe)
+    check_licence(recipe)  # the licence gate, before any weight is downloaded
     run_dir = recipe.run_dir
     checkpoint = check_run_dir(run_dir, resume, overwrite)
     tokenizer = models.load_tokenizer(recipe)
@@ -182,7 +189,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: b
         safety.discard_incomplete_checkpoints(run_dir)  # left by a killed run; the trainer rotates by mtime
         safety.atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         write_json_atomic(run_dir / "data_stats.json", data.stats)
-    started = time.time()
+        provenance.start(recipe, run_dir, tokenizer, resume=checkpoint is not None, data_stats=data.stats)
+    started, started_at = time.time(), provenance.now()
     stop = safety.GracefulStop(resume_command)
     trainer = SFTTrainer(
         model=peft_model,
@@ -206,9 +214,13 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: b
             "log_history": trainer.state.log_history,
         }
         adapter_dir = run_dir / "adapter"
+        # Sharded weights are gathered by every rank together (rank 0 alone would hang or save empty tensors).
+        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+        state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
         if is_main_process():
-            adapter_dir = save_adapter(trainer.model, tokenizer, run_dir)
+            adapter_dir = save_adapter(trainer.model, tokenizer, run_dir, state_dict)
             write_json_atomic(run_dir / "train_metrics.json", metrics)
+            provenance.record_train(run_dir, recipe, metrics, started_at)
     return TrainResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics)
 
 
