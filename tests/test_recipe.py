@@ -55,10 +55,13 @@ def test_minimal_recipe_gets_defaults_and_resolves_paths_relative_to_the_recipe(
 def test_resolved_recipe_round_trips_through_yaml(tmp_path: Path) -> None:
     path = write(tmp_path, "r.yaml", MINIMAL + "train:\n  learning_rate: 0.001\n  max_steps: 7\n")
     recipe = load_recipe(path)
-    again = write(tmp_path, "again.yaml", recipe.to_yaml())
+    # Saved into a run directory elsewhere, relative paths still resolve against the original recipe's folder.
+    again = write(tmp_path / "runs" / "r", "recipe.yaml", recipe.to_yaml())
     reloaded = load_recipe(again)
     assert reloaded.train.learning_rate == 0.001 and reloaded.train.max_steps == 7
     assert reloaded.model_dump(exclude={"source_path"}) == recipe.model_dump(exclude={"source_path"})
+    assert reloaded.resolve("train.jsonl") == tmp_path / "train.jsonl"
+    assert reloaded.model_location == str(tmp_path / "base-model")
 
 
 def test_hub_model_with_pinned_revision_is_accepted(tmp_path: Path) -> None:
