@@ -23,7 +23,7 @@ def run(
     force: bool = False,
     resume_command: str | None = None,
 ) -> RunResult:
-    """The whole job for one recipe. Later stages are added here as they exist (evaluate, publish)."""
+    """The whole job for one recipe: train, evaluate against the base, publish when the recipe says so."""
     from sovtune.safety import RunLock
     from sovtune.train import is_main_process
 
@@ -37,10 +37,14 @@ def _run(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: boo
     from sovtune.train import is_main_process, train
 
     result = RunResult(run_dir=recipe.run_dir)
-    if recipe.eval.enabled and is_main_process():
-        from sovtune.evaluate import check_eval
+    if is_main_process():  # broken eval or publish settings fail now, not after training
+        from sovtune.hub import check_push_settings
 
-        check_eval(recipe)  # a broken eval setting (data, SQL reference, metric file) fails now, not after training
+        check_push_settings(recipe.hub)
+        if recipe.eval.enabled:
+            from sovtune.evaluate import check_eval
+
+            check_eval(recipe)
     with audited("train", recipe, destination=str(result.run_dir)):
         result.stages["train"] = train(
             recipe, resume=resume, overwrite=overwrite, console=console, force=force, resume_command=resume_command
@@ -53,4 +57,11 @@ def _run(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: boo
             result.stages["evaluate"] = evaluate(
                 recipe, run_dir=result.run_dir, adapter_dir=result.stages["train"].adapter_dir, console=console
             )
+    if recipe.hub.push and is_main_process():
+        from sovtune.hub import push_run
+
+        # Reached only when every gate passed (evaluate raises GateFailed otherwise).
+        with audited("push", recipe, destination=recipe.hub.repo):
+            log = (lambda line: console.print(line, markup=False)) if console is not None else None
+            result.stages["push"] = push_run(result.run_dir, hub=recipe.hub, log=log)
     return result

@@ -48,7 +48,13 @@ class PreflightReport:
 
 def check(recipe: Recipe) -> PreflightReport:
     """Every check that needs no weights: tokenizer, data, masks, template, target modules, parameter count."""
+    from sovtune.evaluate import check_eval
+    from sovtune.hub import check_push_settings
+
     models.check_device_support(recipe)
+    check_push_settings(recipe.hub)  # hub.push without an endpoint or token fails now, not after training
+    if recipe.eval.enabled:
+        check_eval(recipe)  # eval data, SQL references, user metric files
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     report = PreflightReport(recipe=recipe.name, stats=data.stats, architecture=architecture_summary(recipe, tokenizer))
