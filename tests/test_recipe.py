@@ -270,6 +270,19 @@ def test_later_set_wins(tmp_path: Path) -> None:
     assert load_recipe(path, ["adapter.r=4", "adapter.r=32"]).adapter.r == 32
 
 
+def test_set_null_removes_a_field_so_a_conflicting_one_can_be_given(tmp_path: Path) -> None:
+    path = write(tmp_path, "r.yaml", MINIMAL + "train:\n  epochs: 3\n")
+    assert error_of(path, ["train.max_steps=10"]) == (
+        f"{path}:5: train: give epochs or max_steps, not both (on the command line: --set train.epochs=null)"
+    )
+    recipe = load_recipe(path, ["train.max_steps=10", "train.epochs=null"])
+    assert recipe.train.max_steps == 10 and recipe.train.epochs == 1.0 and not recipe.train.explicitly_set("epochs")
+    assert error_of(path, ["model.name_or_path=null"]) == (
+        "--set: model.name_or_path: required field is missing; add it "
+        "(Hub id (e.g. mistralai/Mistral-7B-v0.3) or a local folder with config and weights.)"
+    )
+
+
 def test_set_bad_key_names_set_and_suggests(tmp_path: Path) -> None:
     path = write(tmp_path, "r.yaml", MINIMAL)
     assert error_of(path, ["train.learnin_rate=1e-4"]) == (
@@ -360,7 +373,7 @@ def test_env_value_never_reaches_error_unless_it_is_the_bad_value(tmp_path: Path
         ),
         (
             "train:\n  epochs: 2\n  max_steps: 5\n",
-            "{path}:5: train: give epochs or max_steps, not both",
+            "{path}:5: train: give epochs or max_steps, not both (on the command line: --set train.epochs=null)",
         ),
         (
             "quantization:\n  double_quant: false\n",

@@ -228,7 +228,7 @@ class TrainSection(Section):
         if self.explicitly_set("warmup_ratio") and self.warmup_steps is not None:
             raise ValueError("give warmup_ratio or warmup_steps, not both")
         if self.explicitly_set("epochs") and self.max_steps is not None:
-            raise ValueError("give epochs or max_steps, not both")
+            raise ValueError("give epochs or max_steps, not both (on the command line: --set train.epochs=null)")
         return self
 
 
@@ -634,6 +634,16 @@ class Recipe(Section):
         self.eval.check_against(self)
         return self
 
+    @model_validator(mode="after")
+    def _check_offline_push(self) -> Recipe:
+        # Found here, not by the network guard after a whole training run.
+        if self.sovereignty.offline and self.hub.push and self.hub.endpoint is None:
+            raise ValueError(
+                "sovereignty.offline with hub.push needs hub.endpoint (your private hub); "
+                "offline mode refuses the public hub that $HF_ENDPOINT or the default would reach"
+            )
+        return self
+
     @property
     def base_dir(self) -> Path:
         return Path(self.source_path).resolve().parent if self.source_path else Path.cwd()
@@ -683,11 +693,27 @@ class _Located:
         return None
 
 
+# Recipes are a few levels deep and a few hundred values long: deeper nesting, an alias that contains itself or
+# aliases that multiply into millions of values (a "billion laughs" file) are refused instead of hanging.
+MAX_NESTING = 32
+MAX_VALUES = 100_000
+
+
 def _node_to_python(node: yaml.Node, file: str, path: KeyPath, located: _Located) -> Any:
     located.where[path] = (file, node.start_mark.line + 1)
+    if len(path) > MAX_NESTING or len(located.where) > MAX_VALUES:
+        raise RecipeError(
+            f"{file}:{node.start_mark.line + 1}: nested too deeply or expanding to too many values (aliases?); "
+            "a recipe is sections of plain values"
+        )
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise RecipeError(
+                    f"{file}:{key_node.start_mark.line + 1}: a key must be a plain name, found a "
+                    f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}; write `name: value`"
+                )
             key = key_node.value
             if key in out:
                 raise RecipeError(f"{file}:{key_node.start_mark.line + 1}: key {key!r} appears twice; keep one")
@@ -696,13 +722,18 @@ def _node_to_python(node: yaml.Node, file: str, path: KeyPath, located: _Located
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_node_to_python(item, file, path + (i,), located) for i, item in enumerate(node.value)]
-    return _scalar(node)
+    return _scalar(node, file)
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
+def _scalar(node: yaml.ScalarNode, file: str) -> Any:
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:  # an unknown tag (!!python/object), or `!!int abc`
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(
+            f"{file}:{node.start_mark.line + 1}: {problem}; recipes hold plain values: remove the {node.tag} tag"
+        ) from None
     finally:
         loader.dispose()
 
@@ -719,6 +750,8 @@ def _read_yaml(path: Path, located: _Located) -> dict[str, Any]:
         raise RecipeError(f"{file}: cannot read recipe: {exc.strerror}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise RecipeError(f"{file}: nested too deeply to read; a recipe is sections of plain values") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -818,12 +851,19 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any, located:
         if not isinstance(child, dict):
             raise RecipeError(f"--set {'.'.join(parts)}: {part} is not a section")
         node = child
-    node[parts[-1]] = value
+    if value is None:
+        # `--set train.epochs=null` removes the field, back to its default: how a command line drops a setting
+        # that conflicts with one it adds (e.g. max_steps for a quick test of a recipe that sets epochs).
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
     located.where[tuple(parts)] = ("--set", 0)
 
 
 def _dotted(loc: KeyPath) -> str:
-    return ".".join(str(p) for p in loc) if loc else "(top level)"
+    # A key with spaces, newlines or symbols is quoted, so the error stays one readable line.
+    parts = (str(p) if re.fullmatch(r"[\w-]+", str(p)) else repr(str(p)) for p in loc)
+    return ".".join(parts) if loc else "(top level)"
 
 
 def _where(loc: KeyPath, located: _Located) -> str:
@@ -860,12 +900,13 @@ def _model_in_annotation(annotation: Any) -> type[BaseModel] | None:
 
 
 def _describe_error(err: dict[str, Any], located: _Located) -> str:
-    loc: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    # Drop pydantic's own steps (list[str], function-after[...], literal[...]); keep the user's keys, even "[".
+    loc: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and re.fullmatch(r"[a-z-]+\[.*\]", p)))
     kind = err["type"]
     where = _where(loc, located)
     field = _dotted(loc)
     found = err.get("input")
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and loc:
         parent = _section_model(loc[:-1])
         allowed = sorted(parent.model_fields) if parent else []
         allowed = [a for a in allowed if a != "source_path"]
