@@ -59,9 +59,9 @@ def train_and_probe(recipe: Recipe, audit_log: Path, **train_kwargs: Any) -> Tra
     kept: dict[str, Any] = {}
     save = training.save_adapter
 
-    def keep_and_save(peft_model: Any, tokenizer: Any, run_dir: Path) -> Path:
+    def keep_and_save(peft_model: Any, *args: Any, **kwargs: Any) -> Path:
         kept["model"] = peft_model
-        return save(peft_model, tokenizer, run_dir)
+        return save(peft_model, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training, "save_adapter", keep_and_save)
