@@ -122,12 +122,12 @@ def test_trainer_batches_are_padding_free_with_restarting_positions(make_recipe:
     from sovtune.data import prepare_data
     from trl import SFTTrainer
 
-    recipe = load_recipe(make_recipe())
-    assert recipe.data.packing == "auto"
+    recipe = load_recipe(make_recipe(data={"packing": True}))
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     peft_model = models.attach_adapter(models.load_base_model(recipe, tokenizer), recipe)
     plan = speed.plan_speed(recipe, peft_model, cuda=False)
+    assert plan.batching == speed.ROWS
     trainer = SFTTrainer(
         model=peft_model,
         args=training.sft_config(recipe, tmp_path / "run", has_eval=False, plan=plan),
@@ -160,33 +160,48 @@ def loaded(recipe: Any) -> Any:
     return models.attach_adapter(models.load_base_model(recipe, models.load_tokenizer(recipe)), recipe)
 
 
-def test_cpu_plan_is_padding_free_with_kernels_off_and_reasons(make_recipe: Any) -> None:
-    recipe = load_recipe(make_recipe(train={"torch_compile": True, "liger_kernel": True}))
+def test_cpu_plan_runs_examples_one_by_one_with_kernels_off_and_reasons(make_recipe: Any, tmp_path: Path) -> None:
+    recipe = load_recipe(make_recipe(train={"torch_compile": True, "liger_kernel": True, "gradient_accumulation": 3}))
     plan = speed.plan_speed(recipe, loaded(recipe), cuda=False)
-    assert (plan.padding_free, plan.group_by_length, plan.liger_kernel, plan.torch_compile) == (True, False, False, False)
+    assert (plan.batching, plan.micro_batch_size, plan.accumulation) == (speed.ONE_BY_ONE, 1, 4 * 3)
+    assert not plan.liger_kernel and not plan.torch_compile
     text = "\n".join(plan.lines())
-    assert "batching: padding-free" in text and "sdpa gets a block-diagonal causal mask" in text
+    assert "batching: padding-free, one example per micro-batch, 4 x 3 accumulated per optimizer step" in text
+    assert "no varlen attention kernel on the CPU" in text
     assert "liger kernels: off (Liger's kernels are Triton GPU kernels and there is no CUDA device)" in text
     assert "torch.compile: off (no CUDA device" in text
     assert "precision: fp32 (no CUDA device" in text
-    kwargs = plan.sft_kwargs(64)
-    assert kwargs["padding_free"] and kwargs["max_length"] is None and not kwargs["packing"]
-    assert kwargs["train_sampling_strategy"] == "random" and not kwargs["use_liger_kernel"] and not kwargs["torch_compile"]
+    config = training.sft_config(recipe, tmp_path, has_eval=False, plan=plan)
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 12)
+    assert not config.padding_free and not config.packing and config.train_sampling_strategy == "random"
+    assert not config.use_liger_kernel and not config.torch_compile
+
+
+def test_rows_on_request_or_on_cuda(make_recipe: Any, tmp_path: Path) -> None:
+    forced = load_recipe(make_recipe(data={"packing": True}))
+    model = loaded(forced)
+    plan = speed.plan_speed(forced, model, cuda=False)
+    assert (plan.batching, plan.micro_batch_size, plan.accumulation) == (speed.ROWS, 4, 1)
+    assert "sdpa gets a block-diagonal causal mask" in plan.lines()[0]
+    config = training.sft_config(forced, tmp_path, has_eval=False, plan=plan)
+    assert config.padding_free and config.max_length is None and config.per_device_train_batch_size == 4
+    auto = load_recipe(make_recipe(name="auto"))
+    assert speed.plan_speed(auto, model, cuda=True).batching == speed.ROWS
 
 
 def test_packing_off_groups_padded_batches_by_length(make_recipe: Any, tmp_path: Path) -> None:
     recipe = load_recipe(make_recipe(data={"packing": False}))
     plan = speed.plan_speed(recipe, loaded(recipe), cuda=False)
-    assert not plan.padding_free and plan.group_by_length
+    assert (plan.batching, plan.micro_batch_size, plan.accumulation) == (speed.GROUPED, 4, 1)
     config = training.sft_config(recipe, tmp_path, has_eval=False, plan=plan)
     assert config.train_sampling_strategy == "group_by_length" and not config.padding_free
     assert config.max_length == recipe.data.max_length
 
 
 def test_batch_of_one_needs_neither(make_recipe: Any) -> None:
-    recipe = load_recipe(make_recipe(train={"batch_size": 1}))
-    plan = speed.plan_speed(recipe, loaded(recipe), cuda=False)
-    assert not plan.padding_free and not plan.group_by_length
+    recipe = load_recipe(make_recipe(train={"batch_size": 1, "gradient_accumulation": 2}))
+    plan = speed.plan_speed(recipe, loaded(recipe), cuda=True)
+    assert (plan.batching, plan.micro_batch_size, plan.accumulation) == (speed.ONE_BY_ONE, 1, 2)
     assert "nothing to pad" in plan.lines()[0]
 
 
@@ -200,9 +215,11 @@ class OpaqueLM(torch.nn.Module):
 
 def test_model_without_mask_utilities_falls_back_or_stops(make_recipe: Any) -> None:
     auto = load_recipe(make_recipe())
-    plan = speed.plan_speed(auto, OpaqueLM(), cuda=False)
-    assert not plan.padding_free and plan.group_by_length
+    plan = speed.plan_speed(auto, OpaqueLM(), cuda=True)
+    assert plan.batching == speed.GROUPED
     assert "OpaqueLM does not build its attention mask with transformers' masking utilities" in plan.lines()[0]
+    # One example per pass needs no mask at all, so the CPU plan does not depend on the model's mask code.
+    assert speed.plan_speed(auto, OpaqueLM(), cuda=False).batching == speed.ONE_BY_ONE
     forced = load_recipe(make_recipe(name="forced", data={"packing": True}))
     with pytest.raises(speed.SpeedError, match=r"^data.packing: true, but OpaqueLM .* set data.packing: auto"):
         speed.plan_speed(forced, OpaqueLM(), cuda=False)
@@ -257,6 +274,6 @@ def test_train_prints_the_plan(make_recipe: Any) -> None:
     recipe = load_recipe(make_recipe(train={"max_steps": 1}))
     result = training.train(recipe, console=console)
     text = console.export_text()
-    assert "speed: batching: padding-free" in text
+    assert "speed: batching: padding-free, one example per micro-batch" in text
     assert "speed: liger kernels: off" in text and "speed: torch.compile: off" in text
     assert result.metrics["global_step"] == 1

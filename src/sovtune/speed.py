@@ -39,24 +39,37 @@ class Decision:
         return f"{self.setting}: {self.choice} ({self.reason})"
 
 
+ROWS = "padding-free rows"
+ONE_BY_ONE = "one example per micro-batch"
+GROUPED = "padded, grouped by length"
+
+
 @dataclass
 class SpeedPlan:
-    padding_free: bool
-    group_by_length: bool
+    batching: str  # ROWS | ONE_BY_ONE | GROUPED
+    micro_batch_size: int  # examples per forward pass
+    accumulation: int  # forward passes per optimizer step (per device)
     liger_kernel: bool
     torch_compile: bool
     decisions: list[Decision] = field(default_factory=list)
 
+    @property
+    def padding_free(self) -> bool:
+        """TRL's padding-free collator: the micro-batch's examples flattened into one row."""
+        return self.batching == ROWS
+
     def sft_kwargs(self, max_length: int) -> dict[str, Any]:
         """The `SFTConfig` arguments this plan sets."""
         return {
-            # Batches keep `train.batch_size` examples; padding-free flattens them into one row instead of padding.
+            "per_device_train_batch_size": self.micro_batch_size,
+            "gradient_accumulation_steps": self.accumulation,
+            # Never TRL's bin packing: an optimizer step keeps train.batch_size x gradient_accumulation examples.
             "packing": False,
             "padding_free": self.padding_free,
             # data.py has already cut every example to data.max_length. TRL refuses a max_length it cannot enforce on
             # padding-free batches without packing, so it gets None there; elsewhere its truncation is a no-op.
             "max_length": None if self.padding_free else max_length,
-            "train_sampling_strategy": "group_by_length" if self.group_by_length else "random",
+            "train_sampling_strategy": "group_by_length" if self.batching == GROUPED else "random",
             "use_liger_kernel": self.liger_kernel,
             "torch_compile": self.torch_compile,
         }
@@ -70,11 +83,11 @@ def plan_speed(recipe: Recipe, model: Any | None = None, cuda: bool | None = Non
     cuda = torch.cuda.is_available() if cuda is None else cuda
     attention = attention_implementation(recipe, model)
     decisions = [_attention_decision(attention, cuda), _precision_decision(recipe, cuda)]
-    padding_free, group_by_length, batching = _batching(recipe, model, attention)
+    batching, micro_batch, passes, batching_decision = _batching(recipe, model, attention, cuda)
     liger, liger_decision = _liger(recipe, model, cuda)
     compile_model, compile_decision = _compile(recipe, cuda)
-    decisions = [batching, *decisions, liger_decision, compile_decision]
-    return SpeedPlan(padding_free, group_by_length, liger, compile_model, decisions)
+    decisions = [batching_decision, *decisions, liger_decision, compile_decision]
+    return SpeedPlan(batching, micro_batch, passes, liger, compile_model, decisions)
 
 
 def announce_plan(speed_plan: SpeedPlan, console: Any = None) -> None:
@@ -118,12 +131,22 @@ def _base_model(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
-def _batching(recipe: Recipe, model: Any | None, attention: str) -> tuple[bool, bool, Decision]:
+def _batching(recipe: Recipe, model: Any | None, attention: str, cuda: bool) -> tuple[str, int, int, Decision]:
+    """(batching, examples per forward pass, forward passes per optimizer step, decision)."""
+    batch, accumulation = recipe.train.batch_size, recipe.train.gradient_accumulation
     choice = recipe.data.packing
     if choice is False:
-        return False, True, Decision("batching", "padded, grouped by length", "data.packing: false")
-    if recipe.train.batch_size == 1:
-        return False, False, Decision("batching", "one example per micro-batch", "train.batch_size is 1: nothing to pad")
+        return GROUPED, batch, accumulation, Decision("batching", GROUPED, "data.packing: false")
+    if batch == 1:
+        return ONE_BY_ONE, 1, accumulation, Decision("batching", ONE_BY_ONE, "train.batch_size is 1: nothing to pad")
+    if choice == "auto" and not cuda:
+        # The token-count loss normalisation makes this the same optimizer step as a batch (tests/test_loss_normalisation.py).
+        return ONE_BY_ONE, 1, batch * accumulation, Decision(
+            "batching",
+            f"padding-free, {ONE_BY_ONE}, {batch} x {accumulation} accumulated per optimizer step",
+            "no varlen attention kernel on the CPU: a row of several examples needs a block-diagonal mask that costs "
+            "more than it saves there, while one example per pass needs neither padding nor a mask",
+        )
     blocker = padding_free_blocker(model, attention)
     if blocker is None:
         how = (
@@ -131,16 +154,14 @@ def _batching(recipe: Recipe, model: Any | None, attention: str) -> tuple[bool, 
             if attention in VARLEN_ATTENTION
             else f"{attention} gets a block-diagonal causal mask"
         )
-        return True, False, Decision(
-            "batching",
-            "padding-free",
-            f"each batch is one row with position ids restarting per example; {how}, so no example sees another",
+        return ROWS, batch, accumulation, Decision(
+            "batching", ROWS, f"each micro-batch is one row with position ids restarting per example; {how}"
         )
     if choice is True:
         raise SpeedError(
             f"data.packing: true, but {blocker}; set data.packing: auto (length-grouped padded batches) or false"
         )
-    return False, True, Decision("batching", "padded, grouped by length", f"padding-free is off: {blocker}")
+    return GROUPED, batch, accumulation, Decision("batching", GROUPED, f"padding-free rows are off: {blocker}")
 
 
 def _attention_decision(attention: str, cuda: bool) -> Decision:

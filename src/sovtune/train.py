@@ -77,11 +77,9 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, plan: SpeedPlan | 
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size,
         # The in-loop eval loss is a mean of per-batch means: batches of one make it independent of the number of
         # processes (evaluate.py computes the token-weighted figures that the report uses).
         per_device_eval_batch_size=1,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=warmup,
@@ -103,7 +101,7 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, plan: SpeedPlan | 
         fp16=on_cuda and dtype == torch.float16,
         use_cpu=not on_cuda,
         report_to="none",
-        **plan.sft_kwargs(recipe.data.max_length),  # padding-free or length-grouped batches, kernels, compile
+        **plan.sft_kwargs(recipe.data.max_length),  # micro-batches, padding-free or grouped, kernels, compile
         shuffle_dataset=False,  # the trainer's seeded sampler shuffles; shuffling twice would break resume order
         dataset_num_proc=None,
         remove_unused_columns=True,
