@@ -668,9 +668,12 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         """The resolved recipe; `source_path` is kept so relative paths still resolve when re-loaded from a run."""
+        from sovtune.safety import redact_secrets
+
         dumped = self.model_dump(mode="json", exclude_none=False)
         dumped["source_path"] = self.source_path
-        return yaml.safe_dump(dumped, sort_keys=False)
+        # A ${TOKEN} interpolated into any field must not reach recipe.yaml, the manifest or a published card.
+        return redact_secrets(yaml.safe_dump(dumped, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
