@@ -474,11 +474,11 @@ def test_a_really_full_disk_mid_run(make_recipe: Any, tmp_path: Path, monkeypatc
     try:
         run_dir = disk / "runs" / "recipe"
         recipe = make_recipe(train={"max_steps": 6, "save_steps": 2}, output={"dir": str(run_dir)})
-        import trl
+        from transformers.trainer_callback import CallbackHandler
 
-        original, calls = trl.SFTTrainer.training_step, {"n": 0}
+        original, calls = CallbackHandler.on_step_begin, {"n": 0}
 
-        def training_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        def on_step_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
             calls["n"] += 1
             if calls["n"] == 3:  # after checkpoint-2: something else takes all the space left
                 with open(disk / "filler", "wb") as handle:
@@ -489,7 +489,7 @@ def test_a_really_full_disk_mid_run(make_recipe: Any, tmp_path: Path, monkeypatc
                         pass
             return original(self, *args, **kwargs)
 
-        monkeypatch.setattr(trl.SFTTrainer, "training_step", training_step)
+        monkeypatch.setattr(CallbackHandler, "on_step_begin", on_step_begin)
         message = error_line(invoke("train", recipe))
         assert "the disk filled up while writing" in message and "checkpoint-2 is kept" in message
         assert safety.complete_checkpoints(run_dir) == [run_dir / "checkpoints" / "checkpoint-2"]

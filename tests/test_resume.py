@@ -22,7 +22,7 @@ from sovtune import safety
 from sovtune.cli import app
 
 MAX_STEPS = 6
-STEP_DELAY_S = 0.4
+STEP_DELAY_S = 0.2  # per forward/backward (micro-batch); a step on the CPU is several
 TRAIN = {"max_steps": MAX_STEPS, "save_steps": 2, "save_total_limit": 10}
 
 # The real CLI in a child process, each training step slowed down so the test can signal it mid-run.
@@ -121,23 +121,23 @@ def reference(workspace: Path, tiny_model_dir: Path) -> dict[str, Any]:
     return adapter_tensors(workspace / "runs" / "reference")
 
 
-def count_training_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    import trl
+def count_optimizer_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    from transformers.trainer_callback import CallbackHandler
 
-    original, calls = trl.SFTTrainer.training_step, {"n": 0}
+    original, calls = CallbackHandler.on_step_end, {"n": 0}
 
-    def training_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def on_step_end(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(trl.SFTTrainer, "training_step", training_step)
+    monkeypatch.setattr(CallbackHandler, "on_step_end", on_step_end)
     return calls
 
 
 def resume_and_compare(recipe: Path, run_dir: Path, reference: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     last = safety.complete_checkpoints(run_dir)[-1]
     with monkeypatch.context() as patch:
-        steps = count_training_steps(patch)
+        steps = count_optimizer_steps(patch)
         result = invoke("train", recipe, "--resume")
     assert result.exit_code == 0, result.output
     # It continued: only the remaining steps ran (a silent restart from scratch would end the same way).
@@ -189,20 +189,20 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(
 
 
 def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int, times: int = 1) -> None:
-    """Send SIGINT to this process from inside the given training step, as Ctrl-C would."""
-    import trl
+    """Send SIGINT to this process as the given optimizer step begins, as Ctrl-C would."""
+    from transformers.trainer_callback import CallbackHandler
 
-    original = trl.SFTTrainer.training_step
+    original = CallbackHandler.on_step_begin
     calls = {"n": 0}
 
-    def training_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def on_step_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == step:
             for _ in range(times):
                 os.kill(os.getpid(), signal.SIGINT)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(trl.SFTTrainer, "training_step", training_step)
+    monkeypatch.setattr(CallbackHandler, "on_step_begin", on_step_begin)
 
 
 @pytest.mark.slow
