@@ -235,3 +235,15 @@ def test_a_planted_token_reaches_no_file_and_no_output(tiny_model_dir: Path, tmp
     for done in outputs:
         for stream in (done.stdout, done.stderr):
             assert TOKEN not in stream and PASSWORD not in stream
+
+
+def test_redaction_covers_credential_variables_and_known_token_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sovtune.safety import redact_secrets
+
+    monkeypatch.setenv("SOVTUNE_TEST_DB_PASSWORD", PASSWORD)
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Ada Lovelace")  # not a credential, despite "AUTH" in the name
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")  # a flag, too short to be a secret
+    text = f"db {PASSWORD}, pasted {TOKEN}, by Ada Lovelace, 1 retry"
+    assert redact_secrets(text) == (
+        "db [REDACTED:SOVTUNE_TEST_DB_PASSWORD], pasted [REDACTED_HUGGINGFACE_TOKEN], by Ada Lovelace, 1 retry"
+    )

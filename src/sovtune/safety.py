@@ -34,6 +34,10 @@ class RunLocked(SovtuneError):
     """Another process is writing the same run directory."""
 
 
+class RunDirUnwritable(SovtuneError):
+    """The run directory (or its lock file) cannot be created where output.dir points."""
+
+
 class DiskSpaceError(SovtuneError):
     """Not enough free disk for the checkpoints, or the disk filled up during the run."""
 
@@ -55,7 +59,10 @@ class Interrupted(SovtuneError):
 
 
 # Environment variables whose names say they hold a credential; their values are redacted wherever they appear.
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
+# Whole name parts only: HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, but not TOKENIZERS_PARALLELISM or GIT_AUTHOR_NAME.
+_SECRET_NAME = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIALS?|AUTH)(_|$)", re.I
+)
 _MIN_SECRET_LENGTH = 8  # shorter values (flags such as HF_HUB_DISABLE_IMPLICIT_TOKEN=1) are not credentials
 
 
@@ -64,7 +71,7 @@ def secret_env_values() -> dict[str, str]:
     found = {
         name: value
         for name, value in os.environ.items()
-        if _SECRET_NAME.search(name) and len(value) >= _MIN_SECRET_LENGTH and not value.lower() in ("true", "false")
+        if _SECRET_NAME.search(name) and len(value) >= _MIN_SECRET_LENGTH and value.lower() not in ("true", "false")
     }
     return dict(sorted(found.items(), key=lambda item: -len(item[1])))
 
@@ -204,9 +211,15 @@ class RunLock:
                 _held[self.path] += 1
                 self._nested = True
                 return
-        self._created = _make_dirs(self.path.parent)
+        try:
+            self._created = _make_dirs(self.path.parent)
+        except OSError as exc:
+            self._unwritable(exc)
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                self._unwritable(exc)
             if not self._lock_fd(fd):
                 continue
             previous = _read_owner(self.path)
@@ -215,7 +228,12 @@ class RunLock:
                 self._refuse(previous)
             if previous is not None:
                 log.warning("%s: taking over the lock of a run that ended without releasing it (%s)", self.run_dir, previous.describe())
-            self._write_owner(fd)
+            try:
+                self._write_owner(fd)
+            except OSError as exc:  # a full disk or a read-only file system, before anything else was written
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                self._unwritable(exc)
             self._fd = fd
             with _held_guard:
                 _held[self.path] = 1
@@ -255,6 +273,13 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
         os.fsync(fd)
+
+    def _unwritable(self, exc: OSError) -> None:
+        self._remove_created_dirs()
+        raise RunDirUnwritable(
+            f"{self.run_dir}: cannot write there ({exc.strerror or exc}: {exc.filename or self.path}); "
+            "set output.dir to a writable folder (--set output.dir=...)"
+        ) from None
 
     def _refuse(self, owner: LockOwner | None) -> None:
         self._remove_created_dirs()
