@@ -211,7 +211,6 @@ def test_any_file_reads_to_rows_or_a_data_error(
         format_or_refuse(row, section, tokenizer)
 
 
-@pytest.mark.xfail(strict=True, reason="data.py passes lone surrogates to the tokenizer, which raises TypeError")
 @pytest.mark.parametrize("escape", ["\\ud800", "\\udfff"])
 def test_a_lone_surrogate_in_a_json_row_is_a_row_error(tokenizer: Any, data_folder: Path, escape: str) -> None:
     """JSON may escape half of a UTF-16 pair ("\\ud800"): json.loads accepts it, no tokenizer can encode it."""

@@ -183,7 +183,6 @@ def test_trust_remote_code_is_passed_only_when_set(make_recipe: Any, monkeypatch
     assert seen and all(value is False for value in seen), seen
 
 
-@pytest.mark.xfail(strict=True, reason="model._loading_error suggests checking name_or_path/revision, not the setting")
 def test_the_refusal_of_model_code_names_the_setting(remote_code_model_dir: Path, tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, remote_code_model_dir, train={"max_steps": 1})
     result = invoke("check", recipe)

@@ -263,6 +263,11 @@ def to_example(row: Row, data: DataSection, tokenizer: Any) -> Example:
         "text": _text_example,
     }
     example = builders[data.format](values, data, tokenizer)
+    for text, _ in example.segments:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON may escape half a UTF-16 pair ("\ud800"); no tokenizer encodes it
+            raise RowError(f"text holds an unpaired surrogate {text[exc.start]!r}; fix the escape in the source") from None
     example.origin, example.row = row.origin, values
     return example
 
@@ -536,6 +541,8 @@ def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
     train_stats, eval_stats = SplitStats(), SplitStats()
     scanned = ScanReport(policy=recipe.sovereignty.data_scan)
     train_examples = load_examples(recipe.data.train, recipe, tokenizer, train_stats, scanned)
+    if train_stats.rows == 0:  # before any split, so the message names the empty source
+        _refuse_ruinous([], train_stats, recipe)
     if recipe.data.eval is not None:
         eval_examples = load_examples([recipe.data.eval], recipe, tokenizer, eval_stats, scanned)
     else:

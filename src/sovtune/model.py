@@ -69,11 +69,15 @@ def attn_implementation(recipe: Recipe) -> str:
     return "flash_attention_2" if torch.cuda.is_available() and _flash_attn_installed() else "sdpa"
 
 
+_WARNED_REMOTE_CODE: set[str] = set()
+
+
 def _hub_kwargs(recipe: Recipe) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
     if not recipe.model_is_local and recipe.model.revision:
         kwargs["revision"] = recipe.model.revision
-    if recipe.model.trust_remote_code:
+    if recipe.model.trust_remote_code and recipe.model.name_or_path not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(recipe.model.name_or_path)  # once per model, not once per loaded file
         log.warning("trust_remote_code is on: code shipped with %s will run", recipe.model.name_or_path)
     return kwargs
 
@@ -82,6 +86,8 @@ def _loading_error(what: str, recipe: Recipe, exc: Exception) -> ModelError:
     first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
     where = recipe.model_location
     hint = "check model.name_or_path and model.revision"
+    if "trust_remote_code" in str(exc):
+        hint = "the model ships its own code: set model.trust_remote_code: true only if you have reviewed it"
     if "offline" in first.lower() or "couldn't connect" in first.lower() or "LocalEntryNotFound" in type(exc).__name__:
         hint = "the model is not in the local cache and the hub is unreachable or offline; use a local path"
     return ModelError(f"model.name_or_path: cannot load the {what} of {where!r} ({first}); {hint}")
@@ -159,6 +165,10 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
 def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool = True) -> Any:
     """The base causal LM: pinned revision, safetensors only unless allowed, the recipe's dtype and kernel."""
     from transformers import AutoModelForCausalLM
+
+    from sovtune.safety import check_weight_files
+
+    check_weight_files(recipe)  # train, eval, merge and chat all refuse pickle-only weights
 
     dtype = resolve_dtype(recipe.model.dtype)
     kwargs: dict[str, Any] = {
