@@ -16,7 +16,7 @@ def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
     from sovtune import provenance
     from sovtune.data import prepare_data
     from sovtune.recipe import load_recipe
-    from sovtune.train import save_adapter, write_json_atomic
+    from sovtune.training import save_adapter, write_json_atomic
 
     torch.set_num_threads(1)
     recipe = load_recipe(recipe_path)

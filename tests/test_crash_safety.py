@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from conftest import write_recipe
 from sovtune import safety
 from sovtune.cli import app
-from sovtune.train import last_checkpoint, save_adapter, write_json_atomic
+from sovtune.training import last_checkpoint, save_adapter, write_json_atomic
 
 
 def invoke(*args: Any) -> Any:

@@ -75,7 +75,7 @@ def _log_history(run_dir: Path) -> list[dict]:
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
     """One process with batch 4, two DDP processes with batch 2 each (same global batch), one process with batch 2."""
     from sovtune.recipe import load_recipe
-    from sovtune.train import train
+    from sovtune.training import train
 
     folder = tmp_path_factory.mktemp("ddp")
     write_jsonl(folder / "train.jsonl", qa_rows(24))

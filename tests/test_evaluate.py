@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_jsonl
-from sovtune import evaluate as ev
+from sovtune import evaluation as ev
 from sovtune import model as models
 from sovtune.cli import app
 from sovtune.data import IGNORE_INDEX
@@ -204,7 +204,7 @@ def test_evaluate_writes_a_complete_report(make_recipe: Any, tmp_path: Path, com
     recipe = load_recipe(recipe_path)
     import sovtune
 
-    report = sovtune.evaluate(recipe)  # the public API, although the submodule of that name is already imported
+    report = sovtune.evaluate(recipe)  # the public API (the module is sovtune.evaluation, so the name stays a function)
     data = json.loads((recipe.run_dir / "report.json").read_text())
     assert data["schema_version"] == 1 and data["passed"] is True
     computed = {(r["dataset"], r["metric"]) for r in data["results"]}

@@ -14,7 +14,7 @@ import yaml
 from conftest import write_jsonl
 from sovtune import model as models
 from sovtune import speed
-from sovtune import train as training
+from sovtune import training as training
 from sovtune.data import prepare_data
 from sovtune.recipe import load_recipe
 
@@ -60,7 +60,7 @@ def one_step(recipe: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     assert len(data.train) == len(REPEATS)
-    set_seed(recipe.train.seed)  # as train.py does: identical LoRA initialisation in every run
+    set_seed(recipe.train.seed)  # as training.py does: identical LoRA initialisation in every run
     peft_model = models.attach_adapter(models.load_base_model(recipe, tokenizer), recipe)
     plan = speed.plan_speed(recipe, peft_model, cuda=False)
     trainer = SFTTrainer(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sovtune import speed
-from sovtune import train as training
+from sovtune import training as training
 from sovtune.recipe import load_recipe
 
 # Prompt tokens (masked) and completion tokens of each example: different lengths, so padding differs per row.

@@ -173,7 +173,7 @@ def _measured_peak(recipe) -> tuple[int, int]:
 
     from sovtune import model as models
     from sovtune.data import prepare_data
-    from sovtune.train import sft_config, to_dataset
+    from sovtune.training import sft_config, to_dataset
 
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sovtune import report as reports
 from sovtune.cli import app
-from sovtune.evaluate import PairedScores, SuiteOutcome
+from sovtune.evaluation import PairedScores, SuiteOutcome
 from sovtune.metrics import Scores
 from sovtune.recipe import Recipe, load_recipe
 

@@ -17,7 +17,7 @@ import torch
 
 from conftest import build_tiny_model, qa_rows, write_recipe
 from sovtune import model as models
-from sovtune import train as training
+from sovtune import training as training
 from sovtune.recipe import Recipe, load_recipe
 
 STEPS = 20
@@ -55,7 +55,7 @@ def probe_ids(model_dir: Path) -> torch.Tensor:
 
 
 def train_and_probe(recipe: Recipe, audit_log: Path, **train_kwargs: Any) -> TrainedRun:
-    """Run `sovtune.train.train` and keep the in-memory model it saves, with its logits on a probe batch."""
+    """Run `sovtune.training.train` and keep the in-memory model it saves, with its logits on a probe batch."""
     kept: dict[str, Any] = {}
     save = training.save_adapter
 

@@ -15,8 +15,8 @@ _API = {
     "load_recipe": "sovtune.recipe",
     "Recipe": "sovtune.recipe",
     "SovtuneError": "sovtune.errors",
-    "train": "sovtune.train",
-    "evaluate": "sovtune.evaluate",
+    "train": "sovtune.training",
+    "evaluate": "sovtune.evaluation",
     "run": "sovtune.pipeline",
     "check": "sovtune.preflight",
 }

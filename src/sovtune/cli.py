@@ -144,8 +144,8 @@ def train(
             loaded = event["recipe"] = _load(recipe, overrides, offline)
             event["destination"] = str(loaded.run_dir)
             from sovtune.safety import resume_command
-            from sovtune.train import is_main_process
-            from sovtune.train import train as run_training
+            from sovtune.training import is_main_process
+            from sovtune.training import train as run_training
 
             result = run_training(
                 loaded, resume=resume, overwrite=overwrite, console=console, force=force,
@@ -293,7 +293,7 @@ def eval_(
         from sovtune.audit import audited
 
         with audited("eval", destination=str(run_dir)) as event:
-            from sovtune.evaluate import evaluate, recipe_for_run
+            from sovtune.evaluation import evaluate, recipe_for_run
 
             loaded = event["recipe"] = _go_offline(recipe_for_run(run_dir, recipe, base, overrides or []), offline)
             evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, console=console)

@@ -1,6 +1,6 @@
 """Per-example metrics, so base and adapter can be compared pair by pair, and the seeded paired bootstrap.
 
-Nothing here touches a model: evaluate.py produces token-level numbers and generated text, this module scores them.
+Nothing here touches a model: evaluation.py produces token-level numbers and generated text, this module scores them.
 """
 
 from __future__ import annotations

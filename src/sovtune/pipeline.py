@@ -25,7 +25,7 @@ def run(
 ) -> RunResult:
     """The whole job for one recipe: train, evaluate against the base, publish when the recipe says so."""
     from sovtune.safety import RunLock
-    from sovtune.train import is_main_process
+    from sovtune.training import is_main_process
 
     # One writer for the whole job (train's own lock nests inside): a second run cannot slip in before eval.
     with RunLock(recipe.run_dir, enabled=is_main_process()):
@@ -34,7 +34,7 @@ def run(
 
 def _run(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: bool, resume_command: str | None) -> RunResult:
     from sovtune.audit import audited
-    from sovtune.train import is_main_process, train
+    from sovtune.training import is_main_process, train
 
     result = RunResult(run_dir=recipe.run_dir)
     if is_main_process():  # broken eval or publish settings fail now, not after training
@@ -42,7 +42,7 @@ def _run(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: boo
 
         check_push_settings(recipe.hub)
         if recipe.eval.enabled:
-            from sovtune.evaluate import check_eval
+            from sovtune.evaluation import check_eval
 
             check_eval(recipe)
     with audited("train", recipe, destination=str(result.run_dir)):
@@ -50,7 +50,7 @@ def _run(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: boo
             recipe, resume=resume, overwrite=overwrite, console=console, force=force, resume_command=resume_command
         )
     if recipe.eval.enabled and is_main_process():
-        from sovtune.evaluate import evaluate
+        from sovtune.evaluation import evaluate
 
         # Raises GateFailed (exit 3) after writing the report, so a failing adapter is never published.
         with audited("eval", recipe, destination=str(result.run_dir)):

@@ -48,7 +48,7 @@ class PreflightReport:
 
 def check(recipe: Recipe) -> PreflightReport:
     """Every check that needs no weights: tokenizer, data, masks, template, target modules, parameter count."""
-    from sovtune.evaluate import check_eval
+    from sovtune.evaluation import check_eval
     from sovtune.hub import check_push_settings
 
     models.check_device_support(recipe)

@@ -78,7 +78,7 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, plan: SpeedPlan | 
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
         # The in-loop eval loss is a mean of per-batch means: batches of one make it independent of the number of
-        # processes (evaluate.py computes the token-weighted figures that the report uses).
+        # processes (evaluation.py computes the token-weighted figures that the report uses).
         per_device_eval_batch_size=1,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.scheduler,

@@ -10,9 +10,7 @@ from __future__ import annotations
 import inspect
 import random
 import re
-import sys
 import time
-import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,17 +148,6 @@ def recipe_for_run(
     if base is not None:
         extra.append(f"model.name_or_path={base}")
     return load_recipe(path, [*overrides, *extra])
-
-
-class _CallableModule(types.ModuleType):
-    """Importing `sovtune.evaluate` rebinds that package attribute to this module; calling it still evaluates,
-    so `sovtune.evaluate(recipe)` works whichever happened first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 # ---------------------------------------------------------------------------------------------------------------
