@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sovtune import evaluate as ev
+from sovtune import evaluation as ev
 from sovtune.data import IGNORE_INDEX, Tokenized
 
 
