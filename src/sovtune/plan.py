@@ -359,10 +359,14 @@ class Settings:
             dtype = recipe.quantization.compute_dtype
         attention = recipe.model.attn_implementation
         targets = recipe.adapter.target_modules
+        from sovtune.speed import plan_speed
+
+        # What the trainer will really run per forward pass (speed.py may split a batch into one-example passes).
+        speed = plan_speed(recipe, cuda=device == "cuda")
         return cls(
-            batch_size=recipe.train.batch_size,
+            batch_size=speed.micro_batch_size,
             seq_len=recipe.data.max_length,
-            gradient_accumulation=recipe.train.gradient_accumulation,
+            gradient_accumulation=speed.accumulation,
             quant_mode=recipe.quantization.mode,
             double_quant=recipe.quantization.double_quant,
             dtype_bytes=DTYPE_BYTES[dtype],
@@ -374,7 +378,7 @@ class Settings:
             modules_to_save=tuple(recipe.adapter.modules_to_save),
             optimizer=recipe.train.optimizer,
             gradient_checkpointing=recipe.train.gradient_checkpointing,
-            padding_free=recipe.data.packing is True or (recipe.data.packing == "auto" and recipe.train.batch_size > 1),
+            padding_free=speed.padding_free,
             attention="sdpa" if attention == "auto" else attention,
             gpus=gpus,
             strategy=strategy,
