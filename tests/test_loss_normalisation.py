@@ -32,15 +32,17 @@ def rows() -> list[dict[str, Any]]:
     ]
 
 
-def recipe_for(tmp_path: Path, model_dir: Path, batch_size: int, accumulation: int, packing: Any) -> Any:
-    name = f"b{batch_size}x{accumulation}-{packing}"
+def recipe_for(
+    tmp_path: Path, model_dir: Path, batch_size: int, accumulation: int, packing: Any, max_length: int = 256
+) -> Any:
+    name = f"b{batch_size}x{accumulation}-{packing}-{max_length}"
     train_file = write_jsonl(tmp_path / "train.jsonl", rows())
     eval_file = write_jsonl(tmp_path / "eval.jsonl", rows()[:2])
     recipe = {
         "name": name,
         "model": {"name_or_path": str(model_dir)},
         "adapter": {"r": 4, "dropout": 0.0},
-        "data": {"train": str(train_file), "eval": str(eval_file), "max_length": 256, "packing": packing},
+        "data": {"train": str(train_file), "eval": str(eval_file), "max_length": max_length, "packing": packing},
         "train": {"max_steps": 1, "batch_size": batch_size, "gradient_accumulation": accumulation,
                   "optimizer": "sgd", "learning_rate": LEARNING_RATE, "scheduler": "constant", "warmup_steps": 0,
                   "max_grad_norm": 1.0e6, "gradient_checkpointing": False, "seed": 0},
@@ -129,11 +131,15 @@ def test_accumulation_normalises_by_supervised_tokens(tmp_path: Path, tiny_model
     assert_same(small, weighted)
 
 
-@pytest.mark.parametrize("packing", [True, "auto"], ids=["padding-free-rows", "one-by-one"])
-def test_padding_free_accumulation_matches_batch_8(tmp_path: Path, tiny_model_dir: Path, packing: Any) -> None:
+@pytest.mark.parametrize(
+    ("packing", "max_length", "passes"), [(True, 256, 4), ("auto", 1024, 8)], ids=["padding-free-rows", "one-by-one"]
+)
+def test_padding_free_accumulation_matches_batch_8(
+    tmp_path: Path, tiny_model_dir: Path, packing: Any, max_length: int, passes: int
+) -> None:
     big, _, _ = one_step(recipe_for(tmp_path, tiny_model_dir, 8, 1, False))
-    small, small_batches, trainer = one_step(recipe_for(tmp_path, tiny_model_dir, 2, 4, packing))
-    # Rows: 4 flattened micro-batches of 2; auto on the CPU: 8 passes of one example, accumulated.
-    assert len(small_batches) == (4 if packing is True else 8)
+    small, small_batches, trainer = one_step(recipe_for(tmp_path, tiny_model_dir, 2, 4, packing, max_length))
+    # Rows: 4 flattened micro-batches of 2; auto on the CPU with max_length 1024: 8 passes of one example each.
+    assert len(small_batches) == passes
     assert all(batch["input_ids"].shape[0] == 1 for batch in small_batches)
     assert_same(small, big)

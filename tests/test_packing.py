@@ -160,21 +160,38 @@ def loaded(recipe: Any) -> Any:
     return models.attach_adapter(models.load_base_model(recipe, models.load_tokenizer(recipe)), recipe)
 
 
-def test_cpu_plan_runs_examples_one_by_one_with_kernels_off_and_reasons(make_recipe: Any, tmp_path: Path) -> None:
+def test_cpu_plan_caps_rows_with_kernels_off_and_reasons(make_recipe: Any, tmp_path: Path) -> None:
     recipe = load_recipe(make_recipe(train={"torch_compile": True, "liger_kernel": True, "gradient_accumulation": 3}))
     plan = speed.plan_speed(recipe, loaded(recipe), cuda=False)
-    assert (plan.batching, plan.micro_batch_size, plan.accumulation) == (speed.ONE_BY_ONE, 1, 4 * 3)
+    # max_length 64: 16 examples would fit a 1,024-token row, so the whole batch of 4 is one row.
+    assert (plan.batching, plan.micro_batch_size, plan.accumulation) == (speed.ROWS, 4, 3)
     assert not plan.liger_kernel and not plan.torch_compile
     text = "\n".join(plan.lines())
-    assert "batching: padding-free, one example per micro-batch, 4 x 3 accumulated per optimizer step" in text
-    assert "no varlen attention kernel on the CPU" in text
+    assert "batching: padding-free rows (each row restarts position ids per example; sdpa gets a block-diagonal" in text
     assert "liger kernels: off (Liger's kernels are Triton GPU kernels and there is no CUDA device)" in text
     assert "torch.compile: off (no CUDA device" in text
     assert "precision: fp32 (no CUDA device" in text
     config = training.sft_config(recipe, tmp_path, has_eval=False, plan=plan)
-    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 12)
-    assert not config.padding_free and not config.packing and config.train_sampling_strategy == "random"
-    assert not config.use_liger_kernel and not config.torch_compile
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (4, 3)
+    assert config.padding_free and not config.packing and config.max_length is None
+    assert config.train_sampling_strategy == "random" and not config.use_liger_kernel and not config.torch_compile
+
+
+@pytest.mark.parametrize(
+    ("max_length", "batch", "expected"),
+    [(512, 8, (speed.ROWS, 2, 4 * 3)), (400, 6, (speed.ROWS, 2, 3 * 3)), (1024, 4, (speed.ONE_BY_ONE, 1, 4 * 3)),
+     (700, 5, (speed.ONE_BY_ONE, 1, 5 * 3))],
+)
+def test_cpu_rows_hold_at_most_1024_tokens(make_recipe: Any, max_length: int, batch: int, expected: tuple) -> None:
+    recipe = load_recipe(make_recipe(data={"max_length": max_length}, train={"batch_size": batch, "gradient_accumulation": 3}))
+    plan = speed.plan_speed(recipe, loaded(recipe), cuda=False)
+    assert (plan.batching, plan.micro_batch_size, plan.accumulation) == expected
+    assert "a row holds at most 1024 tokens" in plan.lines()[0]
+    if plan.batching == speed.ONE_BY_ONE:
+        assert plan.lines()[0].startswith(f"batching: padding-free, one example per micro-batch, {batch * 3} accumulated")
+        assert not plan.sft_kwargs(max_length)["padding_free"]  # a single example needs no flattening
+    # On CUDA the rows keep the whole batch.
+    assert speed.plan_speed(recipe, loaded(recipe), cuda=True).micro_batch_size == batch
 
 
 def test_rows_on_request_or_on_cuda(make_recipe: Any, tmp_path: Path) -> None:
@@ -218,8 +235,9 @@ def test_model_without_mask_utilities_falls_back_or_stops(make_recipe: Any) -> N
     plan = speed.plan_speed(auto, OpaqueLM(), cuda=True)
     assert plan.batching == speed.GROUPED
     assert "OpaqueLM does not build its attention mask with transformers' masking utilities" in plan.lines()[0]
-    # One example per pass needs no mask at all, so the CPU plan does not depend on the model's mask code.
-    assert speed.plan_speed(auto, OpaqueLM(), cuda=False).batching == speed.ONE_BY_ONE
+    # One example per pass needs no mask at all, so that CPU plan does not depend on the model's mask code.
+    long_rows = load_recipe(make_recipe(name="long", data={"max_length": 1024}))
+    assert speed.plan_speed(long_rows, OpaqueLM(), cuda=False).batching == speed.ONE_BY_ONE
     forced = load_recipe(make_recipe(name="forced", data={"packing": True}))
     with pytest.raises(speed.SpeedError, match=r"^data.packing: true, but OpaqueLM .* set data.packing: auto"):
         speed.plan_speed(forced, OpaqueLM(), cuda=False)
@@ -274,6 +292,6 @@ def test_train_prints_the_plan(make_recipe: Any) -> None:
     recipe = load_recipe(make_recipe(train={"max_steps": 1}))
     result = training.train(recipe, console=console)
     text = console.export_text()
-    assert "speed: batching: padding-free, one example per micro-batch" in text
+    assert "speed: batching: padding-free rows" in text
     assert "speed: liger kernels: off" in text and "speed: torch.compile: off" in text
     assert result.metrics["global_step"] == 1

@@ -23,6 +23,10 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask")
 LIGER_MIN_VERSION = (0, 3, 0)  # what transformers' `apply_liger_kernel` accepts
+# Without a varlen kernel (the CPU) a row's block-diagonal mask costs the square of the row's length, so a row holds
+# at most this many tokens (counted as data.max_length per example). Measured on two CPUs' worth of data in
+# docs/benchmarks.md: 1,024 keeps one long-tailed example per pass at max_length 1024 and 8 short ones at 128.
+CPU_ROW_TOKENS = 1024
 
 
 class SpeedError(SovtuneError):
@@ -132,20 +136,30 @@ def _base_model(model: Any) -> Any:
 
 
 def _batching(recipe: Recipe, model: Any | None, attention: str, cuda: bool) -> tuple[str, int, int, Decision]:
-    """(batching, examples per forward pass, forward passes per optimizer step, decision)."""
+    """(batching, examples per forward pass, forward passes per optimizer step, decision).
+
+    The examples of an optimizer step never change: a batch split into smaller forward passes is accumulated, and
+    the loss is normalised by the supervised tokens of the whole step (tests/test_loss_normalisation.py).
+    """
     batch, accumulation = recipe.train.batch_size, recipe.train.gradient_accumulation
     choice = recipe.data.packing
     if choice is False:
         return GROUPED, batch, accumulation, Decision("batching", GROUPED, "data.packing: false")
     if batch == 1:
         return ONE_BY_ONE, 1, accumulation, Decision("batching", ONE_BY_ONE, "train.batch_size is 1: nothing to pad")
+    micro, why_smaller = batch, ""
     if choice == "auto" and not cuda:
-        # The token-count loss normalisation makes this the same optimizer step as a batch (tests/test_loss_normalisation.py).
-        return ONE_BY_ONE, 1, batch * accumulation, Decision(
+        micro = largest_divisor_at_most(batch, CPU_ROW_TOKENS // recipe.data.max_length)
+        why_smaller = (
+            f"no varlen attention kernel on the CPU: a row's block-diagonal mask costs the square of its length, so a "
+            f"row holds at most {CPU_ROW_TOKENS} tokens of data.max_length {recipe.data.max_length}"
+        )
+    passes = batch // micro * accumulation
+    if micro == 1:
+        return ONE_BY_ONE, 1, passes, Decision(
             "batching",
-            f"padding-free, {ONE_BY_ONE}, {batch} x {accumulation} accumulated per optimizer step",
-            "no varlen attention kernel on the CPU: a row of several examples needs a block-diagonal mask that costs "
-            "more than it saves there, while one example per pass needs neither padding nor a mask",
+            f"padding-free, {ONE_BY_ONE}, {passes} accumulated per optimizer step",
+            f"{why_smaller}: one example per pass needs neither padding nor a mask",
         )
     blocker = padding_free_blocker(model, attention)
     if blocker is None:
@@ -154,14 +168,19 @@ def _batching(recipe: Recipe, model: Any | None, attention: str, cuda: bool) -> 
             if attention in VARLEN_ATTENTION
             else f"{attention} gets a block-diagonal causal mask"
         )
-        return ROWS, batch, accumulation, Decision(
-            "batching", ROWS, f"each micro-batch is one row with position ids restarting per example; {how}"
-        )
+        split = f", {micro} examples per row, {passes} rows per optimizer step" if micro != batch else ""
+        reason = f"each row restarts position ids per example; {how}" + (f"; {why_smaller}" if split else "")
+        return ROWS, micro, passes, Decision("batching", ROWS + split, reason)
     if choice is True:
         raise SpeedError(
             f"data.packing: true, but {blocker}; set data.packing: auto (length-grouped padded batches) or false"
         )
     return GROUPED, batch, accumulation, Decision("batching", GROUPED, f"padding-free rows are off: {blocker}")
+
+
+def largest_divisor_at_most(number: int, limit: int) -> int:
+    """The largest divisor of `number` not above `limit` (at least 1), so micro-batches tile the batch exactly."""
+    return max(d for d in range(1, max(1, min(number, limit)) + 1) if number % d == 0)
 
 
 def _attention_decision(attention: str, cuda: bool) -> Decision:
