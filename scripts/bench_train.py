@@ -8,7 +8,8 @@ slots that were padding, and the process's peak memory (RSS on the CPU, CUDA max
 
     python scripts/bench_train.py                   # about 5 minutes on 2 CPU cores, one torch thread per run
     python scripts/bench_train.py --rounds 3        # runs interleaved three times, medians reported
-    python scripts/bench_train.py --rows            # also sovtune with data.packing: true (flattened rows)
+    python scripts/bench_train.py --runs sovtune,sovtune-rows,sovtune-padded,trl-packed   # sovtune's batchings
+    python scripts/bench_train.py --shape quickstart --lengths short --set train.batch_size=16 --set data.max_length=128
     python scripts/bench_train.py --shape llama-8b --quantization 4bit   # the GPU half: 8B-shaped QLoRA
 
 Settings held equal across runs (not what is being compared): the model, the tokenised examples, LoRA r=16 on every
@@ -45,6 +46,9 @@ SHAPES = {
     # Llama-shaped, 21.0M parameters: big enough that the decoder layers, not the embeddings, dominate the compute.
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, max_position_embeddings=2048),
+    # The shipped quickstart base model's shape (5M parameters), with short examples like its text-to-SQL data.
+    "quickstart": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
     # Llama-3.1-8B's shape (8.0B parameters), for GPUs: built in bf16 (16 GB on disk).
     "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
@@ -56,8 +60,13 @@ RUNS = {
     "sovtune": "sovtune default recipe (sovtune.training.train)",
     "trl-default": "plain TRL SFTTrainer, TRL defaults",
     "trl-packed": "plain TRL SFTTrainer, packing=True (bfd, padding-free)",
-    "sovtune-rows": "sovtune, data.packing: true (flattened rows)",  # only with --rows
+    "sovtune-rows": "sovtune, data.packing: true (whole batch in one row)",
+    "sovtune-padded": "sovtune, data.packing: false (padded, grouped by length)",
 }
+SOVTUNE_VARIANTS = {"sovtune": [], "sovtune-rows": ["data.packing=true"], "sovtune-padded": ["data.packing=false"]}
+# Log-normal (median, sigma) of prompt and answer lengths in tokens: long-tailed like general SFT data, or short and
+# narrow like the quickstart's text-to-SQL pairs.
+LENGTHS = {"long-tailed": ((40, 1.0), (60, 1.1)), "short": ((14, 0.3), (18, 0.35))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,15 +110,16 @@ def build_model(folder: Path, shape: dict[str, Any] | None = None, seed: int = 0
     return sum(p.numel() for p in model.parameters())
 
 
-def sample_rows(count: int, seed: int) -> list[dict[str, Any]]:
-    """Chats with log-normal prompt and answer lengths (medians 40 and 60 words, sigma 1.0 and 1.1)."""
+def sample_rows(count: int, seed: int, lengths: str = "long-tailed", vocab_size: int = MODEL_SHAPE["vocab_size"]) -> list[dict[str, Any]]:
+    """Chats with log-normal prompt and answer lengths (see LENGTHS), one word per token."""
     rng = random.Random(seed)
-    vocabulary = MODEL_SHAPE["vocab_size"] - len(SPECIAL_TOKENS) - len(ROLE_WORDS)
+    vocabulary = vocab_size - len(SPECIAL_TOKENS) - len(ROLE_WORDS)
     budget = MAX_LENGTH - 12  # template tokens around the two turns
+    (prompt_median, prompt_sigma), (answer_median, answer_sigma) = LENGTHS[lengths]
     rows = []
     for _ in range(count):
-        prompt = min(budget // 2, max(4, round(rng.lognormvariate(math.log(40), 1.0))))
-        answer = min(budget - prompt, max(2, round(rng.lognormvariate(math.log(60), 1.1))))
+        prompt = min(budget // 2, max(4, round(rng.lognormvariate(math.log(prompt_median), prompt_sigma))))
+        answer = min(budget - prompt, max(2, round(rng.lognormvariate(math.log(answer_median), answer_sigma))))
 
         def words(n: int) -> str:
             return " ".join(f"w{rng.randrange(vocabulary)}" for _ in range(n))
@@ -119,11 +129,15 @@ def sample_rows(count: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def build_assets(folder: Path, examples: int, seed: int, shape: str = "small", quantization: str = "none") -> dict[str, Any]:
+def build_assets(
+    folder: Path, examples: int, seed: int, shape: str = "small", quantization: str = "none",
+    lengths: str = "long-tailed", overrides: list[str] | None = None,
+) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     parameters = build_model(folder / "model", SHAPES[shape], seed=seed)
     data_file = folder / "train.jsonl"
-    data_file.write_text("".join(json.dumps(row) + "\n" for row in sample_rows(examples, seed)), encoding="utf-8")
+    rows = sample_rows(examples, seed, lengths, SHAPES[shape]["vocab_size"])
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     # sovtune's default recipe: only what must be named (model, data, where to write) is set.
     recipe = folder / "bench.yaml"
     quantised = "quantization:\n  mode: 4bit\n" if quantization == "4bit" else ""
@@ -132,7 +146,8 @@ def build_assets(folder: Path, examples: int, seed: int, shape: str = "small", q
         f"output:\n  dir: {folder / 'runs' / 'sovtune'}\n",
         encoding="utf-8",
     )
-    return {"parameters": parameters, "recipe": str(recipe), "model": str(folder / "model"), "quantization": quantization}
+    return {"parameters": parameters, "recipe": str(recipe), "model": str(folder / "model"), "quantization": quantization,
+            "overrides": list(overrides or [])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +239,7 @@ def run_trl(assets: dict[str, Any], callback: Any, packed: bool, packed_batch: i
     from sovtune.recipe import load_recipe
 
     trainer_class = metered_trainer(callback)
-    recipe = load_recipe(assets["recipe"])
+    recipe = load_recipe(assets["recipe"], assets["overrides"])
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)  # the very examples sovtune trains on (same split, same masks)
     dataset = Dataset.from_dict({"input_ids": [i.input_ids for i in data.train], "labels": [i.labels for i in data.train]})
@@ -263,8 +278,8 @@ def child(name: str, assets_file: Path, threads: int, packed_batch: int) -> None
 
     pad_id = AutoTokenizer.from_pretrained(assets["model"]).pad_token_id
     callback, counts = meter(pad_id, warmup_steps=1)
-    if name.startswith("sovtune"):
-        run_sovtune(assets, callback, ["data.packing=true"] if name == "sovtune-rows" else [])
+    if name in SOVTUNE_VARIANTS:
+        run_sovtune(assets, callback, assets["overrides"] + SOVTUNE_VARIANTS[name])
     else:
         run_trl(assets, callback, packed=name == "trl-packed", packed_batch=packed_batch)
     if "start" not in counts:
@@ -342,14 +357,21 @@ def main() -> None:
     # thread the other jobs have descheduled, and the timings measure the neighbours more than the training.
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (0 = torch's default)")
     parser.add_argument("--trl-packed-batch", type=int, default=1, help="packed rows per micro-batch for trl-packed")
-    parser.add_argument("--rows", action="store_true", help="also run sovtune with data.packing: true")
+    parser.add_argument("--runs", default="sovtune,trl-default,trl-packed", help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="recipe override for the sovtune runs, e.g. --set train.batch_size=16 (repeatable)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small", help="model shape (llama-8b: for GPUs)")
+    parser.add_argument("--lengths", choices=sorted(LENGTHS), default="long-tailed", help="example length distribution")
     parser.add_argument("--quantization", choices=["none", "4bit"], default="none", help="4bit: QLoRA in every run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where to build the model and data (default: temp)")
     parser.add_argument("--child", choices=sorted(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--assets", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    names = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        parser.error(f"--runs: unknown {unknown}; choose from {', '.join(RUNS)}")
     if args.child:
         child(args.child, args.assets, args.threads, args.trl_packed_batch)
         return
@@ -357,7 +379,7 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="sovtune-bench-") as tmp:
         folder = args.workdir or Path(tmp)
-        assets = build_assets(folder, args.examples, args.seed, args.shape, args.quantization)
+        assets = build_assets(folder, args.examples, args.seed, args.shape, args.quantization, args.lengths, args.overrides)
         assets_file = folder / "assets.json"
         assets_file.write_text(json.dumps(assets), encoding="utf-8")
         print(f"machine: {describe_machine()}")
@@ -365,7 +387,8 @@ def main() -> None:
         print(f"model: Llama, {assets['parameters'] / 1e6:.1f}M parameters ({SHAPES[args.shape]}), random weights, "
               f"LoRA r=16 all-linear{quantised}; {args.threads or 'default'} torch thread(s) per run")
         print(f"data: {data_summary(assets)}")
-        names = [name for name in RUNS if args.rows or name != "sovtune-rows"]
+        if args.overrides:
+            print(f"sovtune recipe overrides: {' '.join(args.overrides)} (TRL runs keep TRL's defaults)")
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for round_index in range(args.rounds):
             for name in names:
@@ -376,12 +399,20 @@ def main() -> None:
     medians = {name: median_result(found) for name, found in results.items()}
     print_table(medians, args)
     print(f"total benchmark time {time.time() - started:.0f} s")
-    ours, default, packed = medians["sovtune"], medians["trl-default"], medians["trl-packed"]
-    print(f"sovtune/trl-packed effective tokens/s: {ours['tokens_per_s'] / packed['tokens_per_s']:.2f}x "
-          f"(per CPU-second: {ours['tokens_per_cpu_s'] / packed['tokens_per_cpu_s']:.2f}x; target >= 1.0x)")
+    ours = medians.get("sovtune")
+    if ours is None:
+        return
     print(f"sovtune padding share: {ours['padding_share']:.1%} (target <= 2%)")
-    print(f"sovtune/trl-default per CPU-second: {ours['tokens_per_cpu_s'] / default['tokens_per_cpu_s']:.2f}x (target >= 1.8x)")
-    print(f"sovtune/trl-default effective tokens/s: {ours['tokens_per_s'] / default['tokens_per_s']:.2f}x")
+    for name in ("sovtune-rows", "sovtune-padded", "trl-packed"):
+        if name in medians:
+            other = medians[name]
+            target = "; target >= 1.0x" if name == "trl-packed" else ""
+            print(f"sovtune/{name} effective tokens/s: {ours['tokens_per_s'] / other['tokens_per_s']:.2f}x "
+                  f"(per CPU-second: {ours['tokens_per_cpu_s'] / other['tokens_per_cpu_s']:.2f}x{target})")
+    if "trl-default" in medians:
+        default = medians["trl-default"]
+        print(f"sovtune/trl-default per CPU-second: {ours['tokens_per_cpu_s'] / default['tokens_per_cpu_s']:.2f}x (target >= 1.8x)")
+        print(f"sovtune/trl-default effective tokens/s: {ours['tokens_per_s'] / default['tokens_per_s']:.2f}x")
 
 
 def print_table(medians: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
