@@ -24,8 +24,8 @@ MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask")
 LIGER_MIN_VERSION = (0, 3, 0)  # what transformers' `apply_liger_kernel` accepts
 # Without a varlen kernel (the CPU) a row's block-diagonal mask costs the square of the row's length, so a row holds
-# at most this many tokens (counted as data.max_length per example). Measured on two CPUs' worth of data in
-# docs/benchmarks.md: 1,024 keeps one long-tailed example per pass at max_length 1024 and 8 short ones at 128.
+# at most this many tokens (counted as data.max_length per example): one example per pass at max_length 1024, eight
+# at 128. Both were faster than one row of the whole batch (docs/benchmarks.md).
 CPU_ROW_TOKENS = 1024
 
 
@@ -150,9 +150,11 @@ def _batching(recipe: Recipe, model: Any | None, attention: str, cuda: bool) -> 
     micro, why_smaller = batch, ""
     if choice == "auto" and not cuda:
         micro = largest_divisor_at_most(batch, CPU_ROW_TOKENS // recipe.data.max_length)
+        fits = max(1, CPU_ROW_TOKENS // recipe.data.max_length)
         why_smaller = (
             f"no varlen attention kernel on the CPU: a row's block-diagonal mask costs the square of its length, so a "
-            f"row holds at most {CPU_ROW_TOKENS} tokens of data.max_length {recipe.data.max_length}"
+            f"row holds at most {CPU_ROW_TOKENS} tokens ({fits} example{'s' if fits > 1 else ''} of data.max_length "
+            f"{recipe.data.max_length})"
         )
     passes = batch // micro * accumulation
     if micro == 1:
