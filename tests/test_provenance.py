@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_manifest_write_is_atomic(run, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(provenance.json, "dump", crash)
+    monkeypatch.setattr(os, "fsync", crash)  # the disk fills after the temporary file was written
     with pytest.raises(OSError):
         provenance.append_stage(run.run_dir, "eval", {})
     assert path.read_bytes() == before

@@ -251,27 +251,9 @@ def data_file_hashes(recipe: Recipe) -> list[dict[str, str]]:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """tmp + fsync + rename (+ fsync of the folder): a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    from sovtune.safety import atomic_write_text  # the one atomic writer
 
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write_text(Path(path), json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
 
 
 @contextlib.contextmanager
