@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sqlite3
 from contextlib import nullcontext
@@ -281,7 +282,7 @@ def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: An
 
 def test_check_eval_finds_bad_eval_data_before_any_model_loads(make_recipe: Any, tmp_path: Path, company_db: Path) -> None:
     good = sql_recipe(make_recipe, tmp_path, company_db)
-    assert ev.check_eval(load_recipe(good)) == {"sql": 6, "general": 8}
+    assert ev.check_eval(load_recipe(good)).examples == {"sql": 6, "general": 8}
     broken = write_jsonl(tmp_path / "broken.jsonl", [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "SELECT nope FROM employees"}]}
     ])  # fmt: skip
@@ -291,6 +292,29 @@ def test_check_eval_finds_bad_eval_data_before_any_model_loads(make_recipe: Any,
     )
     with pytest.raises(DataError, match=r"broken.jsonl:1: reference SQL fails on company.db \(no such column: nope\)"):
         ev.check_eval(load_recipe(recipe))
+
+
+def test_check_eval_warns_when_references_cannot_fit_the_generation_budget(
+    make_recipe: Any, tmp_path: Path, company_db: Path
+) -> None:
+    """max_new_tokens=8 cuts SQL references short: the check says so (and how to fix it) before training."""
+    recipe_path = sql_recipe(make_recipe, tmp_path, company_db)
+    tight = ev.check_eval(load_recipe(recipe_path))
+    assert len(tight.warnings) == 1
+    assert re.fullmatch(
+        r"eval dataset 'sql': [1-6] of 6 references need more than eval.generation.max_new_tokens=8 tokens "
+        r"\(longest (\d+) with its stop token\) and cannot match; raise it to at least \1",
+        tight.warnings[0],
+    ), tight.warnings[0]
+    longest = int(re.search(r"longest (\d+)", tight.warnings[0]).group(1))
+    enough = ev.check_eval(load_recipe(recipe_path, [f"eval.generation.max_new_tokens={longest}"]))
+    assert enough.warnings == []
+    one_short = ev.check_eval(load_recipe(recipe_path, [f"eval.generation.max_new_tokens={longest - 1}"]))
+    assert len(one_short.warnings) == 1 and f"raise it to at least {longest}" in one_short.warnings[0]
+    result = CliRunner().invoke(app, ["check", str(recipe_path), "--json"])
+    checks = {check["check"]: check for check in json.loads(result.stdout)["checks"]}
+    assert checks["generation budget"]["ok"] is False and tight.warnings[0] in checks["generation budget"]["detail"]
+    assert result.exit_code == 0  # a warning, not a failure: the cap may be deliberate
 
 
 def test_text_recipes_default_to_loss_metrics_and_gates_follow(make_recipe: Any, tmp_path: Path) -> None:

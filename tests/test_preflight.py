@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,21 @@ def test_set_overrides_reach_the_check(good_recipe: Path) -> None:
     arch = json.loads(result.stdout)["architecture"]
     assert arch["targeted_modules"] == ["q_proj"]
     assert arch["trainable_parameters"] == LAYERS * 2 * (HIDDEN + HIDDEN)
+
+
+def test_tied_embeddings_are_counted_once() -> None:
+    """The shipped base ties lm_head to the embeddings: the count must equal the tensors in its weight file."""
+    from safetensors import safe_open
+
+    from sovtune.model import load_tokenizer
+    from sovtune.preflight import architecture_summary
+    from sovtune.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
+    with safe_open(str(Path(recipe.model_location) / "model.safetensors"), framework="pt") as weights:
+        stored = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    arch = architecture_summary(recipe, load_tokenizer(recipe))
+    assert arch["parameters"] == stored
 
 
 # ---------------------------------------------------------------------------------------------------------------

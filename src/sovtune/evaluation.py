@@ -52,6 +52,7 @@ class Suite:
     scorers: dict[str, Callable[[str, EvalItem], float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    cut_off: str = ""  # references longer than the generation budget: they can never match
 
     @property
     def needs_generation(self) -> bool:
@@ -122,10 +123,18 @@ def evaluate(
     return report
 
 
-def check_eval(recipe: Recipe, tokenizer: Any = None) -> dict[str, int]:
+@dataclass
+class EvalCheck:
+    """What `check_eval` found: examples per dataset, and warnings worth showing before training starts."""
+
+    examples: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_eval(recipe: Recipe, tokenizer: Any = None) -> EvalCheck:
     """Everything evaluation needs except the model: data read, references executed, user metrics imported.
 
-    Run before training so a broken eval setting fails in seconds, not after hours. Returns examples per dataset.
+    Run before training so a broken eval setting fails in seconds, not after hours.
     """
     from sovtune import model as models
 
@@ -134,7 +143,10 @@ def check_eval(recipe: Recipe, tokenizer: Any = None) -> dict[str, int]:
     for suite in suites:
         for close in suite.closers:
             close()
-    return {suite.name: len(suite.items) for suite in suites}
+    return EvalCheck(
+        examples={suite.name: len(suite.items) for suite in suites},
+        warnings=[f"eval dataset {suite.name!r}: {suite.cut_off}" for suite in suites if suite.cut_off],
+    )
 
 
 def recipe_for_run(
@@ -248,10 +260,25 @@ def prepare_dataset(recipe: Recipe, tokenizer: Any, dataset: EvalDataset) -> Sui
         notes=notes,
     )
     _add_scorers(suite, dataset, recipe)
+    if suite.needs_generation:
+        suite.cut_off = generation_cut_off(items, tokenizer, recipe.eval.generation.max_new_tokens)
+        if suite.cut_off:
+            suite.notes.append(suite.cut_off)
     if "multiple_choice" in dataset.metrics:
         for item in items:
             _attach_choices(item, dataset, tokenizer)
     return suite
+
+
+def generation_cut_off(items: list[EvalItem], tokenizer: Any, max_new_tokens: int) -> str:
+    """Say how many references do not fit in `max_new_tokens` (answer plus its stop token): cut off at the budget,
+    such answers score zero on every generation metric however good the model is. Empty when all fit."""
+    needed = [len(tokenizer(item.reference, add_special_tokens=False)["input_ids"]) + 1 for item in items]
+    over = [count for count in needed if count > max_new_tokens]
+    if not over:
+        return ""
+    return (f"{len(over)} of {len(needed)} references need more than eval.generation.max_new_tokens={max_new_tokens} "
+            f"tokens (longest {max(over)} with its stop token) and cannot match; raise it to at least {max(over)}")
 
 
 def prepare_general(recipe: Recipe, tokenizer: Any) -> Suite:

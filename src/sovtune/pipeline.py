@@ -44,7 +44,9 @@ def _run(recipe: Recipe, resume: bool, overwrite: bool, console: Any, force: boo
         if recipe.eval.enabled:
             from sovtune.evaluation import check_eval
 
-            check_eval(recipe)
+            for warning in check_eval(recipe).warnings:
+                if console is not None:
+                    console.print(f"warning: {warning}", markup=False)
     with audited("train", recipe, destination=str(result.run_dir)):
         result.stages["train"] = train(
             recipe, resume=resume, overwrite=overwrite, console=console, force=force, resume_command=resume_command

@@ -53,9 +53,9 @@ def check(recipe: Recipe) -> PreflightReport:
 
     models.check_device_support(recipe)
     check_push_settings(recipe.hub)  # hub.push without an endpoint or token fails now, not after training
-    if recipe.eval.enabled:
-        check_eval(recipe)  # eval data, SQL references, user metric files
     tokenizer = models.load_tokenizer(recipe)
+    # Eval data, SQL references, user metric files: broken ones raise here, before any weights load.
+    eval_warnings = check_eval(recipe, tokenizer).warnings if recipe.eval.enabled else []
     data = prepare_data(recipe, tokenizer)
     report = PreflightReport(recipe=recipe.name, stats=data.stats, architecture=architecture_summary(recipe, tokenizer))
     add = report.findings.append
@@ -79,6 +79,10 @@ def check(recipe: Recipe) -> PreflightReport:
         detail = f"adapting {', '.join(arch['targeted_modules'])}"
     add(Finding("target modules", not arch.get("missing_modules"), detail))
     add(Finding("eval split", bool(data.eval), f"{len(data.eval)} held-out examples", fatal=False))
+    if recipe.eval.enabled:
+        add(Finding("generation budget", not eval_warnings,
+                    "; ".join(eval_warnings) or f"every reference fits in eval.generation.max_new_tokens="
+                    f"{recipe.eval.generation.max_new_tokens}", fatal=False))
     add(data_scan_finding(data.stats["data_scan"]))
     add(licence_finding(recipe))
     return report
@@ -129,6 +133,7 @@ def architecture_summary(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
         raise models._loading_error("config", recipe, exc) from None
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    meta.tie_weights()  # from_config under init_empty_weights leaves tied embeddings as two tensors
     if len(tokenizer) > meta.get_input_embeddings().weight.shape[0]:
         meta.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     total = sum(p.numel() for p in meta.parameters())
