@@ -102,6 +102,50 @@ def test_tied_embeddings_are_counted_once() -> None:
     assert arch["parameters"] == stored
 
 
+@pytest.fixture(scope="module")
+def biased_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with attention and MLP biases and tied embeddings: every case of the count has something to add."""
+    from conftest import build_tiny_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("biased-llama")
+    return build_tiny_model(path, build_tokenizer(path), attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("adapter", [
+    {"r": 4},
+    {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+    {"r": 2, "target_modules": ["self_attn.o_proj", "embed_tokens"]},
+    {"r": 4, "type": "dora"},
+    {"r": 4, "bias": "all"},
+    {"r": 4, "bias": "lora_only", "target_modules": ["k_proj", "down_proj"]},
+    {"r": 4, "modules_to_save": ["lm_head"]},
+    {"r": 4, "modules_to_save": ["embed_tokens", "lm_head"], "type": "rslora"},
+])  # fmt: skip
+@pytest.mark.parametrize("biased", [False, True])
+def test_adapter_size_without_peft_equals_peft(
+    adapter: dict[str, Any], biased: bool, tmp_path: Path, tiny_model_dir: Path, biased_model_dir: Path
+) -> None:
+    """`sovtune check` counts the adapter from layer shapes (peft's import costs seconds): it must agree with peft."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sovtune import model as models
+    from sovtune.preflight import adapter_size
+    from sovtune.recipe import load_recipe
+
+    model_dir = biased_model_dir if biased else tiny_model_dir
+    recipe = load_recipe(write_recipe(tmp_path, model_dir, "count", qa_rows(), adapter=adapter))
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(base.config)
+    meta.tie_weights()
+    counted, targeted = adapter_size(meta, recipe)
+    adapted = get_peft_model(base, models.lora_config(recipe))
+    assert counted == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert targeted == sorted({name.rsplit(".", 2)[-2] for name, _ in adapted.named_modules() if name.endswith("lora_A")})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What would silently ruin a run: exit 2, one line
 
