@@ -406,6 +406,16 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
 
 
+def copy_verdict(score: dict) -> str:
+    """What the copy score (table below) says, in words: the card must not claim an ability the model lacks."""
+    gain = score["random_span_loss"] - score["repeated_span_loss"]
+    if gain >= 1.0:
+        return f"The model copies: a repeated span costs {gain:.2f} nats/token less than its first occurrence."
+    return (f"**It did not learn to copy** (loss on a repeated span {score['repeated_span_loss']} nats/token, the first "
+            f"time {score['random_span_loss']}): LoRA fine-tuning on this model learns the form of the answers but not to read values from "
+            "the prompt; see docs/benchmarks.md, \"Quickstart timing and results\".")
+
+
 def model_card(info: dict) -> str:
     """README.md for data/base-model: YAML header for the Hub, then the facts in build_info.json."""
     a, c, t = info["architecture"], info["corpus"], info["training"]
@@ -450,8 +460,8 @@ of `pydoc_data/topics.py` as one prose document each.
 general-text set in `data/general/`. The sovtune SQL dataset (`data/sql/`) is not in the corpus.
 Pretraining documents: {c['train_documents']}, {c['train_tokens']:,} tokens, packed as `<s> document </s>` into
 {t['seq_len']}-token blocks. {t['copy_fraction']:.0%} of the blocks (seeded) are a {t['seq_len'] // 2}-token span followed by the
-same span again: without them a model this small, trained this briefly, does not learn to copy from its context,
-which fine-tuning tasks such as text-to-SQL rely on.
+same span again, meant to teach copying from the context, which fine-tuning tasks such as text-to-SQL rely on.
+{copy_verdict(t['copy_score'])}
 
 ## Training
 
