@@ -271,7 +271,12 @@ def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: An
     )
     result = CliRunner().invoke(app, ["run", str(recipe_path)])
     assert result.exit_code == 3, result.output
-    assert "gate failed: exact_match (eval/exact_match) min_value 0.99" in " ".join(result.output.split())
+    output = " ".join(result.output.split())
+    assert "gate failed: exact_match (eval/exact_match) min_value 0.99" in output
+    # Said before training, not found out after it: 4 new tokens cannot hold the answers.
+    warning = output.index("warning: eval dataset 'eval': ")
+    assert "references need more than eval.generation.max_new_tokens=4 tokens" in output
+    assert warning < output.index("effective batch")
     run_dir = load_recipe(recipe_path).run_dir
     assert (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "report.json").is_file()
     # `sovtune eval RUN_DIR` alone re-evaluates with the recipe the run saved.
