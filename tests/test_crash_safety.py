@@ -533,6 +533,24 @@ def test_a_second_run_into_the_same_directory_is_refused(make_recipe: Any, tmp_p
     assert not safety.lock_path(run_dir).exists()
 
 
+def test_eval_refuses_a_run_directory_another_process_is_writing(make_recipe: Any, tmp_path: Path) -> None:
+    """`sovtune eval RUN_DIR` writes the report into the run directory: it takes the same lock as train and run."""
+    recipe = make_recipe(train={"max_steps": 2})
+    assert invoke("train", recipe).exit_code == 0
+    run_dir = tmp_path / "runs" / "recipe"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        message = error_line(invoke("eval", str(run_dir)))
+        assert f"another sovtune run (pid {holder.pid} on" in message
+        assert not (run_dir / "report.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert invoke("eval", str(run_dir)).exit_code == 0
+    assert (run_dir / "report.json").is_file() and not safety.lock_path(run_dir).exists()
+
+
 def test_a_lock_naming_a_live_process_is_respected_without_flock(tmp_path: Path) -> None:
     """Where flock is a no-op (some network file systems), the pid and its start time decide."""
     import psutil

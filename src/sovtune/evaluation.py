@@ -90,8 +90,7 @@ def evaluate(
 
     Raises GateFailed (exit 3) after the report is written when a gate in `eval.gates` fails.
     """
-    from sovtune import model as models
-    from sovtune import report as reports
+    from sovtune.safety import RunLock
 
     recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
     run_dir = Path(run_dir) if run_dir is not None else recipe.run_dir
@@ -100,6 +99,15 @@ def evaluate(
         raise SovtuneError(
             f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or point --adapter at a peft adapter"
         )
+    # The report goes into the run directory: no second writer (a training with --overwrite, another eval) meanwhile.
+    with RunLock(run_dir, enabled=write):
+        return _evaluate(recipe, run_dir, adapter_dir, console, write)
+
+
+def _evaluate(recipe: Recipe, run_dir: Path, adapter_dir: Path, console: Any, write: bool) -> Any:
+    from sovtune import model as models
+    from sovtune import report as reports
+
     started, started_at = time.perf_counter(), provenance.now()
     tokenizer = eval_tokenizer(recipe, adapter_dir)
     suites = prepare_suites(recipe, tokenizer)
