@@ -190,6 +190,16 @@ def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool
     return model
 
 
+def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
+    """The causal LM of a config on the meta device: every module and shape, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
+    return model
+
+
 def _local_rank_device() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -192,6 +192,7 @@ class Architecture:
     embedding_params: int  # input embeddings (and any other nn.Embedding)
     total_params: int
     module_params: dict[str, int] = field(default_factory=dict)  # leaf module name -> parameters (modules_to_save)
+    embeddings: list[LinearLayer] = field(default_factory=list)  # nn.Embedding as (num_embeddings -> dim): LoRA-able too
     layer_params: int = 0  # parameters of one decoder layer
 
     @property
@@ -221,20 +222,23 @@ def _linear_shape(module: Any) -> tuple[int, int, bool] | None:
 
 def architecture_from_config(config: Any, name: str, source: str) -> Architecture:
     """Count every parameter of the architecture on the meta device: no memory, no weights."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from sovtune import model as models
 
     try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=getattr(config, "_trust_remote_code", False))
+        model = models.meta_model(config, trust_remote_code=getattr(config, "_trust_remote_code", False))
     except (ValueError, KeyError, TypeError) as exc:
         raise PlanError(f"model {name!r}: cannot build a causal LM from its config ({str(exc).splitlines()[0][:200]})") from None
-    model.tie_weights()  # init_empty_weights re-registers parameters and so undoes the tie made in post_init
+    return architecture_from_model(model, config, name, source)
+
+
+def architecture_from_model(model: Any, config: Any, name: str, source: str) -> Architecture:
+    """The layer shapes and parameter counts of a model (normally on the meta device)."""
+    import torch
+
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
     tied = head is not None and head.weight is model.get_input_embeddings().weight
-    linears, embedding_params, module_params = [], 0, {}
+    linears, embeddings, embedding_params, module_params = [], [], 0, {}
     for module_name, module in model.named_modules():
         leaf = module_name.rsplit(".", 1)[-1]
         if module_name and leaf not in module_params:
@@ -245,6 +249,7 @@ def architecture_from_config(config: Any, name: str, source: str) -> Architectur
             linears.append(LinearLayer(module_name, *shape, layer=int(found.group(1)) if found else None))
         elif isinstance(module, torch.nn.Embedding):
             embedding_params += module.weight.numel()
+            embeddings.append(LinearLayer(module_name, module.num_embeddings, module.embedding_dim, False, layer=None))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size
     heads = text.num_attention_heads
@@ -261,6 +266,7 @@ def architecture_from_config(config: Any, name: str, source: str) -> Architectur
         num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or hidden // heads,
         linears=linears,
+        embeddings=embeddings,
         output_head=head_name,
         tied_embeddings=tied,
         embedding_params=embedding_params,
@@ -422,17 +428,28 @@ class Estimate:
         return next(c.bytes for c in self.components if c.name == name)
 
 
+def _named(name: str, targets: tuple[str, ...]) -> bool:
+    """peft's rule for a list of target modules: the full module name, or a dotted suffix of it."""
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
 def targeted_linears(arch: Architecture, settings: Settings) -> list[LinearLayer]:
-    """The linears peft wraps: all but the output head for all-linear, else those whose leaf name is listed."""
+    """The linears peft wraps: all but the output head for all-linear, else those the list names."""
     if settings.targets == "all-linear":
         return [lin for lin in arch.linears if lin.name != arch.output_head]
-    return [lin for lin in arch.linears if lin.leaf in settings.targets]
+    return [lin for lin in arch.linears if _named(lin.name, settings.targets)]
+
+
+def adapted_layers(arch: Architecture, settings: Settings) -> list[LinearLayer]:
+    """Every layer that gets LoRA A and B: the targeted linears and any embedding the target list names."""
+    named = [] if settings.targets == "all-linear" else [e for e in arch.embeddings if _named(e.name, settings.targets)]
+    return targeted_linears(arch, settings) + named
 
 
 def trainable_tensors(arch: Architecture, settings: Settings) -> list[tuple[int, int]]:
     """(elements, bytes per element) of each trainable tensor: LoRA A and B (+ DoRA magnitude), biases, saved modules."""
     tensors: list[tuple[int, int]] = []
-    for lin in targeted_linears(arch, settings):
+    for lin in adapted_layers(arch, settings):
         tensors += [(settings.r * lin.in_features, 4), (settings.r * lin.out_features, 4)]
         if settings.dora:
             tensors.append((lin.out_features, 4))
@@ -560,9 +577,7 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
     """Peak memory per GPU of one training step, by component."""
     n = settings.gpus if settings.sharded else 1
     tensors = trainable_tensors(arch, settings)
-    lora_params = sum(
-        settings.r * (lin.in_features + lin.out_features) for lin in targeted_linears(arch, settings)
-    )
+    lora_params = sum(settings.r * (lin.in_features + lin.out_features) for lin in adapted_layers(arch, settings))
     trainable_bytes = sum(elements * size for elements, size in tensors)
     weights = base_weight_bytes(arch, settings)
     quant = {"none": f"{8 * settings.dtype_bytes}-bit", "4bit": "NF4" + (" + double quant" if settings.double_quant else ""), "8bit": "int8"}[settings.quant_mode]

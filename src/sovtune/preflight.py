@@ -122,16 +122,13 @@ def template_round_trip(items: list[Any], tokenizer: Any) -> Finding:
 
 def architecture_summary(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     """Build the model on the meta device from its config alone: module names and the trainable parameter count."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(recipe.model_location, **models._hub_kwargs(recipe))
     except (OSError, ValueError, KeyError) as exc:
         raise models._loading_error("config", recipe, exc) from None
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    meta.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
+    meta = models.meta_model(config, trust_remote_code=recipe.model.trust_remote_code)
     if len(tokenizer) > meta.get_input_embeddings().weight.shape[0]:
         meta.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     total = sum(p.numel() for p in meta.parameters())
@@ -154,44 +151,18 @@ def architecture_summary(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     return summary
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
-    """peft's rule for a list of module names: the full name, or a dotted suffix of it."""
-    return any(name == pattern or name.endswith("." + pattern) for pattern in patterns)
-
-
 def adapter_size(meta: Any, recipe: Recipe) -> tuple[int, list[str]]:
     """Trainable parameters of the recipe's adapter and the module names it adapts, from the layer shapes alone.
 
-    The count peft's get_peft_model gives (tests/test_preflight.py holds the two equal across adapter settings),
-    without importing peft: that import alone is ~2.8 s of `sovtune check`'s 10 s budget.
+    The planner's count (`sovtune plan`), which tests hold equal to peft's get_peft_model: importing peft to count
+    would cost ~2.8 s of `sovtune check`'s 10 s budget.
     """
-    import torch
+    from sovtune import plan
 
-    adapter = recipe.adapter
-    output_layer = meta.get_output_embeddings()
-    trainable, targeted = 0, set()
-    for name, module in meta.named_modules():
-        if adapter.target_modules == "all-linear":  # every linear layer but the output layer
-            hit = isinstance(module, torch.nn.Linear) and module is not output_layer
-        else:
-            hit = isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and _matches(name, adapter.target_modules)
-        if not hit:
-            continue
-        if isinstance(module, torch.nn.Embedding):
-            fan_in, fan_out = module.num_embeddings, module.embedding_dim
-        else:
-            fan_in, fan_out = module.in_features, module.out_features
-        trainable += adapter.r * (fan_in + fan_out)  # A: r x in, B: out x r
-        trainable += fan_out if adapter.type == "dora" else 0  # DoRA's magnitude vector
-        bias = getattr(module, "bias", None)
-        trainable += bias.numel() if adapter.bias == "lora_only" and bias is not None else 0
-        targeted.add(name.rsplit(".", 1)[-1])
-    if adapter.bias == "all":
-        trainable += sum(p.numel() for n, p in meta.named_parameters() if n.endswith(".bias"))
-    for name, module in meta.named_modules():  # full trainable copies
-        if adapter.modules_to_save and _matches(name, adapter.modules_to_save):
-            trainable += sum(p.numel() for p in module.parameters())
-    return trainable, sorted(targeted)
+    arch = plan.architecture_from_model(meta, meta.config, recipe.model.name_or_path, "config")
+    settings = plan.Settings.from_recipe(recipe, device="cpu")
+    trainable = sum(elements for elements, _ in plan.trainable_tensors(arch, settings))
+    return trainable, sorted({layer.leaf for layer in plan.adapted_layers(arch, settings)})
 
 
 def raise_on_failures(report: PreflightReport) -> None:
