@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,16 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_startup import sovtune_command  # scripts/ is on sys.path when a script here runs
+
 TARGET_S = 180.0
-
-
-def sovtune_command() -> list[str]:
-    """The installed `sovtune` entry point next to this interpreter, else on PATH."""
-    beside = Path(sys.executable).with_name("sovtune")
-    found = str(beside) if beside.exists() else shutil.which("sovtune")
-    if found is None:
-        raise SystemExit("sovtune is not installed in this environment: pip install -e . first")
-    return [found]
 
 
 def pick_cores(count: int) -> set[int] | None:
