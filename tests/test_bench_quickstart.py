@@ -34,3 +34,21 @@ def test_bench_quickstart_reports_the_runs_own_figures(make_recipe: Any, tmp_pat
         assert f"| {result['base']:.3f} | {result['tuned']:.3f} |" in out
     assert "gate exact_match min_value 0.99: " in out and "-> FAIL" in out
     assert out.rstrip().endswith("gates FAILED")
+
+
+def test_diagnose_quickstart_trains_and_probes_the_shipped_base(tmp_path: Path) -> None:
+    """The script behind the quickstart diagnosis table runs (2 steps here) and probes every department."""
+    script = str(ROOT / "scripts" / "diagnose_quickstart.py")
+    written = subprocess.run([sys.executable, script, "--write-data", str(tmp_path / "d"), "--familiar"],
+                             capture_output=True, text=True, timeout=120)
+    assert written.returncode == 0, written.stderr
+    train = [json.loads(line) for line in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 445 and all("Legal" not in m["content"] for row in train for m in row["messages"])
+    done = subprocess.run([sys.executable, script, "--mode", "lora", "--lr", "4e-3", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    probes = [line.strip() for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert [line.split(":")[0] for line in probes] == ["Legal", "Sales", "Finance", "Support"]
+    assert "step 0: loss " in done.stdout
+    missing = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--mode and --lr are required" in missing.stderr
