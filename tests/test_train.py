@@ -214,7 +214,9 @@ def test_qlora_quantizes_the_base_to_nf4_with_double_quant(qlora_run: TrainedRun
     quantized = [m for m in qlora_run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 2 * 7  # every linear layer of both blocks; lm_head stays in full precision
     assert {m.weight.quant_state.quant_type for m in quantized} == {"nf4"}
-    assert all(m.weight.quant_state.nested for m in quantized)  # double quantisation
+    # double quantisation (bitsandbytes' AVX512-BF16 CPU repacking, done at the first eval forward, un-nests the
+    # block scales and records the original setting)
+    assert all(getattr(m.weight.quant_state, "original_nested", m.weight.quant_state.nested) for m in quantized)
     trainable = {name: p.dtype for name, p in qlora_run.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
     # fp32 compute on the CPU: the adapter trains in fp32 (as peft reloads it), not in TRL's bf16.
@@ -238,6 +240,9 @@ def test_saved_qlora_adapter_reloads_on_a_4bit_base_with_identical_logits(qlora_
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
     )
     reloaded = plain_peft(Path(qlora_run.recipe.model_location), qlora_run.result.adapter_dir, quantization_config=quantization)
+    # The tiny model's 32-wide layers are below bitsandbytes' CPU repacking block (a crash on AVX512-BF16 CPUs that
+    # real model widths never meet); sovtune's loader does the same.
+    models.keep_unpackable_4bit_layers_unpacked(reloaded)
     with torch.no_grad():
         logits = reloaded(input_ids=qlora_run.probe).logits
     torch.testing.assert_close(logits, qlora_run.logits, rtol=0, atol=1e-6)
@@ -343,3 +348,40 @@ def test_added_pad_token_resizes_the_model_and_the_adapter_carries_the_embedding
     with torch.no_grad():
         logits = reloaded(input_ids=run.probe).logits
     torch.testing.assert_close(logits, run.logits, rtol=0, atol=1e-6)
+
+
+def test_4bit_layers_bitsandbytes_cannot_repack_for_the_cpu_keep_the_unpacked_path() -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel in eval mode and asserts out_features % 32 == 0."""
+    from types import SimpleNamespace
+
+    class Model:
+        def __init__(self, layers: list[Any]) -> None:
+            self.layers = layers
+
+        def modules(self) -> list[Any]:
+            return self.layers
+
+    def layer(out_features: int, in_features: int, blocksize: int = 64) -> Any:
+        weight = SimpleNamespace(quant_state=SimpleNamespace(blocksize=blocksize))
+        return SimpleNamespace(support_avx512bf16_for_cpu=True, out_features=out_features, in_features=in_features, weight=weight)
+
+    wide_out, wide_in, small_blocks, fine = layer(688, 256), layer(256, 688), layer(256, 96, blocksize=32), layer(256, 256)
+    plain = SimpleNamespace(out_features=7, in_features=7)  # not a bitsandbytes layer: no such switch
+    assert models.keep_unpackable_4bit_layers_unpacked(Model([wide_out, wide_in, small_blocks, fine, plain])) == 2
+    assert not wide_out.support_avx512bf16_for_cpu and not wide_in.support_avx512bf16_for_cpu
+    assert small_blocks.support_avx512bf16_for_cpu and fine.support_avx512bf16_for_cpu
+
+
+def test_qlora_base_with_a_688_wide_mlp_evaluates_on_the_cpu(tmp_path: Path) -> None:
+    """The quickstart base's MLP is 688 wide: on CPUs with AVX512-BF16 its eval forward crashed inside bitsandbytes."""
+    import bitsandbytes as bnb
+    from conftest import build_tiny_model, build_tokenizer
+
+    model_dir = build_tiny_model(tmp_path / "m", build_tokenizer(tmp_path / "m"), hidden_size=64, intermediate_size=688)
+    recipe = load_recipe(write_recipe(tmp_path, model_dir, "q", quantization={"mode": "4bit", "quant_type": "nf4"}))
+    model = models.load_base_model(recipe).eval()
+    wide = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and (m.out_features % 32 or m.in_features % 64)]
+    assert wide and not any(m.support_avx512bf16_for_cpu for m in wide)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits
+    assert torch.isfinite(logits).all()

@@ -187,7 +187,29 @@ def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool
         raise _loading_error("weights", recipe, exc) from None
     if tokenizer is not None:
         match_tokenizer(model, tokenizer)
+    keep_unpackable_4bit_layers_unpacked(model)
     return model
+
+
+# bitsandbytes (0.49+) repacks a 4-bit layer's weights for its AVX512-BF16 CPU kernel the first time the layer runs
+# in eval mode (functional.py, _convert_weight_packed_for_cpu), which needs the output features to divide by 32 and
+# the input features by the quantisation block size (64). On such CPUs a model with, say, a 688-wide MLP trains and
+# then crashes in evaluation; those layers keep the unpacked 4-bit path, the one training uses.
+BNB_CPU_PACK_BLOCK = 32
+BNB_DEFAULT_BLOCKSIZE = 64
+
+
+def keep_unpackable_4bit_layers_unpacked(model: Any) -> int:
+    """Turn bitsandbytes' CPU repacking off for 4-bit layers it cannot repack; returns how many were turned off."""
+    changed = 0
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", None) or BNB_DEFAULT_BLOCKSIZE
+        if module.out_features % BNB_CPU_PACK_BLOCK or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
