@@ -1,7 +1,8 @@
 """Build the small pretrained Llama base model shipped in data/base-model/, and the general-text eval set.
 
-Everything is made offline from the Python standard library on this machine (PSF licence): a byte-level
-BPE tokenizer, then a ~5M-parameter Llama pretrained with the transformers Trainer on packed 256-token
+Everything is made offline from text already on this machine: the Python standard library (PSF licence) and the
+docstrings of the permissively licensed packages installed beside it (each one's licence is recorded). From it, a
+byte-level BPE tokenizer, then a ~6M-parameter Llama pretrained with the transformers Trainer on packed 256-token
 sequences. A seeded slice of documents is held out: it gives the held-out loss and data/general/eval.jsonl,
 the English passages the evaluation uses to check that fine-tuning did not wreck general ability.
 
@@ -92,6 +93,81 @@ def collect_documents(stdlib: Path) -> list[Document]:
         if text.strip() and not looks_like_data(text):
             documents.append(Document(relative.as_posix(), text))
     return documents
+
+
+# Licences whose terms let the text be used for training and the model be shipped. A distribution is used only if its
+# licence metadata names at least one of these and none of REFUSED_LICENCE_WORDS (copyleft or unclear terms).
+PERMISSIVE_LICENCE_WORDS = ("MIT", "BSD", "APACHE", "PSF", "PYTHON SOFTWARE FOUNDATION", "ISC", "0BSD", "ZLIB", "CC0")
+REFUSED_LICENCE_WORDS = ("GPL", "MPL", "MOZILLA", "EUPL", "CC-BY-SA", "PROPRIETARY", "COMMERCIAL", "UNKNOWN")
+# Vendored code carries its own licences, test suites are fixtures; neither is read.
+SKIPPED_PACKAGE_DIRS = {"_vendor", "vendor", "vendored", "third_party", "_vendored", "tests", "test", "testing", "__pycache__"}
+EXCLUDED_DISTRIBUTIONS = {"sovtune"}  # the toolkit itself: its tests and docs describe the fine-tuning data
+
+
+def distribution_licence(dist) -> str:
+    """The licence a distribution declares: License-Expression, else the License field's first line, else classifiers."""
+    meta = dist.metadata
+    expression = (meta.get("License-Expression") or "").strip()
+    if expression:
+        return expression
+    field = (meta.get("License") or "").strip().splitlines()
+    classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    return "; ".join(([field[0].strip()] if field and len(field[0]) < 80 else []) + classifiers)
+
+
+def is_permissive(licence: str) -> bool:
+    """True for licences such as MIT, BSD, Apache-2.0 and PSF; False for copyleft, unclear or missing ones."""
+    upper = licence.upper()
+    return any(w in upper for w in PERMISSIVE_LICENCE_WORDS) and not any(w in upper for w in REFUSED_LICENCE_WORDS)
+
+
+def docstring_text(source: str) -> str:
+    """The module, class and function docstrings of a Python source, as blank-line-separated prose."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    docstrings = [ast.get_docstring(n) or "" for n in nodes]
+    return "\n\n".join(d.strip() for d in docstrings if len(d.split()) >= 8)
+
+
+def collect_package_documents(max_chars_per_package: int, seed: int) -> tuple[list[Document], list[dict]]:
+    """English prose from the permissively licensed Python packages installed here: their docstrings.
+
+    The standard library alone is mostly code; its vocabulary has few everyday English words ("Which" and
+    "employees" were 3 and 5 tokens). Docstrings of numpy, pandas, transformers, ... add prose. Each package gives at
+    most max_chars_per_package characters from a seeded sample of its modules, so no single package dominates.
+    Returns the documents (one per module) and, per distribution used, its name, version, licence and characters.
+    """
+    import importlib.metadata
+
+    documents, sources = [], []
+    dists = {d.metadata["Name"].lower(): d for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    for name in sorted(dists):
+        dist = dists[name]
+        licence = distribution_licence(dist)
+        if name in EXCLUDED_DISTRIBUTIONS or not is_permissive(licence):
+            continue
+        files = sorted(str(f) for f in dist.files or [] if str(f).endswith(".py") and not set(Path(str(f)).parts) & SKIPPED_PACKAGE_DIRS)
+        random.Random(f"{seed}:{name}").shuffle(files)
+        used = 0
+        for relative in files:
+            path = Path(dist.locate_file(relative))
+            try:
+                text = docstring_text(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                continue
+            if not text or looks_like_data(text):
+                continue
+            text = text[: max_chars_per_package - used]
+            documents.append(Document(f"{name}/{relative}#docstrings", text))
+            used += len(text)
+            if used >= max_chars_per_package:
+                break
+        if used:
+            sources.append({"distribution": dist.metadata["Name"], "version": dist.version, "licence": licence, "characters": used})
+    return sorted(documents, key=lambda d: d.name), sources
 
 
 def corpus_sha256(documents: list[Document]) -> str:
@@ -411,16 +487,16 @@ def copy_verdict(score: dict) -> str:
     gain = score["random_span_loss"] - score["repeated_span_loss"]
     if gain >= 1.0:
         return f"The model copies: a repeated span costs {gain:.2f} nats/token less than its first occurrence."
-    return (f"**It did not learn to copy** (loss on a repeated span {score['repeated_span_loss']} nats/token, the first "
-            f"time {score['random_span_loss']}): LoRA fine-tuning on this model learns the form of the answers but not to read values from "
-            "the prompt; see docs/benchmarks.md, \"Quickstart timing and results\".")
+    return (f"**It did not learn to copy arbitrary token sequences** (loss on a repeated random span {score['repeated_span_loss']} "
+            f"nats/token, the first time {score['random_span_loss']}); what fine-tuning on it achieves is measured in "
+            "docs/benchmarks.md, \"Quickstart timing and results\".")
 
 
 def model_card(info: dict) -> str:
     """README.md for data/base-model: YAML header for the Hub, then the facts in build_info.json."""
     a, c, t = info["architecture"], info["corpus"], info["training"]
     return f"""---
-license: psf-2.0
+license: apache-2.0
 library_name: transformers
 pipeline_tag: text-generation
 tags: [llama, tiny, sovtune, test-model]
@@ -429,7 +505,7 @@ tags: [llama, tiny, sovtune, test-model]
 # sovtune tiny base model
 
 A {a['parameters'] / 1e6:.2f}M-parameter Llama pretrained from scratch, offline, on the Python standard library
-source and documentation. It exists so that sovtune's quickstart and tests can fine-tune and evaluate a real
+and the docstrings of the permissively licensed Python packages installed beside it. It exists so that sovtune's quickstart and tests can fine-tune and evaluate a real
 *pretrained* causal LM on a laptop CPU in minutes, with nothing downloaded. It is not useful for anything else.
 
 ## Architecture
@@ -454,7 +530,13 @@ Generation stops at `</s>` or `<|im_end|>`. `model_max_length` is {a['max_positi
 
 Python {info['versions']['python']} standard library (PSF licence): `.py`, `.rst` and `.txt` files, without test
 suites (except `test/test_sqlite3`, kept for its SQL) or generated codec tables, and the language-reference topics
-of `pydoc_data/topics.py` as one prose document each.
+of `pydoc_data/topics.py` as one prose document each; and the docstrings (module, class and function; at least
+eight words each) of every installed Python distribution whose licence metadata is permissive (MIT, BSD, Apache,
+PSF, ISC, ...; copyleft, unclear or missing licences are skipped, as are vendored code and test suites), at most
+{info['package_chars']:,} characters per distribution from a seeded sample of its modules:
+
+{package_table(c['packages'])}
+
 {c['documents']} documents, SHA-256 `{c['sha256']}` (over name NUL text NUL per document, in sorted order).
 {c['held_out_documents']} documents (seeded) are held out from pretraining: they give the held-out loss and the
 general-text set in `data/general/`. The sovtune SQL dataset (`data/sql/`) is not in the corpus.
@@ -485,7 +567,20 @@ weight decay 0.1, {t['train_minutes']} minutes.
 
 Versions: {", ".join(f"{k} {v}" for k, v in info['versions'].items())}. The corpus depends on the Python version;
 the weights depend on the torch build and thread count, and differ if training hit the `--max-minutes` limit.
+
+## Licence
+
+The weights are released under Apache-2.0, the licence of sovtune. The training text keeps its own licences, listed
+above; all of them allow this use.
 """
+
+
+def package_table(packages: list[dict]) -> str:
+    """Markdown table of the distributions whose docstrings are in the corpus."""
+    if not packages:
+        return "(none: built with --package-chars 0)"
+    rows = [f"| {p['distribution']} | {p['version']} | {p['licence']} | {p['characters']:,} |" for p in packages]
+    return "\n".join(["| distribution | version | licence (as declared) | characters |", "|---|---|---|---|", *rows])
 
 
 def general_readme(rows: list[dict], path: Path, info: dict) -> str:
@@ -493,7 +588,8 @@ def general_readme(rows: list[dict], path: Path, info: dict) -> str:
     return f"""# general: held-out English passages for the forgetting check
 
 `eval.jsonl`: {len(rows)} lines `{{"text": ..., "source": ...}}`, each {info['general']['min_tokens']}-{info['general']['max_tokens']} tokens of
-English prose (docstrings and documentation paragraphs) from the Python {info['versions']['python']} standard library.
+English prose (docstrings and documentation paragraphs) from the Python {info['versions']['python']} standard library and the
+docstrings of permissively licensed Python packages (the base model's corpus; its card lists them).
 They come only from the {info['corpus']['held_out_documents']} documents that `scripts/build_base_model.py` held out of the base
 model's pretraining, so a base-vs-adapter perplexity on them measures general-text retention, not memorisation.
 
@@ -502,11 +598,18 @@ doctests or tables are dropped).
 
 SHA-256 of `eval.jsonl`: `{sha256_file(path)}`
 
-Licence: Python Software Foundation License (PSF-2.0), the licence of the source text.
+Licence: each passage keeps the licence of its source: {general_licences(rows, info)}.
 """
 
 
-def build_info(args, model, documents, train_docs, held_docs, train_blocks, training) -> dict:
+def general_licences(rows: list[dict], info: dict) -> str:
+    """The licences of the sources the general-text passages come from."""
+    by_name = {p["distribution"].lower(): p["licence"] for p in info["corpus"]["packages"]}
+    licences = {by_name[r["source"].split("/", 1)[0]] if r["source"].endswith("#docstrings") else "PSF-2.0 (Python standard library)" for r in rows}
+    return "; ".join(sorted(licences))
+
+
+def build_info(args, model, documents, package_sources, train_docs, held_docs, train_blocks, training) -> dict:
     """The machine-readable facts behind the model card."""
     config = model.config
     return {
@@ -517,7 +620,9 @@ def build_info(args, model, documents, train_docs, held_docs, train_blocks, trai
             **{k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings")},
         },
         "corpus": {
-            "source": "Python standard library (PSF licence): .py/.rst/.txt files and pydoc_data topics",
+            "source": "Python standard library (PSF licence): .py/.rst/.txt files and pydoc_data topics; "
+            "docstrings of the permissively licensed Python packages installed (see packages)",
+            "packages": package_sources,
             "sha256": corpus_sha256(documents),
             "documents": len(documents),
             "train_documents": len(train_docs),
@@ -526,6 +631,7 @@ def build_info(args, model, documents, train_docs, held_docs, train_blocks, trai
             "held_out_names": [d.name for d in held_docs],
         },
         "training": {"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup_steps": args.warmup_steps, "token_budget": args.token_budget, "threads": args.threads, "copy_fraction": args.copy_fraction, **training},
+        "package_chars": args.package_chars,
         "general": {"passages": args.general_passages, "min_tokens": args.general_min_tokens, "max_tokens": args.general_max_tokens},
         "versions": versions(),
         "command": rebuild_command(args),
@@ -542,9 +648,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--general-out", type=Path, default=Path("data/general"), help="general-text eval set directory")
     parser.add_argument("--seed", type=int, default=0, help="seed for the hold-out, packing, init and data order")
     parser.add_argument("--max-minutes", type=float, default=60.0, help="safety cap: stop pretraining after this many minutes even if the token budget is not spent")
-    parser.add_argument("--token-budget", type=int, default=2_000_000, help="pretraining tokens (sets the step count)")
+    parser.add_argument("--package-chars", type=int, default=1_500_000, help="docstring characters taken at most from each permissively licensed installed package (0: standard library only)")
+    parser.add_argument("--token-budget", type=int, default=7_000_000, help="pretraining tokens (sets the step count)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, special tokens included")
+    parser.add_argument("--vocab-size", type=int, default=6144, help="BPE vocabulary size, special tokens included")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--intermediate-size", type=int, default=688)
     parser.add_argument("--layers", type=int, default=6)
@@ -555,7 +662,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step; small, because updates matter more than batch size at this budget")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--copy-fraction", type=float, default=0.25, help="share of pretraining blocks that repeat a span")
+    parser.add_argument("--copy-fraction", type=float, default=0.1, help="share of pretraining blocks that repeat a span")
     parser.add_argument("--held-out-fraction", type=float, default=0.05, help="share of documents kept out of pretraining")
     parser.add_argument("--held-out-blocks", type=int, default=200, help="cap on held-out sequences scored for the loss")
     parser.add_argument("--general-passages", type=int, default=150, help="passages in data/general/eval.jsonl")
@@ -574,6 +681,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     documents = collect_documents(Path(sysconfig.get_paths()["stdlib"]))
+    package_documents, package_sources = collect_package_documents(args.package_chars, args.seed) if args.package_chars else ([], [])
+    documents += package_documents
     train_docs, held_docs = split_documents(documents, args.held_out_fraction, args.seed)
     tokenizer = train_tokenizer(train_docs, args.vocab_size, args.max_length)
     check_tokenizer(tokenizer)
@@ -588,7 +697,7 @@ def main(argv: list[str] | None = None) -> None:
     save_model(model, tokenizer, args.out)
     general_rows = general_eval_rows(held_docs, tokenizer, args)
     write_jsonl(general_rows, args.general_out / "eval.jsonl")
-    info = build_info(args, model, documents, train_docs, held_docs, train_blocks, training)
+    info = build_info(args, model, documents, package_sources, train_docs, held_docs, train_blocks, training)
     (args.out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     (args.out / "README.md").write_text(model_card(info), encoding="utf-8")
     general_path = args.general_out / "eval.jsonl"
