@@ -250,8 +250,8 @@ def add_copy_blocks(blocks: list[list[int]], fraction: float, seed: int) -> list
     """Make a seeded share of blocks a corpus span followed by the same span again.
 
     Fine-tuning on text-to-SQL needs in-context copying (names and numbers from the question into the
-    query). A model this small trained on ~2M tokens of plain text does not learn it (measured: no lower
-    loss on a repeated span); repeated spans make copying pay off early, at the cost of a few new tokens.
+    query), and repeated spans make copying pay. Measured so far: neither 25% of blocks over 2M tokens nor 10%
+    over 7M tokens taught a model this small to copy random token sequences (the card's copy score).
     """
     rng = random.Random(seed)
     result = []
