@@ -6,10 +6,17 @@ imported lazily so `import sovtune` and `sovtune --help` stay fast.
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
+
+# On CPUs with AVX512-BF16, importing bitsandbytes (peft does) logs a warning that it could not fetch an optional CPU
+# kernel from the Hugging Face hub through the `kernels` package. sovtune never loads code from a hub at run time, so
+# the notice can only be noise, and it broke the one-line error contract of every command. Errors still show.
+BNB_HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+logging.getLogger(BNB_HUB_KERNEL_LOGGER).setLevel(logging.ERROR)
 
 _API = {
     "load_recipe": "sovtune.recipe",
