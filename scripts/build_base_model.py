@@ -121,15 +121,19 @@ def is_permissive(licence: str) -> bool:
     return any(w in upper for w in PERMISSIVE_LICENCE_WORDS) and not any(w in upper for w in REFUSED_LICENCE_WORDS)
 
 
-def docstring_text(source: str) -> str:
-    """The module, class and function docstrings of a Python source, as blank-line-separated prose."""
+def docstrings(source: str) -> list[str]:
+    """The module, class and function docstrings of a Python source ("" where one has none; [] if it does not parse)."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
-        return ""
+        return []
     nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
-    docstrings = [ast.get_docstring(n) or "" for n in nodes]
-    return "\n\n".join(d.strip() for d in docstrings if len(d.split()) >= 8)
+    return [ast.get_docstring(n) or "" for n in nodes]
+
+
+def docstring_text(source: str) -> str:
+    """The docstrings of a Python source with at least eight words, as blank-line-separated prose."""
+    return "\n\n".join(d.strip() for d in docstrings(source) if len(d.split()) >= 8)
 
 
 def collect_package_documents(max_chars_per_package: int, seed: int) -> tuple[list[Document], list[dict]]:
@@ -274,12 +278,7 @@ def lm_dataset(blocks: list[list[int]]):
 def prose_paragraphs(doc: Document) -> list[str]:
     """English paragraphs of a document: docstrings for Python sources, the text itself otherwise."""
     if doc.name.endswith(".py"):
-        try:
-            tree = ast.parse(doc.text)
-        except SyntaxError:
-            return []
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
-        texts = [ast.get_docstring(n) or "" for n in nodes]
+        texts = docstrings(doc.text)
     else:
         texts = [doc.text]
     paragraphs = [p.strip() for text in texts for p in re.split(r"\n\s*\n", text)]
