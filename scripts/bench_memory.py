@@ -83,7 +83,7 @@ def reset_peak_rss() -> bool:
 
 
 def recipe_for(model_dir: Path, mode: str) -> Any:
-    from sovtune.recipe import validate_recipe
+    from sovtune.config import validate_recipe
 
     data = model_dir.parent / "unused.jsonl"  # the recipe needs training data; loading the model never reads it
     data.write_text('{"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}\n')

@@ -216,14 +216,12 @@ def metered_trainer(callback: Any) -> type:
 
 
 def run_sovtune(assets: dict[str, Any], callback: Any, overrides: list[str]) -> None:
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
     from sovtune.training import train
 
     metered_trainer(callback)
     recipe = load_recipe(assets["recipe"], overrides)
-    from rich.console import Console
-
-    train(recipe, overwrite=True, console=Console(stderr=True))
+    train(recipe, overwrite=True)
 
 
 def run_trl(assets: dict[str, Any], callback: Any, packed: bool, packed_batch: int) -> None:
@@ -235,8 +233,8 @@ def run_trl(assets: dict[str, Any], callback: Any, packed: bool, packed_batch: i
     from trl import SFTConfig
 
     from sovtune import model as models
-    from sovtune.data import prepare_data
-    from sovtune.recipe import load_recipe
+    from sovtune.inputs import prepare_recipe_data as prepare_data
+    from sovtune.config import load_recipe
 
     trainer_class = metered_trainer(callback)
     recipe = load_recipe(assets["recipe"], assets["overrides"])
@@ -334,8 +332,8 @@ def describe_machine() -> str:
 
 def data_summary(assets: dict[str, Any]) -> str:
     from sovtune import model as models
-    from sovtune.data import prepare_data
-    from sovtune.recipe import load_recipe
+    from sovtune.inputs import prepare_recipe_data as prepare_data
+    from sovtune.config import load_recipe
 
     recipe = load_recipe(assets["recipe"])
     data = prepare_data(recipe, models.load_tokenizer(recipe))

@@ -79,8 +79,8 @@ def main() -> None:
     import torch
 
     from sovtune import model as models
-    from sovtune.data import prepare_data
-    from sovtune.recipe import load_recipe
+    from sovtune.inputs import prepare_recipe_data as prepare_data
+    from sovtune.config import load_recipe
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["full", "frozen-embeddings", "lora", "pissa"])

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from sovtune.recipe import Recipe
+from sovtune.config import Recipe
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sovtune import audit
 from sovtune.errors import GateFailed, SovtuneError
-from sovtune.recipe import load_recipe
+from sovtune.config import load_recipe
 
 PLANTED = "hf_" + "Zq8Wx7Ec6Rv5Tb4Yn3Um2Ik1OlPa0SdFgH"  # token-shaped, built at runtime
 
@@ -131,7 +131,7 @@ def test_push_and_pull_are_audited_without_the_token(make_recipe, tmp_path: Path
     from hub_server import HubDouble
     from run_factory import make_run
 
-    from sovtune import hub as hub_module
+    from sovtune.publish import hub as hub_module
     from sovtune.cli import app
 
     recipe = make_run(make_recipe("pushaudit"))

@@ -11,7 +11,9 @@ import pytest
 from run_factory import make_run
 from typer.testing import CliRunner
 
-from sovtune import bundle, provenance
+from sovtune.publish import bundle
+from sovtune import pipeline
+from sovtune.run import verify as verification
 from sovtune.cli import app
 
 
@@ -43,13 +45,13 @@ def test_export_verify_round_trip(run, tmp_path: Path) -> None:
     files = members(path)
     assert {"bund/manifest.json", "bund/SHA256SUMS", "bund/README.md", "bund/recipe.yaml",
             "bund/adapter/adapter_model.safetensors", "bund/adapter/adapter_config.json"} <= set(files)  # fmt: skip
-    sums = provenance.parse_checksums(files["bund/SHA256SUMS"].decode())
+    sums = verification.parse_checksums(files["bund/SHA256SUMS"].decode())
     assert set(sums) == {name.removeprefix("bund/") for name in files} - {"SHA256SUMS"}
     for name, digest in sums.items():
         assert hashlib.sha256(files[f"bund/{name}"]).hexdigest() == digest
     assert files["bund/adapter/adapter_model.safetensors"] == (run.run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert b"library_name: peft" in files["bund/README.md"]  # the model card
-    result = provenance.verify(path)
+    result = pipeline.verify(path)
     assert result.ok and "adapter/adapter_model.safetensors" in result.checked
     assert result.not_checked  # data and base-model files live outside the bundle
     cli = CliRunner().invoke(app, ["verify", str(path)])
@@ -70,8 +72,8 @@ def test_tampered_member_fails_verify(run, tmp_path: Path) -> None:
         return data[:-1] + bytes([data[-1] ^ 1]) if name.endswith("adapter_model.safetensors") else data
 
     rewrite(good, bad, flip)
-    with pytest.raises(provenance.VerifyFailed, match="hash mismatch: adapter/adapter_model.safetensors"):
-        provenance.verify(bad)
+    with pytest.raises(verification.VerifyFailed, match="hash mismatch: adapter/adapter_model.safetensors"):
+        pipeline.verify(bad)
     cli = CliRunner().invoke(app, ["verify", str(bad)])
     assert cli.exit_code == 2 and "adapter/adapter_model.safetensors" in cli.output
 
@@ -91,24 +93,24 @@ def test_rewritten_checksums_still_disagree_with_the_manifest(run, tmp_path: Pat
 
     forged = tmp_path / "forged.tar"
     rewrite(good, forged, forge)
-    with pytest.raises(provenance.VerifyFailed, match="manifest and SHA256SUMS disagree"):
-        provenance.verify(forged)
+    with pytest.raises(verification.VerifyFailed, match="manifest and SHA256SUMS disagree"):
+        pipeline.verify(forged)
 
 
 def test_added_and_removed_members_are_reported(run, tmp_path: Path) -> None:
     good = bundle.export(run.run_dir, tmp_path / "good.tar")
     dropped = tmp_path / "dropped.tar"
     rewrite(good, dropped, lambda name, data: None if name.endswith("adapter_config.json") else data)
-    with pytest.raises(provenance.VerifyFailed, match="missing: adapter/adapter_config.json"):
-        provenance.verify(dropped)
+    with pytest.raises(verification.VerifyFailed, match="missing: adapter/adapter_config.json"):
+        pipeline.verify(dropped)
     extra = tmp_path / "extra.tar"
     rewrite(good, extra, lambda name, data: data)
     with tarfile.open(extra, "a") as tar:
         info = tarfile.TarInfo("bund/adapter/evil.py")
         info.size = 4
         tar.addfile(info, io.BytesIO(b"pass"))
-    with pytest.raises(provenance.VerifyFailed, match="not listed in the checksums: adapter/evil.py"):
-        provenance.verify(extra)
+    with pytest.raises(verification.VerifyFailed, match="not listed in the checksums: adapter/evil.py"):
+        pipeline.verify(extra)
 
 
 def test_escaping_or_linked_members_are_refused(run, tmp_path: Path) -> None:
@@ -120,7 +122,7 @@ def test_escaping_or_linked_members_are_refused(run, tmp_path: Path) -> None:
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(link)
     with pytest.raises(bundle.BundleError, match="not a plain file"):
-        provenance.verify(hostile)
+        pipeline.verify(hostile)
 
 
 def test_export_refuses_a_tampered_run_and_writes_nothing(run, tmp_path: Path) -> None:
@@ -137,10 +139,10 @@ def test_unpacked_bundle_verifies_as_a_folder(run, tmp_path: Path) -> None:
     with tarfile.open(path) as tar:
         tar.extractall(tmp_path / "unpacked", filter="data")
     folder = tmp_path / "unpacked" / "bund"
-    assert provenance.verify(folder).ok
+    assert pipeline.verify(folder).ok
     (folder / "README.md").write_text("edited card")
-    with pytest.raises(provenance.VerifyFailed, match="hash mismatch: README.md"):
-        provenance.verify(folder)
+    with pytest.raises(verification.VerifyFailed, match="hash mismatch: README.md"):
+        pipeline.verify(folder)
 
 
 def test_export_needs_a_trained_run(tmp_path: Path) -> None:

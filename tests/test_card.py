@@ -32,7 +32,7 @@ def report_json(results: list[Any]) -> dict[str, Any]:
 
 
 def manifest_json(local_base: bool, licence: list[str] | None = None) -> dict[str, Any]:
-    """The shape provenance.start/record_* write (the keys the card reads)."""
+    """The shape manifest.start/record_* write (the keys the card reads)."""
     if local_base:
         base = {"name_or_path": "/srv/models/llama-8b", "local": True, "revision": None, "commit": None,
                 "files": [{"path": "/srv/models/llama-8b/model.safetensors", "root": "absolute", "sha256": "ab" * 32, "bytes": 10}]}  # fmt: skip
@@ -58,7 +58,7 @@ def manifest_json(local_base: bool, licence: list[str] | None = None) -> dict[st
 
 
 def write_run(tmp_path: Path, model: dict[str, Any], manifest: dict[str, Any] | None, report: dict[str, Any] | None) -> Path:
-    from sovtune.recipe import validate_recipe
+    from sovtune.config import validate_recipe
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
@@ -80,7 +80,7 @@ REPORT = [metric("eval", "exact_match", 0.20, 0.55, 0.30, 0.41), metric("general
 def test_hub_base_goes_into_metadata_with_adapter_tag_eval_results_and_hub_datasets_only(tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 
-    from sovtune.card import build_card
+    from sovtune.publish.card import build_card
 
     run_dir = write_run(tmp_path, {"name_or_path": HUB_BASE, "revision": "main"}, manifest_json(False, ["llama3.1"]), report_json(REPORT))
     card = ModelCard(str(build_card(run_dir, "acme/support-adapter")))  # parsed back as the hub would
@@ -103,7 +103,7 @@ def test_hub_base_goes_into_metadata_with_adapter_tag_eval_results_and_hub_datas
 def test_local_base_stays_out_of_metadata_and_goes_into_the_body(tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 
-    from sovtune.card import build_card
+    from sovtune.publish.card import build_card
 
     run_dir = write_run(tmp_path, {"name_or_path": "/srv/models/llama-8b"}, manifest_json(True), report_json(REPORT))
     text = str(build_card(run_dir, "acme/support-adapter"))
@@ -119,7 +119,7 @@ def test_local_base_stays_out_of_metadata_and_goes_into_the_body(tmp_path: Path)
 
 
 def test_body_reports_base_adapter_gain_interval_gates_settings_and_provenance(tmp_path: Path) -> None:
-    from sovtune.card import build_card
+    from sovtune.publish.card import build_card
 
     results = [*REPORT, metric("general", "loss", 2.0, 2.5, 0.3, 0.7)]
     run_dir = write_run(tmp_path, {"name_or_path": HUB_BASE, "revision": "main"}, manifest_json(False), report_json(results))
@@ -144,7 +144,7 @@ def test_body_reports_base_adapter_gain_interval_gates_settings_and_provenance(t
 def test_licence_from_the_recipe_wins_unknown_ids_become_other_and_missing_is_said(tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 
-    from sovtune.card import build_card
+    from sovtune.publish.card import build_card
 
     hub_model = {"name_or_path": HUB_BASE, "revision": "main"}
     first = write_run(tmp_path / "a", {**hub_model, "license": "Apache-2.0"}, manifest_json(False, ["llama3.1"]), None)
@@ -158,7 +158,7 @@ def test_licence_from_the_recipe_wins_unknown_ids_become_other_and_missing_is_sa
 
 
 def test_without_report_the_card_says_so_and_has_no_model_index(tmp_path: Path) -> None:
-    from sovtune.card import build_card
+    from sovtune.publish.card import build_card
 
     run_dir = write_run(tmp_path, {"name_or_path": HUB_BASE, "revision": "main"}, manifest_json(False), None)
     text = str(build_card(run_dir, "acme/x"))
@@ -168,7 +168,7 @@ def test_without_report_the_card_says_so_and_has_no_model_index(tmp_path: Path) 
 def test_without_manifest_only_pinned_hub_models_count_as_hub_ids(tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 
-    from sovtune.card import build_card
+    from sovtune.publish.card import build_card
 
     hub_run = write_run(tmp_path / "a", {"name_or_path": HUB_BASE, "revision": "main"}, None, None)
     assert ModelCard(str(build_card(hub_run, "acme/x"))).data.base_model == HUB_BASE
@@ -181,7 +181,7 @@ def test_without_manifest_only_pinned_hub_models_count_as_hub_ids(tmp_path: Path
 def test_undefined_metric_values_are_left_out_of_the_model_index(tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 
-    from sovtune.card import build_card
+    from sovtune.publish.card import build_card
 
     report = report_json([metric("eval", "exact_match", 0.2, 0.5, 0.1, 0.4)])
     report["results"].append({**report["results"][0], "metric": "perplexity", "base": float("inf")})
@@ -191,7 +191,8 @@ def test_undefined_metric_values_are_left_out_of_the_model_index(tmp_path: Path)
 
 
 def test_damaged_run_files_are_clear_errors(tmp_path: Path) -> None:
-    from sovtune.card import CardError, build_card
+    from sovtune.core.rundir import RunFileError as CardError
+    from sovtune.publish.card import build_card
 
     run_dir = write_run(tmp_path, {"name_or_path": HUB_BASE, "revision": "main"}, manifest_json(False), None)
     (run_dir / "manifest.json").write_text("{not json", encoding="utf-8")

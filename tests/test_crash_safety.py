@@ -22,9 +22,14 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import write_recipe
-from sovtune import safety
+from sovtune.core import files
+from sovtune.run import checkpoints
+from sovtune.run import fingerprint
+from sovtune.run import lock
 from sovtune.cli import app
-from sovtune.training import last_checkpoint, save_adapter, write_json_atomic
+from sovtune.core.files import atomic_write_json as write_json_atomic
+from sovtune.run.checkpoints import last_checkpoint
+from sovtune.training import save_adapter
 
 
 def invoke(*args: Any) -> Any:
@@ -107,7 +112,7 @@ def test_last_checkpoint_is_the_newest_complete_one(tmp_path: Path) -> None:
     fake_checkpoint(tmp_path, 16, json.dumps({"global_step": 15}))  # not this folder's state
     (tmp_path / "checkpoints" / "checkpoint-x").mkdir()
     assert last_checkpoint(tmp_path) == tmp_path / "checkpoints" / "checkpoint-10"
-    removed = safety.discard_incomplete_checkpoints(tmp_path)
+    removed = checkpoints.discard_incomplete_checkpoints(tmp_path)
     assert sorted(path.name for path in removed) == ["checkpoint-12", "checkpoint-14", "checkpoint-16"]
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == [
         "checkpoint-10", "checkpoint-2", "checkpoint-x"
@@ -145,7 +150,7 @@ def test_sigkill_while_saving_a_checkpoint_then_resume(tmp_path: Path, tiny_mode
     )
     assert process.returncode == -signal.SIGKILL, process.stderr
     half_written = run_dir / "checkpoints" / "checkpoint-4"
-    assert (half_written / "trainer_state.json").is_file() and not safety.checkpoint_is_complete(half_written)
+    assert (half_written / "trainer_state.json").is_file() and not checkpoints.checkpoint_is_complete(half_written)
     assert last_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-2"
     assert_whole_files(run_dir)
     assert not (run_dir / "adapter").exists()
@@ -154,7 +159,7 @@ def test_sigkill_while_saving_a_checkpoint_then_resume(tmp_path: Path, tiny_mode
     assert result.exit_code == 0, result.output
     assert "resuming from" in result.stdout and "checkpoint-2" in result.stdout
     assert json.loads((run_dir / "train_metrics.json").read_text())["global_step"] == 6
-    assert safety.checkpoint_is_complete(half_written)  # written again, whole this time
+    assert checkpoints.checkpoint_is_complete(half_written)  # written again, whole this time
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,8 +264,8 @@ def test_a_run_stopped_at_any_write_leaves_only_whole_files(
             with pytest.raises(Crash):
                 app(["run", str(recipe), "--set", f"output.dir={run_dir}"], standalone_mode=False)
         assert_whole_files(run_dir)
-        assert not safety.lock_path(run_dir).exists()
-        for name in ("recipe.yaml", "data_stats.json", safety.FINGERPRINT):  # whole means: as in the clean run
+        assert not lock.lock_path(run_dir).exists()
+        for name in ("recipe.yaml", "data_stats.json", fingerprint.FINGERPRINT):  # whole means: as in the clean run
             if (run_dir / name).exists():
                 clean = (tmp_path / "runs" / "clean" / name).read_text().replace("runs/clean", f"runs/crash-{target}")
                 assert (run_dir / name).read_text() == clean, (target, writes[target - 1], name)
@@ -284,14 +289,14 @@ def test_atomic_write_failing_before_the_rename_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "recipe.yaml"
-    safety.atomic_write_text(path, "name: old\n")
+    files.atomic_write_text(path, "name: old\n")
 
     def failing_fsync(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError):
-        safety.atomic_write_text(path, "name: new\n" * 1000)
+        files.atomic_write_text(path, "name: new\n" * 1000)
     assert path.read_text() == "name: old\n" and list(tmp_path.iterdir()) == [path]
 
 
@@ -380,13 +385,13 @@ def test_checkpoint_estimate_covers_what_the_trainer_writes(make_recipe: Any, tm
     checkpoint = last_checkpoint(tmp_path / "runs" / "recipe")
     written = sum(path.stat().st_size for path in checkpoint.iterdir())
     from sovtune import model as models
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
 
     loaded = load_recipe(recipe)
     tokenizer = models.load_tokenizer(loaded)
     peft_model = models.attach_adapter(models.load_base_model(loaded, tokenizer), loaded)
-    estimate, adapter = safety.checkpoint_size_estimate(peft_model, "adamw_torch", safety.tokenizer_bytes(tokenizer))
-    assert written <= estimate <= written + 2 * safety.CHECKPOINT_OVERHEAD_BYTES
+    estimate, adapter = checkpoints.checkpoint_size_estimate(peft_model, "adamw_torch", checkpoints.tokenizer_bytes(tokenizer))
+    assert written <= estimate <= written + 2 * checkpoints.CHECKPOINT_OVERHEAD_BYTES
     adapter_written = sum(path.stat().st_size for path in (tmp_path / "runs" / "recipe" / "adapter").iterdir())
     assert 0.5 * adapter_written <= adapter <= 2 * adapter_written
 
@@ -419,7 +424,7 @@ def test_full_disk_mid_run_keeps_the_last_good_checkpoint(
     assert f"the last complete checkpoint {run_dir / 'checkpoints' / 'checkpoint-2'} is kept" in message
     assert "resume with: sovtune train" in message and "--resume" in message
     assert [path.name for path in (run_dir / "checkpoints").iterdir() if path.is_dir()] == ["checkpoint-2"]
-    assert not (run_dir / "adapter").exists() and not safety.lock_path(run_dir).exists()
+    assert not (run_dir / "adapter").exists() and not lock.lock_path(run_dir).exists()
 
     result = invoke("train", recipe, "--resume")
     assert result.exit_code == 0, result.output
@@ -449,12 +454,12 @@ def test_a_torch_write_failure_counts_as_a_full_disk_only_when_space_is_short(
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     except RuntimeError as exc:
         failure = exc
-    assert not safety.is_disk_full(failure, tmp_path)
+    assert not checkpoints.is_disk_full(failure, tmp_path)
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: type(real_usage(path))(10**9, 10**9 - 1000, 1000))
-    assert safety.is_disk_full(failure, tmp_path)
-    assert safety.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    assert not safety.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert checkpoints.is_disk_full(failure, tmp_path)
+    assert checkpoints.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not checkpoints.is_disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
 def small_filesystem(folder: Path, size: str) -> bool:
@@ -492,7 +497,7 @@ def test_a_really_full_disk_mid_run(make_recipe: Any, tmp_path: Path, monkeypatc
         monkeypatch.setattr(CallbackHandler, "on_step_begin", on_step_begin)
         message = error_line(invoke("train", recipe))
         assert "the disk filled up while writing" in message and "checkpoint-2 is kept" in message
-        assert safety.complete_checkpoints(run_dir) == [run_dir / "checkpoints" / "checkpoint-2"]
+        assert checkpoints.complete_checkpoints(run_dir) == [run_dir / "checkpoints" / "checkpoint-2"]
         assert [path.name for path in (run_dir / "checkpoints").iterdir() if path.is_dir()] == ["checkpoint-2"]
         monkeypatch.undo()
         (disk / "filler").unlink()
@@ -507,7 +512,7 @@ def test_a_really_full_disk_mid_run(make_recipe: Any, tmp_path: Path, monkeypatc
 
 HOLD_LOCK = """
 import sys, time
-from sovtune.safety import RunLock
+from sovtune.run.lock import RunLock
 with RunLock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)
@@ -528,9 +533,9 @@ def test_a_second_run_into_the_same_directory_is_refused(make_recipe: Any, tmp_p
         holder.kill()
         holder.wait()
     # The kernel released the dead holder's lock: the next run takes it over.
-    assert safety.lock_path(run_dir).exists()
+    assert lock.lock_path(run_dir).exists()
     assert invoke("train", recipe).exit_code == 0
-    assert not safety.lock_path(run_dir).exists()
+    assert not lock.lock_path(run_dir).exists()
 
 
 def test_eval_refuses_a_run_directory_another_process_is_writing(make_recipe: Any, tmp_path: Path) -> None:
@@ -548,7 +553,7 @@ def test_eval_refuses_a_run_directory_another_process_is_writing(make_recipe: An
         holder.kill()
         holder.wait()
     assert invoke("eval", str(run_dir)).exit_code == 0
-    assert (run_dir / "report.json").is_file() and not safety.lock_path(run_dir).exists()
+    assert (run_dir / "report.json").is_file() and not lock.lock_path(run_dir).exists()
 
 
 def test_a_lock_naming_a_live_process_is_respected_without_flock(tmp_path: Path) -> None:
@@ -559,14 +564,14 @@ def test_a_lock_naming_a_live_process_is_respected_without_flock(tmp_path: Path)
     run_dir = tmp_path / "run"
     parent = psutil.Process(os.getppid())
     owner = {"pid": parent.pid, "host": socket.gethostname(), "started_at": "earlier", "process_started": parent.create_time()}
-    safety.lock_path(run_dir).write_text(json.dumps(owner))
-    with pytest.raises(safety.RunLocked, match=f"pid {parent.pid}"):
-        safety.RunLock(run_dir).acquire()
+    lock.lock_path(run_dir).write_text(json.dumps(owner))
+    with pytest.raises(lock.RunLocked, match=f"pid {parent.pid}"):
+        lock.RunLock(run_dir).acquire()
     # The same pid with another start time is a reused pid: the lock is stale.
-    safety.lock_path(run_dir).write_text(json.dumps({**owner, "process_started": parent.create_time() - 100}))
-    with safety.RunLock(run_dir):
-        assert json.loads(safety.lock_path(run_dir).read_text())["pid"] == os.getpid()
-    assert not safety.lock_path(run_dir).exists()
+    lock.lock_path(run_dir).write_text(json.dumps({**owner, "process_started": parent.create_time() - 100}))
+    with lock.RunLock(run_dir):
+        assert json.loads(lock.lock_path(run_dir).read_text())["pid"] == os.getpid()
+    assert not lock.lock_path(run_dir).exists()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -576,16 +581,16 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, caplog: py
     dead.wait()
     run_dir = tmp_path / "run"
     owner = {"pid": dead.pid, "host": socket.gethostname(), "started_at": "earlier", "process_started": time.time() - 5}
-    safety.lock_path(run_dir).write_text(json.dumps(owner))
-    with caplog.at_level("WARNING"), safety.RunLock(run_dir):
+    lock.lock_path(run_dir).write_text(json.dumps(owner))
+    with caplog.at_level("WARNING"), lock.RunLock(run_dir):
         pass
     assert f"pid {dead.pid}" in caplog.text and "ended without releasing it" in caplog.text
 
 
 def test_the_lock_is_reentrant_within_a_process_and_cleans_up_its_folders(tmp_path: Path) -> None:
     run_dir = tmp_path / "a" / "b" / "run"
-    with safety.RunLock(run_dir):
-        with safety.RunLock(run_dir):
-            assert safety.lock_path(run_dir).exists()
-        assert safety.lock_path(run_dir).exists()  # the outer holder still has it
+    with lock.RunLock(run_dir):
+        with lock.RunLock(run_dir):
+            assert lock.lock_path(run_dir).exists()
+        assert lock.lock_path(run_dir).exists()  # the outer holder still has it
     assert not (tmp_path / "a").exists()

@@ -13,7 +13,6 @@ from sovtune import model as models
 from sovtune.data import (
     IGNORE_INDEX,
     Row,
-    prepare_data,
     read_rows,
     render_chat,
     stop_token_ids,
@@ -21,7 +20,8 @@ from sovtune.data import (
     tokenize,
 )
 from sovtune.errors import DataError
-from sovtune.recipe import DataSource, Recipe, validate_recipe
+from sovtune.inputs import prepare_recipe_data as prepare_data
+from sovtune.config import DataSource, Recipe, validate_recipe
 
 SYSTEM_USER_ASSISTANT = [
     {"role": "system", "content": "Be brief."},
@@ -288,7 +288,7 @@ def write_all_formats(folder: Path, rows: list[dict[str, str]]) -> dict[str, Pat
 def test_every_reader_returns_the_same_rows(tmp_path, tiny_model_dir) -> None:
     paths = write_all_formats(tmp_path / "data", PC_ROWS)
     recipe = make(tmp_path, tiny_model_dir, format="prompt_completion")
-    rows = {suffix: read_rows(DataSource(path=str(path)), recipe) for suffix, path in paths.items()}
+    rows = {suffix: read_rows(DataSource(path=str(path)), recipe.data.format, recipe.base_dir) for suffix, path in paths.items()}
     for suffix, read in rows.items():
         assert [row.values for row in read] == PC_ROWS, suffix
     assert [row.origin for row in rows["jsonl"]] == [f"{paths['jsonl']}:{n}" for n in (1, 2, 3)]
@@ -303,7 +303,7 @@ def test_folder_reads_every_data_file_in_order(tmp_path, tiny_model_dir) -> None
     write_jsonl(folder / "a.jsonl", PC_ROWS[:1])
     (folder / "README.md").write_text("not data")
     recipe = make(tmp_path, tiny_model_dir, train="folder", format="prompt_completion")
-    rows = read_rows(recipe.data.train[0], recipe)
+    rows = read_rows(recipe.data.train[0], recipe.data.format, recipe.base_dir)
     assert [row.values for row in rows] == PC_ROWS
 
 
@@ -312,13 +312,13 @@ def test_empty_folder_and_missing_file(tmp_path, tiny_model_dir) -> None:
     (tmp_path / "empty" / "notes.md").write_text("x")
     recipe = make(tmp_path, tiny_model_dir, train="empty")
     with pytest.raises(DataError) as info:
-        read_rows(recipe.data.train[0], recipe)
+        read_rows(recipe.data.train[0], recipe.data.format, recipe.base_dir)
     assert str(info.value) == (
         f"{tmp_path / 'empty'}: folder has no .jsonl, .json, .csv, .parquet, .txt files; point data.train at the data"
     )
     recipe = make(tmp_path, tiny_model_dir, train="./missing.jsonl")
     with pytest.raises(DataError) as info:
-        read_rows(recipe.data.train[0], recipe)
+        read_rows(recipe.data.train[0], recipe.data.format, recipe.base_dir)
     assert str(info.value) == (
         f"./missing.jsonl: data file not found (looked at {tmp_path / 'missing.jsonl'}); check data.train / data.eval paths"
     )
@@ -328,7 +328,7 @@ def test_txt_needs_format_text(tmp_path, tiny_model_dir) -> None:
     (tmp_path / "doc.txt").write_text("hello")
     recipe = make(tmp_path, tiny_model_dir, train="doc.txt")
     with pytest.raises(DataError) as info:
-        read_rows(recipe.data.train[0], recipe)
+        read_rows(recipe.data.train[0], recipe.data.format, recipe.base_dir)
     assert str(info.value) == f"{tmp_path / 'doc.txt'}: plain-text files need data.format: text (found 'messages')"
 
 

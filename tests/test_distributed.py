@@ -74,7 +74,7 @@ def _log_history(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
     """One process with batch 4, two DDP processes with batch 2 each (same global batch), one process with batch 2."""
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
     from sovtune.training import train
 
     folder = tmp_path_factory.mktemp("ddp")

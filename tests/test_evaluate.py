@@ -21,7 +21,7 @@ from sovtune import model as models
 from sovtune.cli import app
 from sovtune.data import IGNORE_INDEX
 from sovtune.errors import DataError, GateFailed, RecipeError
-from sovtune.recipe import load_recipe
+from sovtune.config import load_recipe
 
 torch.set_num_threads(1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ def template_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from conftest import qa_rows, write_jsonl
-    from sovtune import provenance
+    from sovtune.run import manifest
     from sovtune.metrics import paired_bootstrap, Scores
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
     from sovtune.report import MetricResult, Report
 
     torch.set_num_threads(1)
@@ -48,18 +49,18 @@ def template_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     )
     recipe = load_recipe(recipe_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    provenance.start(recipe, run_dir, tokenizer=tokenizer)
+    manifest.start(recipe, run_dir, tokenizer=tokenizer)
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
-    provenance.record_train(run_dir, recipe, {"train_loss": 2.0})
+    manifest.record_train(run_dir, recipe, {"train_loss": 2.0})
     comparison = paired_bootstrap(Scores.mean([0, 0, 1, 0, 0, 1]), Scores.mean([1, 1, 1, 0, 1, 1]), resamples=1000, seed=0)
     result = MetricResult(dataset="eval", metric="exact_match", higher_is_better=True, aggregate="mean", **comparison.to_json())
     report = Report(run="support", base_model={"name_or_path": str(tiny_model_dir)}, adapter="adapter", settings={},
                     results=[result], gates=[], samples=[], notes={}, timing={})  # fmt: skip
     (run_dir / "report.json").write_text(json.dumps(report.to_json()), encoding="utf-8")
-    provenance.append_stage(run_dir, "eval", {}, [run_dir / "report.json"])
+    manifest.append_stage(run_dir, "eval", {}, [run_dir / "report.json"])
     assert (run_dir / "adapter" / "tokenizer.json").stat().st_size > LFS_THRESHOLD
     return run_dir
 
@@ -75,7 +76,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     from huggingface_hub import constants
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    from sovtune import hub as hub_module
+    from sovtune.publish import hub as hub_module
 
     double = HubDouble(lfs_threshold=LFS_THRESHOLD).start()
     double.write_token = double.add_token("alice", "write")
@@ -100,7 +101,7 @@ def published(run_dir: Path) -> dict[str, bytes]:
 
 
 def push_error(run_dir: Path, hub: HubDouble, **kwargs: Any) -> str:
-    from sovtune.hub import HubError, push
+    from sovtune.publish.hub import HubError, push
 
     with pytest.raises(HubError) as caught:
         push(run_dir, kwargs.pop("repo_id", REPO), endpoint=kwargs.pop("endpoint", hub.url), **kwargs)
@@ -115,12 +116,15 @@ def push_error(run_dir: Path, hub: HubDouble, **kwargs: Any) -> str:
 # Round trip
 
 
-def test_push_creates_a_private_repo_and_pull_returns_every_file_byte_identical(run_dir: Path, hub: HubDouble, tmp_path: Path) -> None:
-    from sovtune.card import build_card
-    from sovtune.hub import pull, push
+def test_push_creates_a_private_repo_and_pull_returns_every_file_byte_identical(
+    run_dir: Path, hub: HubDouble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sovtune.publish.card import build_card
+    from sovtune.publish.hub import pull, push
 
-    lines: list[str] = []
-    result = push(run_dir, REPO, endpoint=hub.url, log=lines.append)
+    caplog.set_level(logging.INFO, logger="sovtune")
+    result = push(run_dir, REPO, endpoint=hub.url)
+    lines = caplog.messages
 
     repo = hub.repos[REPO]
     assert repo.private is True and result.private is True
@@ -156,12 +160,12 @@ def test_the_token_is_in_no_published_or_written_file_and_no_log(
 ) -> None:
     import logging
 
-    from sovtune.hub import pull, push
+    from sovtune.publish.hub import pull, push
 
     caplog.set_level(logging.DEBUG)
-    lines: list[str] = []
-    push(run_dir, REPO, endpoint=hub.url, log=lines.append)
-    out = pull(REPO, endpoint=hub.url, out=tmp_path / "pulled", log=lines.append).out_dir
+    push(run_dir, REPO, endpoint=hub.url)
+    out = pull(REPO, endpoint=hub.url, out=tmp_path / "pulled").out_dir
+    lines = caplog.messages
     token = hub.write_token.encode()
     repo = hub.repos[REPO]
     assert all(token not in hub.file_bytes(REPO, path) for path in repo.commit_for("main").files)
@@ -174,7 +178,7 @@ def test_pulled_adapter_loads_with_peft_and_keeps_the_chat_template(run_dir: Pat
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from sovtune.hub import pull, push
+    from sovtune.publish.hub import pull, push
 
     push(run_dir, REPO, endpoint=hub.url)
     out = pull(REPO, endpoint=hub.url, out=tmp_path / "pulled").out_dir
@@ -184,7 +188,7 @@ def test_pulled_adapter_loads_with_peft_and_keeps_the_chat_template(run_dir: Pat
 
 
 def test_second_push_of_the_same_run_makes_no_new_commit(run_dir: Path, hub: HubDouble) -> None:
-    from sovtune.hub import push
+    from sovtune.publish.hub import push
 
     first = push(run_dir, REPO, endpoint=hub.url)
     second = push(run_dir, REPO, endpoint=hub.url)  # create answers 409 + url: the client treats it as "exists"
@@ -193,7 +197,7 @@ def test_second_push_of_the_same_run_makes_no_new_commit(run_dir: Path, hub: Hub
 
 
 def test_push_to_a_branch_creates_it_and_leaves_main_alone(run_dir: Path, hub: HubDouble, tmp_path: Path) -> None:
-    from sovtune.hub import pull, push
+    from sovtune.publish.hub import pull, push
 
     result = push(run_dir, REPO, endpoint=hub.url, revision="release")
     repo = hub.repos[REPO]
@@ -203,7 +207,7 @@ def test_push_to_a_branch_creates_it_and_leaves_main_alone(run_dir: Path, hub: H
 
 
 def test_public_only_when_asked_and_an_existing_public_repo_is_refused_for_a_private_push(run_dir: Path, hub: HubDouble) -> None:
-    from sovtune.hub import push
+    from sovtune.publish.hub import push
 
     assert push(run_dir, REPO, endpoint=hub.url, private=False).private is False
     assert hub.repos[REPO].private is False
@@ -215,7 +219,7 @@ def test_push_honours_hf_hub_disable_xet_set_after_import(run_dir: Path, hub: Hu
     import huggingface_hub  # noqa: F401  (imported long before the variable is set)
     from huggingface_hub import constants
 
-    from sovtune.hub import push
+    from sovtune.publish.hub import push
 
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     before = constants.HF_HUB_DISABLE_XET
@@ -227,7 +231,7 @@ def test_push_honours_hf_hub_disable_xet_set_after_import(run_dir: Path, hub: Hu
 def test_push_works_while_the_hub_libraries_are_offline(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
-    from sovtune.hub import push
+    from sovtune.publish.hub import push
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     push(run_dir, REPO, endpoint=hub.url)
@@ -294,19 +298,20 @@ def test_xet_forced_on_a_hub_without_xet_explains_the_misleading_404(run_dir: Pa
     assert not any(r["route"] == "commit" for r in hub.requests)
 
 
-def test_transient_failures_are_retried(run_dir: Path, hub: HubDouble) -> None:
-    from sovtune.hub import push
+def test_transient_failures_are_retried(run_dir: Path, hub: HubDouble, caplog: pytest.LogCaptureFixture) -> None:
+    from sovtune.publish.hub import push
 
     hub.fail("create", 503, times=1)
     hub.fail("commit", 502, times=2)
-    lines: list[str] = []
-    result = push(run_dir, REPO, endpoint=hub.url, log=lines.append)
+    caplog.set_level(logging.INFO, logger="sovtune")
+    result = push(run_dir, REPO, endpoint=hub.url)
+    lines = caplog.messages
     assert hub.repos[REPO].branches["main"] == result.commit
     assert sum("retrying" in line for line in lines) == 3
 
 
 def test_a_hub_that_stays_down_is_a_clear_error_after_the_retries(run_dir: Path, hub: HubDouble) -> None:
-    from sovtune import hub as hub_module
+    from sovtune.publish import hub as hub_module
 
     hub.fail("create", 503, "maintenance", times=None)
     message = push_error(run_dir, hub)
@@ -335,7 +340,7 @@ def test_adapter_changed_after_training_is_refused_before_contacting_the_hub(run
 
 
 def test_settings_errors(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from sovtune.hub import HubError, resolve_endpoint
+    from sovtune.publish.hub import HubError, resolve_endpoint
 
     assert "not a repository id" in push_error(run_dir, hub, repo_id="acme/bad--name")
     assert "is not an http(s) URL" in push_error(run_dir, hub, endpoint="hub.internal")
@@ -357,7 +362,7 @@ def test_settings_errors(run_dir: Path, hub: HubDouble, monkeypatch: pytest.Monk
 
 
 def test_pull_refuses_files_that_do_not_match_the_manifest_and_writes_nothing(run_dir: Path, hub: HubDouble, tmp_path: Path) -> None:
-    from sovtune.hub import HubError, pull, push
+    from sovtune.publish.hub import HubError, pull, push
 
     push(run_dir, REPO, endpoint=hub.url)
     hub.commit_files(REPO, {"adapter_model.safetensors": b"not the trained weights"})
@@ -369,7 +374,7 @@ def test_pull_refuses_files_that_do_not_match_the_manifest_and_writes_nothing(ru
 
 
 def test_pull_errors(run_dir: Path, hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sovtune.hub import HubError, pull, push
+    from sovtune.publish.hub import HubError, pull, push
 
     with pytest.raises(HubError, match="acme/missing is not on .* \\(404\\)"):
         pull("acme/missing", endpoint=hub.url, out=tmp_path / "a")
@@ -387,7 +392,7 @@ def test_pull_errors(run_dir: Path, hub: HubDouble, tmp_path: Path, monkeypatch:
 
 
 def test_pull_needs_a_manifest(hub: HubDouble, tmp_path: Path) -> None:
-    from sovtune.hub import HubError, pull
+    from sovtune.publish.hub import HubError, pull
 
     hub.create_repo(REPO, private=True)
     hub.commit_files(REPO, {"adapter_config.json": b"{}"})
@@ -439,8 +444,8 @@ def test_cli_push_takes_repo_endpoint_and_visibility_from_the_runs_recipe(run_di
 
 
 def test_preflight_of_push_settings_and_a_bad_hub_section_in_the_run(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sovtune.hub import HubError, check_push_settings, run_hub_settings
-    from sovtune.recipe import HubSection
+    from sovtune.publish.hub import HubError, check_push_settings, run_hub_settings
+    from sovtune.config import HubSection
 
     check_push_settings(HubSection())  # nothing to publish, nothing to check
     check_push_settings(HubSection(repo=REPO, endpoint=hub.url, push=True))

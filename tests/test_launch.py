@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from sovtune.cli import app
 from sovtune.launch import LaunchError, build_command, check_strategy
-from sovtune.recipe import load_recipe
+from sovtune.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))

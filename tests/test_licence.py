@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sovtune.licence import LicenceRefused, check_licence
-from sovtune.recipe import load_recipe
+from sovtune.config import load_recipe
 
 
 def model_folder(tmp_path: Path, card: str | None = None, config: dict | None = None, source: Path | None = None) -> Path:

@@ -15,8 +15,8 @@ from conftest import write_jsonl
 from sovtune import model as models
 from sovtune import speed
 from sovtune import training as training
-from sovtune.data import prepare_data
-from sovtune.recipe import load_recipe
+from sovtune.inputs import prepare_recipe_data as prepare_data
+from sovtune.config import load_recipe
 
 LEARNING_RATE = 0.5
 # Answers of very different lengths: micro-batches of 2 hold very different numbers of supervised tokens.

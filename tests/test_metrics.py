@@ -12,7 +12,7 @@ import pytest
 from sovtune import metrics
 from sovtune.errors import DataError
 from sovtune.metrics import MetricError, Scores, paired_bootstrap
-from sovtune.recipe import MetricName
+from sovtune.config import MetricName
 
 
 # ---------------------------------------------------------------------------------------------------------------

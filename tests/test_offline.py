@@ -189,14 +189,14 @@ def test_full_run_in_offline_mode_attempts_no_connection(guard: Any, make_recipe
 
 def test_recipe_switches_offline_and_allows_its_hub(guard: Any, make_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sovereignty.offline: true` needs no flag; the recipe's hub endpoint is the configured private endpoint."""
-    from sovtune import cli
+    from sovtune.cli import commands
 
     path = make_recipe(
         "offline-recipe",
         sovereignty={"offline": True, "allowed_endpoints": ["https://mirror.internal.example"]},
         hub={"endpoint": "https://hub.internal.example:8443"},
     )
-    cli._load(path, None)
+    commands.load(path, None)
     assert guard.is_active()
     assert offline._guard.allowed_hosts == {"mirror.internal.example", "hub.internal.example"}
     with pytest.raises(offline.NetworkBlocked, match="huggingface.co"):
@@ -204,17 +204,17 @@ def test_recipe_switches_offline_and_allows_its_hub(guard: Any, make_recipe, mon
 
 
 def test_online_recipe_installs_nothing(guard: Any, make_recipe) -> None:
-    from sovtune import cli
+    from sovtune.cli import commands
 
-    cli._load(make_recipe("online"), None)
+    commands.load(make_recipe("online"), None)
     assert not guard.is_active()
-    cli._load(make_recipe("online-flag"), None, offline=True)
+    commands.load(make_recipe("online-flag"), None, offline=True)
     assert guard.is_active()
 
 
 def test_endpoints_are_validated_at_load(make_recipe) -> None:
     from sovtune.errors import RecipeError
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
 
     with pytest.raises(RecipeError, match=r"sovereignty.allowed_endpoints: \['ftp://files', 'bad host'\] are not http\(s\)"):
         load_recipe(make_recipe("badend", sovereignty={"allowed_endpoints": ["ftp://files", "bad host", "https://ok.example"]}))
@@ -222,7 +222,7 @@ def test_endpoints_are_validated_at_load(make_recipe) -> None:
 
 def test_offline_push_needs_a_private_endpoint(make_recipe) -> None:
     from sovtune.errors import RecipeError
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
 
     with pytest.raises(RecipeError, match="sovereignty.offline with hub.push needs hub.endpoint"):
         load_recipe(make_recipe("offpush", sovereignty={"offline": True}, hub={"repo": "acme/x", "push": True}))

@@ -11,7 +11,7 @@ import torch
 
 from sovtune import speed
 from sovtune import training as training
-from sovtune.recipe import load_recipe
+from sovtune.config import load_recipe
 
 # Prompt tokens (masked) and completion tokens of each example: different lengths, so padding differs per row.
 SHAPES = [(5, 4), (3, 17), (2, 2), (8, 9)]
@@ -119,7 +119,7 @@ def test_changing_one_example_leaves_the_others_in_the_row_unchanged(tiny_model_
 
 def test_trainer_batches_are_padding_free_with_restarting_positions(make_recipe: Any, tmp_path: Path) -> None:
     from sovtune import model as models
-    from sovtune.data import prepare_data
+    from sovtune.inputs import prepare_recipe_data as prepare_data
     from trl import SFTTrainer
 
     recipe = load_recipe(make_recipe(data={"packing": True}))
@@ -285,13 +285,11 @@ def test_recipe_packing_values(make_recipe: Any) -> None:
         load_recipe(make_recipe(name="bad", data={"packing": "sometimes"}))
 
 
-def test_train_prints_the_plan(make_recipe: Any) -> None:
-    from rich.console import Console
-
-    console = Console(record=True, width=200)
+def test_train_prints_the_plan(make_recipe: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="sovtune")
     recipe = load_recipe(make_recipe(train={"max_steps": 1}))
-    result = training.train(recipe, console=console)
-    text = console.export_text()
+    result = training.train(recipe)
+    text = caplog.text
     assert "speed: batching: padding-free rows" in text
     assert "speed: liger kernels: off" in text and "speed: torch.compile: off" in text
     assert result.metrics["global_step"] == 1

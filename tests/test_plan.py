@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sovtune import plan as planner
 from sovtune.cli import app
-from sovtune.recipe import load_recipe
+from sovtune.config import load_recipe
 
 MB = 10**6
 
@@ -172,7 +172,7 @@ def _measured_peak(recipe) -> tuple[int, int]:
     from trl import SFTTrainer
 
     from sovtune import model as models
-    from sovtune.data import prepare_data
+    from sovtune.inputs import prepare_recipe_data as prepare_data
     from sovtune.training import sft_config, to_dataset
 
     tokenizer = models.load_tokenizer(recipe)

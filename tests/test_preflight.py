@@ -93,7 +93,7 @@ def test_tied_embeddings_are_counted_once() -> None:
 
     from sovtune.model import load_tokenizer
     from sovtune.preflight import architecture_summary
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
 
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
     with safe_open(str(Path(recipe.model_location) / "model.safetensors"), framework="pt") as weights:
@@ -132,7 +132,7 @@ def test_adapter_size_without_peft_equals_peft(
 
     from sovtune import model as models
     from sovtune.preflight import adapter_size
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
 
     model_dir = biased_model_dir if biased else tiny_model_dir
     recipe = load_recipe(write_recipe(tmp_path, model_dir, "count", qa_rows(), adapter=adapter))

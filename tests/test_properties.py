@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from conftest import qa_rows, write_jsonl
 from sovtune.data import Example, Row, RowError, Tokenized, _read_file, to_example, tokenize
 from sovtune.errors import DataError, RecipeError
-from sovtune.recipe import DataSection, Recipe, _model_in_annotation, load_recipe
+from sovtune.config import DataSection, Recipe, load_recipe
+from sovtune.config.loader import _model_in_annotation
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

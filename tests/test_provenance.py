@@ -13,7 +13,10 @@ import pytest
 from run_factory import make_run
 from typer.testing import CliRunner
 
-from sovtune import provenance
+from sovtune import data as data_module
+from sovtune import pipeline
+from sovtune.run import manifest as manifests
+from sovtune.run import verify as verification
 from sovtune.cli import app
 
 
@@ -40,7 +43,7 @@ def run(make_recipe, tmp_path: Path):
 def test_manifest_records_inputs_environment_and_outputs(run, tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch
 
-    manifest = provenance.read_manifest(run.run_dir)
+    manifest = manifests.read_manifest(run.run_dir)
     recipe_file = run.run_dir / "recipe.yaml"
     assert manifest["recipe"]["sha256"] == sha(recipe_file) == manifest["recipe"]["file"]["sha256"]
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -72,7 +75,7 @@ def test_manifest_records_inputs_environment_and_outputs(run, tiny_model_dir: Pa
 
 
 def test_verify_passes_on_untouched_run(run) -> None:
-    result = provenance.verify(run.run_dir)
+    result = pipeline.verify(run.run_dir)
     assert result.ok and "adapter/adapter_model.safetensors" in result.checked and not result.not_checked
     cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
     assert cli.exit_code == 0 and "match their recorded SHA-256" in cli.output
@@ -80,8 +83,8 @@ def test_verify_passes_on_untouched_run(run) -> None:
 
 def test_tampered_adapter_fails_with_exit_2(run) -> None:
     flip_byte(run.run_dir / "adapter" / "adapter_model.safetensors")
-    with pytest.raises(provenance.VerifyFailed, match="hash mismatch: adapter/adapter_model.safetensors"):
-        provenance.verify(run.run_dir)
+    with pytest.raises(verification.VerifyFailed, match="hash mismatch: adapter/adapter_model.safetensors"):
+        pipeline.verify(run.run_dir)
     cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
     assert cli.exit_code == 2 and "adapter/adapter_model.safetensors" in cli.output
 
@@ -97,35 +100,35 @@ def test_tampered_data_and_deleted_adapter_file_are_listed(run) -> None:
 
 def test_absent_external_file_is_reported_not_checked_unless_strict(run) -> None:
     Path(run.resolve(run.data.train[0].path)).unlink()
-    result = provenance.verify(run.run_dir)
+    result = pipeline.verify(run.run_dir)
     assert result.ok and len(result.not_checked) == 1 and "not checked" in result.describe()
-    with pytest.raises(provenance.VerifyFailed, match="missing"):
-        provenance.verify(run.run_dir, strict=True)
+    with pytest.raises(verification.VerifyFailed, match="missing"):
+        pipeline.verify(run.run_dir, strict=True)
 
 
 def test_stages_append_and_never_rewrite(run) -> None:
-    before = provenance.read_manifest(run.run_dir)
-    provenance.append_stage(run.run_dir, "eval", {"metrics": {"sql/exact_match": {"base": 0.1, "tuned": 0.6}}})
-    after = provenance.read_manifest(run.run_dir)
+    before = manifests.read_manifest(run.run_dir)
+    manifests.append_stage(run.run_dir, "eval", {"metrics": {"sql/exact_match": {"base": 0.1, "tuned": 0.6}}})
+    after = manifests.read_manifest(run.run_dir)
     assert after["stages"][:-1] == before["stages"] and {k: v for k, v in after.items() if k != "stages"} == {
         k: v for k, v in before.items() if k != "stages"
     }
     assert after["stages"][-1]["stage"] == "eval"
-    with pytest.raises(provenance.ManifestError, match="exists already"):
-        provenance.start(run, run.run_dir)
-    provenance.start(run, run.run_dir, resume=True)
-    assert provenance.read_manifest(run.run_dir)["stages"][-1]["stage"] == "resume"
+    with pytest.raises(manifests.ManifestError, match="exists already"):
+        manifests.start(run, run.run_dir)
+    manifests.start(run, run.run_dir, resume=True)
+    assert manifests.read_manifest(run.run_dir)["stages"][-1]["stage"] == "resume"
 
 
 def test_a_later_stage_supersedes_an_earlier_entry(run) -> None:
     """A retrained adapter is recorded by its own stage; verify checks the latest hash, not the stale one."""
     flip_byte(run.run_dir / "adapter" / "adapter_model.safetensors")
-    provenance.record_train(run.run_dir, run, {"train_loss": 1.0})
-    assert provenance.verify(run.run_dir).ok
+    manifests.record_train(run.run_dir, run, {"train_loss": 1.0})
+    assert pipeline.verify(run.run_dir).ok
 
 
 def test_manifest_write_is_atomic(run, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = run.run_dir / provenance.MANIFEST
+    path = run.run_dir / manifests.MANIFEST
     before = path.read_bytes()
 
     def crash(*args, **kwargs):
@@ -133,7 +136,7 @@ def test_manifest_write_is_atomic(run, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(os, "fsync", crash)  # the disk fills after the temporary file was written
     with pytest.raises(OSError):
-        provenance.append_stage(run.run_dir, "eval", {})
+        manifests.append_stage(run.run_dir, "eval", {})
     assert path.read_bytes() == before
     assert [p.name for p in run.run_dir.iterdir() if p.name.endswith(".tmp")] == []
 
@@ -144,17 +147,17 @@ def test_scan_counts_reach_the_manifest_without_values(make_recipe) -> None:
     rows = qa_rows()
     rows[0]["messages"][1]["content"] = "mail jane.doe@example.org, card 4111 1111 1111 1111"
     recipe = make_run(make_recipe("scanned", rows=rows, sovereignty={"data_scan": "redact"}))
-    text = (recipe.run_dir / provenance.MANIFEST).read_text()
+    text = (recipe.run_dir / manifests.MANIFEST).read_text()
     scan = json.loads(text)["data_scan"]
     assert scan["findings"] == {"email": 1, "card_number": 1} and scan["redacted"] is True
     assert "jane.doe" not in text and "4111" not in text
 
 
 def test_verify_rejects_what_is_not_a_run(tmp_path: Path) -> None:
-    with pytest.raises(provenance.ManifestError, match="no manifest"):
-        provenance.verify(tmp_path)
-    with pytest.raises(provenance.VerifyFailed, match="neither a run directory nor a bundle"):
-        provenance.verify(tmp_path / "nope.tar")
+    with pytest.raises(manifests.ManifestError, match="no manifest"):
+        pipeline.verify(tmp_path)
+    with pytest.raises(verification.VerifyFailed, match="neither a run directory nor a bundle"):
+        pipeline.verify(tmp_path / "nope.tar")
 
 
 def test_hub_model_and_dataset_record_revision_and_resolved_commit(make_recipe, tmp_path: Path, monkeypatch) -> None:
@@ -169,15 +172,15 @@ def test_hub_model_and_dataset_record_revision_and_resolved_commit(make_recipe, 
         (cache / folder / "refs").mkdir()
         (cache / folder / "refs" / "v1").write_text(commit)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
 
     recipe = load_recipe(
         make_recipe("hubids", model={"name_or_path": "org/tiny", "revision": "v1"}, data={"train": {"path": "org/sql", "revision": "v1"}})
     )
-    base = provenance.base_model_record(recipe)
+    base = manifests.base_model_record(recipe)
     assert (base["revision"], base["commit"], base["local"]) == ("v1", commit, False)
     assert [Path(entry["path"]).name for entry in base["files"]] == ["config.json"]
-    [data] = provenance.data_records(recipe)
+    [data] = data_module.data_records(recipe.data, recipe.base_dir)
     assert data["hub"] == {"id": "org/sql", "revision": "v1", "commit": commit, "subset": None, "split": "train"}
     uncached = load_recipe(make_recipe("uncached", model={"name_or_path": "org/other", "revision": "v1"}))
-    assert provenance.base_model_record(uncached)["commit"] is None  # recorded later by the train stage
+    assert manifests.base_model_record(uncached)["commit"] is None  # recorded later by the train stage

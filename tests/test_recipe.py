@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sovtune.errors import RecipeError
-from sovtune.recipe import load_recipe
+from sovtune.config import load_recipe
 
 MINIMAL = """\
 model:

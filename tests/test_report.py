@@ -15,7 +15,7 @@ from sovtune import report as reports
 from sovtune.cli import app
 from sovtune.evaluation import PairedScores, SuiteOutcome
 from sovtune.metrics import Scores
-from sovtune.recipe import Recipe, load_recipe
+from sovtune.config import Recipe, load_recipe
 
 
 def write_recipe(tmp_path: Path, name: str = "demo", model: str = "/models/base", **eval_section: Any) -> Recipe:

@@ -18,7 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_recipe
-from sovtune import safety
+from sovtune.run import checkpoints
+from sovtune.run import fingerprint
+from sovtune.run import lock
 from sovtune.cli import app
 
 MAX_STEPS = 6
@@ -75,7 +77,7 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], time
 
 
 def checkpoint_written(run_dir: Path, step: int) -> Callable[[], bool]:
-    return lambda: safety.checkpoint_is_complete(run_dir / "checkpoints" / f"checkpoint-{step}")
+    return lambda: checkpoints.checkpoint_is_complete(run_dir / "checkpoints" / f"checkpoint-{step}")
 
 
 def invoke(*args: str) -> Any:
@@ -135,13 +137,13 @@ def count_optimizer_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def resume_and_compare(recipe: Path, run_dir: Path, reference: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    last = safety.complete_checkpoints(run_dir)[-1]
+    last = checkpoints.complete_checkpoints(run_dir)[-1]
     with monkeypatch.context() as patch:
         steps = count_optimizer_steps(patch)
         result = invoke("train", recipe, "--resume")
     assert result.exit_code == 0, result.output
     # It continued: only the remaining steps ran (a silent restart from scratch would end the same way).
-    assert steps["n"] == MAX_STEPS - safety.checkpoint_step(last)
+    assert steps["n"] == MAX_STEPS - checkpoints.checkpoint_step(last)
     assert f"resuming from {last}" in " ".join(result.stdout.split())
     metrics = json.loads((run_dir / "train_metrics.json").read_text())
     assert metrics["global_step"] == MAX_STEPS and metrics["resumed_from"] == last.name
@@ -161,7 +163,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_adapter(
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "adapter").exists() and not (run_dir / "train_metrics.json").exists()
-    assert safety.checkpoint_step(safety.complete_checkpoints(run_dir)[-1]) < MAX_STEPS
+    assert checkpoints.checkpoint_step(checkpoints.complete_checkpoints(run_dir)[-1]) < MAX_STEPS
     resume_and_compare(recipe, run_dir, reference, monkeypatch)
 
 
@@ -181,10 +183,10 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(
     stopped = [int(word) for word in message.split("training stopped by SIGTERM at step ")[1].split()[:1]]
     assert stopped and 2 < stopped[0] < MAX_STEPS, message
     # Saved at the step it stopped at, not only at the last save_steps multiple.
-    assert safety.checkpoint_is_complete(run_dir / "checkpoints" / f"checkpoint-{stopped[0]}")
+    assert checkpoints.checkpoint_is_complete(run_dir / "checkpoints" / f"checkpoint-{stopped[0]}")
     assert f"resume with: sovtune train {os.path.relpath(recipe, workspace)} --resume" in message
     assert not (run_dir / "adapter").exists()
-    assert not safety.lock_path(run_dir).exists()
+    assert not lock.lock_path(run_dir).exists()
     resume_and_compare(recipe, run_dir, reference, monkeypatch)
 
 
@@ -218,7 +220,7 @@ def test_sigint_saves_a_checkpoint_and_resumes_exactly(
     message = " ".join(result.stderr.split())
     assert f"training stopped by SIGINT at step 3 of {MAX_STEPS}" in message
     assert "--resume" in message
-    assert safety.checkpoint_is_complete(run_dir / "checkpoints" / "checkpoint-3")
+    assert checkpoints.checkpoint_is_complete(run_dir / "checkpoints" / "checkpoint-3")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     resume_and_compare(recipe, run_dir, reference, monkeypatch)
 
@@ -232,8 +234,8 @@ def test_second_sigint_stops_at_once_without_saving(
     result = invoke("train", recipe)
     assert result.exit_code == 130, result.output
     assert "interrupted without saving" in " ".join(result.stderr.split())
-    assert [path.name for path in safety.complete_checkpoints(run_dir)] == ["checkpoint-2"]
-    assert not safety.lock_path(run_dir).exists()
+    assert [path.name for path in checkpoints.complete_checkpoints(run_dir)] == ["checkpoint-2"]
+    assert not lock.lock_path(run_dir).exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def test_resume_with_changed_data_is_refused(copy_of_run: tuple[Path, Path]) -> 
 
 def test_resume_without_a_fingerprint_is_refused(copy_of_run: tuple[Path, Path]) -> None:
     recipe, run_dir = copy_of_run
-    (run_dir / safety.FINGERPRINT).unlink()
+    (run_dir / fingerprint.FINGERPRINT).unlink()
     assert "pass --force" in refused(invoke("train", recipe, "--resume"))
 
 
@@ -308,7 +310,7 @@ def test_force_resumes_a_changed_recipe_and_records_it(copy_of_run: tuple[Path, 
     result = invoke("train", recipe, "--resume", "--force", "--set", "train.learning_rate=0.02")
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / "train_metrics.json").read_text())["global_step"] == 4
-    forced = json.loads((run_dir / safety.FINGERPRINT).read_text())["forced_resumes"]
+    forced = json.loads((run_dir / fingerprint.FINGERPRINT).read_text())["forced_resumes"]
     assert forced[-1]["changes"] == ["train.learning_rate: 0.01 -> 0.02"]
 
 

@@ -71,7 +71,7 @@ def test_pickle_weights_load_when_the_recipe_opts_in(pickle_model_dir: Path, tin
     from transformers import AutoModelForCausalLM
 
     from sovtune import model as models
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
 
     loaded = models.load_base_model(load_recipe(recipe)).state_dict()
     original = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()
@@ -237,7 +237,7 @@ def test_a_planted_token_reaches_no_file_and_no_output(tiny_model_dir: Path, tmp
 
 
 def test_redaction_covers_credential_variables_and_known_token_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sovtune.safety import redact_secrets
+    from sovtune.core.secrets import redact_secrets
 
     monkeypatch.setenv("SOVTUNE_TEST_DB_PASSWORD", PASSWORD)
     monkeypatch.setenv("GIT_AUTHOR_NAME", "Ada Lovelace")  # not a credential, despite "AUTH" in the name

@@ -131,8 +131,8 @@ def test_check_reports_counts_never_values(make_recipe) -> None:
 
 def test_redact_happens_before_tokenising(make_recipe) -> None:
     from sovtune import model as models
-    from sovtune.data import prepare_data
-    from sovtune.recipe import load_recipe
+    from sovtune.inputs import prepare_recipe_data as prepare_data
+    from sovtune.config import load_recipe
 
     recipe = load_recipe(make_recipe("scanredact", rows=planted_rows(), sovereignty={"data_scan": "redact"}))
     tokenizer = models.load_tokenizer(recipe)
@@ -156,7 +156,7 @@ def test_block_stops_check_with_exit_2(make_recipe) -> None:
 
 def test_policy_is_validated(make_recipe) -> None:
     from sovtune.errors import RecipeError
-    from sovtune.recipe import load_recipe
+    from sovtune.config import load_recipe
 
     with pytest.raises(RecipeError, match="sovereignty.data_scan: found 'redcat'.*did you mean 'redact'"):
         load_recipe(make_recipe("badpolicy", sovereignty={"data_scan": "redcat"}))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sovtune.data import Row, read_rows, to_example
-from sovtune.recipe import DataSource, Recipe, load_recipe, looks_like_local_path
+from sovtune.config import DataSource, Recipe, load_recipe, looks_like_local_path
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -85,7 +85,7 @@ def test_shipped_data_parses_in_the_recipes_format_without_train_eval_overlap(
             for source in sources:
                 if source not in local_sources(recipe):
                     continue
-                rows: list[Row] = read_rows(source, recipe)
+                rows: list[Row] = read_rows(source, recipe.data.format, recipe.base_dir)
                 assert rows, f"{source.path} is empty"
                 for row in rows:
                     keys[role].add(to_example(row, recipe.data, tokenizer).key())  # RowError names the row

@@ -18,7 +18,9 @@ import torch
 from conftest import build_tiny_model, qa_rows, write_recipe
 from sovtune import model as models
 from sovtune import training as training
-from sovtune.recipe import Recipe, load_recipe
+from sovtune.run.checkpoints import last_checkpoint
+from sovtune.run.directory import RunDirError
+from sovtune.config import Recipe, load_recipe
 
 STEPS = 20
 TRAIN = {"max_steps": STEPS, "save_steps": 10, "save_total_limit": 2, "learning_rate": 1e-2, "warmup_steps": 0}
@@ -160,7 +162,7 @@ def test_saved_lora_adapter_reloads_in_plain_peft_with_identical_logits(lora_run
 
 def test_occupied_run_dir_is_refused(lora_run: TrainedRun) -> None:
     run_dir = lora_run.result.run_dir
-    with pytest.raises(training.RunDirError) as info:
+    with pytest.raises(RunDirError) as info:
         training.train(lora_run.recipe)
     assert str(info.value) == (
         f"{run_dir}: already holds a run; continue it with --resume, or choose another --set output.dir=..."
@@ -169,7 +171,7 @@ def test_occupied_run_dir_is_refused(lora_run: TrainedRun) -> None:
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, learnable_model_dir: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, learnable_model_dir, "fresh"))
-    with pytest.raises(training.RunDirError) as info:
+    with pytest.raises(RunDirError) as info:
         training.train(recipe, resume=True)
     assert str(info.value) == f"{recipe.run_dir}: no complete checkpoint to resume from; run without --resume"
     assert not recipe.run_dir.exists()
@@ -185,7 +187,7 @@ def test_resume_continues_from_the_last_complete_checkpoint(lora_run: TrainedRun
         shutil.rmtree(run_dir / later) if (run_dir / later).is_dir() else (run_dir / later).unlink()
     # A checkpoint the trainer had not finished writing (no trainer_state.json) is not resumed from.
     (run_dir / "checkpoints" / "checkpoint-15").mkdir()
-    assert training.last_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-10"
+    assert last_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-10"
     recipe = load_recipe(lora_run.recipe.source_path, [f"output.dir={run_dir}"])
 
     resumed = train_and_probe(recipe, tmp_path / "audit.jsonl", resume=True)

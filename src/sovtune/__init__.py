@@ -19,12 +19,13 @@ BNB_HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 logging.getLogger(BNB_HUB_KERNEL_LOGGER).setLevel(logging.ERROR)
 
 _API = {
-    "load_recipe": "sovtune.recipe",
-    "Recipe": "sovtune.recipe",
+    "load_recipe": "sovtune.config",
+    "Recipe": "sovtune.config",
     "SovtuneError": "sovtune.errors",
-    "train": "sovtune.training",
+    "train": "sovtune.pipeline",
     "evaluate": "sovtune.evaluation",
     "run": "sovtune.pipeline",
+    "verify": "sovtune.pipeline",
     "check": "sovtune.preflight",
 }
 

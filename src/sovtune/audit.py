@@ -14,14 +14,18 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator
 
-from sovtune.errors import SovtuneError
-from sovtune.recipe import Recipe
+from sovtune import __version__
+from sovtune.config import Recipe
+from sovtune.core.hashing import now, sha256_text
+from sovtune.core.secrets import redact_secrets
+from sovtune.data import data_file_hashes
+from sovtune.errors import GateFailed, SovtuneError
+from sovtune.licence import LicenceRefused
+from sovtune.offline import NetworkBlocked
 
 EVENTS = ("check", "train", "eval", "run", "push", "pull", "export", "merge", "verify")
 ENV_PATH = "SOVTUNE_AUDIT_LOG"
 DEFAULT_PATH = "~/.sovtune/audit.jsonl"
-# Environment variables whose values must never appear in the log, whatever they look like.
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")
 _SECRET_KEYS = ("token", "password", "secret", "api_key", "apikey", "authorization")
 
 
@@ -38,21 +42,9 @@ def log_path(recipe: Recipe | None = None) -> Path:
 
 def scrub(value: Any) -> Any:
     """The value with secrets replaced: scanner matches, token-like env values, and fields named like secrets."""
-    from sovtune.scan import SECRET, find, placeholder
-
-    known = [os.environ[name] for name in SECRET_ENV if len(os.environ.get(name, "")) >= 8]
-
-    def clean_text(text: str) -> str:
-        for secret in known:
-            text = text.replace(secret, "[REDACTED]")
-        findings = [f for f in find(text) if f.category == SECRET]
-        for finding in reversed(findings):
-            text = text[: finding.start] + placeholder(finding.kind) + text[finding.end :]
-        return text
-
     def walk(node: Any) -> Any:
         if isinstance(node, str):
-            return clean_text(node)
+            return redact_secrets(node)
         if isinstance(node, dict):
             return {
                 key: "[REDACTED]" if any(word in str(key).lower() for word in _SECRET_KEYS) and node[key] else walk(item)
@@ -80,9 +72,6 @@ def event_record(
     error: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from sovtune import __version__
-    from sovtune.provenance import data_file_hashes, now, sha256_text
-
     record: dict[str, Any] = {
         "time": now(),
         "event": event,
@@ -100,7 +89,7 @@ def event_record(
         record["recipe"] = recipe.source_path or recipe.name
         record["recipe_sha256"] = sha256_text(recipe.to_yaml())
         with contextlib.suppress(OSError):  # data that cannot be read is the command's error to report, not ours
-            record["data"] = data_file_hashes(recipe)
+            record["data"] = data_file_hashes(recipe.data, recipe.base_dir)
     if error:
         record["error"] = error.splitlines()[0][:500]
     if details:
@@ -130,13 +119,8 @@ def record(event: str, outcome: str, recipe: Recipe | None = None, path: Path | 
     return entry
 
 
-def _refusals() -> tuple[type[Exception], ...]:
-    """Errors that mean a gate said no (as opposed to something broken)."""
-    from sovtune.errors import GateFailed
-    from sovtune.licence import LicenceRefused
-    from sovtune.offline import NetworkBlocked
-
-    return (GateFailed, LicenceRefused, NetworkBlocked)
+# Errors that mean a gate said no (as opposed to something broken).
+REFUSALS: tuple[type[Exception], ...] = (GateFailed, LicenceRefused, NetworkBlocked)
 
 
 @contextlib.contextmanager
@@ -159,6 +143,6 @@ def audited(
         raise
     except Exception as exc:
         # A SovtuneError's message is written for users (and scrubbed); a bug's message may hold anything.
-        write("refused" if isinstance(exc, _refusals()) else "failed", str(exc) if isinstance(exc, SovtuneError) else type(exc).__name__)
+        write("refused" if isinstance(exc, REFUSALS) else "failed", str(exc) if isinstance(exc, SovtuneError) else type(exc).__name__)
         raise
     write("ok")

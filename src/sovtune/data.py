@@ -11,13 +11,15 @@ import functools
 import hashlib
 import io
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from sovtune.config import DataSection, DataSource, looks_like_local_path
+from sovtune.core.hashing import file_entry, tree_entries
 from sovtune.errors import DataError
-from sovtune.recipe import DataSection, DataSource, Recipe, looks_like_local_path
 from sovtune.scan import ScanReport, scan_rows
 
 IGNORE_INDEX = -100
@@ -113,12 +115,18 @@ def _percentile(values: list[int], pct: int) -> int:
 # Reading rows
 
 
-def read_rows(source: DataSource, recipe: Recipe) -> list[Row]:
+def resolve(path: str, base_dir: Path) -> Path:
+    """A data path made absolute: relative paths are relative to the recipe's folder."""
+    expanded = Path(os.path.expanduser(path))
+    return expanded if expanded.is_absolute() else Path(base_dir) / expanded
+
+
+def read_rows(source: DataSource, data_format: str, base_dir: Path) -> list[Row]:
     """Rows of one source: local file(s) with line numbers, or a hub dataset through `datasets`."""
-    path = recipe.resolve(source.path)
+    path = resolve(source.path, base_dir)
     if path.exists():
         files = _local_files(path)
-        return [row for file in files for row in _read_file(file, recipe.data.format)]
+        return [row for file in files for row in _read_file(file, data_format)]
     if looks_like_local_path(source.path):
         raise DataError(f"{source.path}: data file not found (looked at {path}); check data.train / data.eval paths")
     return _read_hub(source)
@@ -457,33 +465,42 @@ def split_text_example(example: Example, tokenizer: Any, max_length: int) -> lis
 
 
 def load_examples(
-    sources: list[DataSource], recipe: Recipe, tokenizer: Any, stats: SplitStats, scanned: ScanReport | None = None
+    sources: list[DataSource],
+    data: DataSection,
+    tokenizer: Any,
+    stats: SplitStats,
+    base_dir: Path,
+    scanned: ScanReport | None = None,
+    origins: set[str] | None = None,
 ) -> list[Example]:
+    """Rows of `sources` rendered to examples (only the rows whose origin is in `origins`, when given)."""
     examples, bad = [], []
     for source in sources:
-        rows = read_rows(source, recipe)
+        rows = read_rows(source, data.format, base_dir)
+        if origins is not None:
+            rows = [row for row in rows if row.origin in origins]
         if scanned is not None:
             # Secrets/PII are counted, and redacted or refused per sovereignty.data_scan, before anything is tokenised.
-            rows, _ = scan_rows(rows, recipe.sovereignty.data_scan, scanned)
+            rows, _ = scan_rows(rows, scanned.policy, scanned)
         for row in rows:
             stats.rows += 1
             try:
-                examples.append(to_example(row, recipe.data, tokenizer))
+                examples.append(to_example(row, data, tokenizer))
             except RowError as exc:
                 bad.append(f"{row.origin}: {exc}")
                 stats.drop("malformed row")
-    if bad and recipe.data.on_bad_rows == "error":
+    if bad and data.on_bad_rows == "error":
         more = f" (and {len(bad) - 1} more malformed rows)" if len(bad) > 1 else ""
         raise DataError(f"{bad[0]}{more}; fix the rows or set data.on_bad_rows: skip")
     return examples
 
 
-def tokenize_split(examples: list[Example], recipe: Recipe, tokenizer: Any, stats: SplitStats) -> list[Tokenized]:
-    max_length = recipe.data.max_length
+def tokenize_split(examples: list[Example], data: DataSection, tokenizer: Any, stats: SplitStats) -> list[Tokenized]:
+    max_length = data.max_length
     stop_ids = set(stop_token_ids(tokenizer))
     out: list[Tokenized] = []
     for example in examples:
-        if recipe.data.format == "text":
+        if data.format == "text":
             pieces = split_text_example(example, tokenizer, max_length)
         else:
             pieces = [tokenize(example, tokenizer, max_length)]
@@ -527,26 +544,32 @@ def chat_turn_terminator(tokenizer: Any) -> int | None:
     return None
 
 
-def split_train_eval(examples: list[Example], recipe: Recipe) -> tuple[list[Example], list[Example]]:
+def split_train_eval(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     shuffled = list(examples)
-    random.Random(recipe.train.seed).shuffle(shuffled)
-    n_eval = max(1, round(len(shuffled) * recipe.data.eval_fraction))
+    random.Random(seed).shuffle(shuffled)
+    n_eval = max(1, round(len(shuffled) * eval_fraction))
     if len(shuffled) - n_eval < 1:
         raise DataError(f"only {len(shuffled)} usable rows: too few to hold out eval_fraction; add data or give data.eval")
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
-def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
-    """Read, render, split, de-duplicate and tokenise the recipe's data; raise on what would ruin a run."""
+def prepare_data(
+    data: DataSection, tokenizer: Any, *, base_dir: Path, seed: int, scan_policy: str = "warn"
+) -> PreparedData:
+    """Read, render, split, de-duplicate and tokenise the data; raise on what would ruin a run.
+
+    `base_dir` is the recipe's folder (relative paths), `seed` the split seed (train.seed), `scan_policy`
+    sovereignty.data_scan.
+    """
     train_stats, eval_stats = SplitStats(), SplitStats()
-    scanned = ScanReport(policy=recipe.sovereignty.data_scan)
-    train_examples = load_examples(recipe.data.train, recipe, tokenizer, train_stats, scanned)
+    scanned = ScanReport(policy=scan_policy)
+    train_examples = load_examples(data.train, data, tokenizer, train_stats, base_dir, scanned)
     if train_stats.rows == 0:  # before any split, so the message names the empty source
-        _refuse_ruinous([], train_stats, recipe)
-    if recipe.data.eval is not None:
-        eval_examples = load_examples([recipe.data.eval], recipe, tokenizer, eval_stats, scanned)
+        _refuse_ruinous([], train_stats, data)
+    if data.eval is not None:
+        eval_examples = load_examples([data.eval], data, tokenizer, eval_stats, base_dir, scanned)
     else:
-        train_examples, eval_examples = split_train_eval(train_examples, recipe)
+        train_examples, eval_examples = split_train_eval(train_examples, data.eval_fraction, seed)
         eval_stats.rows = len(eval_examples)
         train_stats.rows -= len(eval_examples)
     train_keys = {example.key() for example in train_examples}
@@ -554,25 +577,95 @@ def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
     eval_examples = [example for example in eval_examples if example.key() not in train_keys]
     if duplicates:
         eval_stats.dropped["exact duplicate of a training row"] = duplicates
-    train = tokenize_split(train_examples, recipe, tokenizer, train_stats)
-    evaluation = tokenize_split(eval_examples, recipe, tokenizer, eval_stats)
+    train = tokenize_split(train_examples, data, tokenizer, train_stats)
+    evaluation = tokenize_split(eval_examples, data, tokenizer, eval_stats)
     kept_origins = {item.origin.split("@")[0] for item in evaluation}
     eval_examples = [example for example in eval_examples if example.origin in kept_origins]
     stats = {"train": train_stats.summary(), "eval": eval_stats.summary(), "eval_duplicates_removed": duplicates,
              "data_scan": scanned.summary()}
-    _refuse_ruinous(train, train_stats, recipe)
+    _refuse_ruinous(train, train_stats, data)
     return PreparedData(train=train, eval=evaluation, eval_examples=eval_examples, stats=stats)
 
 
-def _refuse_ruinous(train: list[Tokenized], stats: SplitStats, recipe: Recipe) -> None:
-    sources = ", ".join(source.path for source in recipe.data.train)
+def load_held_out(
+    data: DataSection, tokenizer: Any, origins: list[str], *, base_dir: Path, scan_policy: str = "warn"
+) -> tuple[list[Example], list[Tokenized], SplitStats]:
+    """The held-out examples a training run recorded (their origins, in order), without re-reading the training set
+    into tokens: only those rows are rendered and tokenised."""
+    stats = SplitStats()
+    sources = [data.eval] if data.eval is not None else data.train
+    wanted = set(origins)
+    scanned = ScanReport(policy=scan_policy)
+    found = {example.origin: example for example in load_examples(sources, data, tokenizer, stats, base_dir, scanned, wanted)}
+    missing = [origin for origin in origins if origin not in found]
+    if missing:
+        raise DataError(
+            f"{missing[0]}: a held-out row recorded at training time is no longer in the data"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; evaluate with the data the run trained on"
+        )
+    examples = [found[origin] for origin in origins]
+    return examples, tokenize_split(examples, data, tokenizer, stats), stats
+
+
+def _refuse_ruinous(train: list[Tokenized], stats: SplitStats, data: DataSection) -> None:
+    sources = ", ".join(source.path for source in data.train)
     if stats.rows == 0:
-        raise DataError(f"{sources}: the training data is empty; point data.train at rows in format {recipe.data.format!r}")
+        raise DataError(f"{sources}: the training data is empty; point data.train at rows in format {data.format!r}")
     if not train:
         reasons = ", ".join(f"{count} {reason}" for reason, count in stats.dropped.items())
         raise DataError(f"{sources}: no usable training rows ({reasons}); check data.format, data.columns, max_length")
-    if len(train) and stats.truncated == len(train) and recipe.data.format != "text":
+    if len(train) and stats.truncated == len(train) and data.format != "text":
         raise DataError(
-            f"{sources}: every row is longer than data.max_length={recipe.data.max_length} and was truncated; "
+            f"{sources}: every row is longer than data.max_length={data.max_length} and was truncated; "
             "raise data.max_length"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Provenance of the data: what each source holds, by content hash
+
+
+def hub_snapshot(repo_id: str, revision: str | None, repo_type: str) -> Path | None:
+    """The locally cached snapshot folder of a hub repo (its name is the resolved commit), without network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type, local_files_only=True))
+    except Exception:  # not cached (yet): the commit stays unknown rather than failing the run
+        return None
+
+
+def data_records(data: DataSection, base_dir: Path) -> list[dict[str, Any]]:
+    """Each source: its local files with SHA-256 (absolute paths), or the hub dataset id, revision and cached commit."""
+    sources = [("train", source) for source in data.train]
+    if data.eval is not None:
+        sources.append(("eval", data.eval))
+    records = []
+    for split, source in sources:
+        path = resolve(source.path, base_dir)
+        record: dict[str, Any] = {"split": split, "source": source.path}
+        if path.exists():
+            record["files"] = [file_entry(path)] if path.is_file() else tree_entries(path)
+        else:
+            snapshot = hub_snapshot(source.path, source.revision, "dataset")
+            record["hub"] = {
+                "id": source.path,
+                "revision": source.revision,
+                "commit": snapshot.name if snapshot is not None else None,
+                "subset": source.subset,
+                "split": source.split,
+            }
+            record["files"] = []
+        records.append(record)
+    return records
+
+
+def data_file_hashes(data: DataSection, base_dir: Path) -> list[dict[str, str | None]]:
+    """sha256 of each local data file (hub datasets as id@revision), e.g. for the audit log and the fingerprint."""
+    hashes: list[dict[str, str | None]] = []
+    for record in data_records(data, base_dir):
+        hashes.extend({"path": entry["path"], "sha256": entry["sha256"]} for entry in record["files"])
+        if "hub" in record:
+            hub = record["hub"]
+            hashes.append({"path": f"{hub['id']}@{hub['commit'] or hub['revision']}", "sha256": None})
+    return hashes

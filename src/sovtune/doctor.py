@@ -115,17 +115,5 @@ def _hub_rows() -> list[Row]:
     ]
 
 
-def render(rows: list[Row], console: object) -> None:
-    from rich.table import Table
-
-    table = Table(title="sovtune doctor")
-    for column in ("item", "value", "status", "fix"):
-        table.add_column(column)
-    colours = {"ok": "green", "warn": "yellow", "missing": "red"}
-    for row in rows:
-        table.add_row(row.item, row.value, f"[{colours[row.status]}]{row.status}[/]", row.fix)
-    console.print(table)  # type: ignore[attr-defined]
-
-
 def healthy(rows: list[Row]) -> bool:
     return not any(row.status == "missing" for row in rows)

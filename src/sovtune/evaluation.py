@@ -7,22 +7,57 @@ paired bootstrap in metrics.py; report.py turns the comparisons into report.json
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import random
 import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import torch
 
 from sovtune import metrics as scoring
-from sovtune import provenance
-from sovtune.data import IGNORE_INDEX, Example, SplitStats, Tokenized, load_examples, prepare_data, stop_token_ids, tokenize_split
+from sovtune import model as models
+from sovtune import report as reports
+from sovtune.config import GENERAL_DATASET, LOSS_METRICS, DataSection, EvalDataset, Recipe, load_recipe
+from sovtune.core.hashing import now
+from sovtune.core.rundir import RunDir
+from sovtune.data import (
+    IGNORE_INDEX,
+    Example,
+    PreparedData,
+    SplitStats,
+    Tokenized,
+    load_examples,
+    load_held_out,
+    prepare_data,
+    stop_token_ids,
+    tokenize_split,
+)
 from sovtune.errors import DataError, GateFailed, SovtuneError
-from sovtune.recipe import GENERAL_DATASET, LOSS_METRICS, EvalDataset, Recipe, load_recipe
+from sovtune.run.lock import RunLock
+from sovtune.run.manifest import record_eval
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def inference_mode(function: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.inference_mode() as a decorator, with torch imported when the function first runs."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -75,6 +110,27 @@ class SuiteOutcome:
     seconds: dict[str, float]
 
 
+@dataclass
+class HeldOut:
+    """The held-out examples a training run recorded: their origins in evaluation order, and why others were dropped."""
+
+    origins: list[str]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_run(cls, run_dir: Path) -> HeldOut | None:
+        """What `sovtune train` recorded in the run directory; None for a run that recorded none."""
+        run = RunDir(run_dir)
+        origins = run.heldout()
+        if origins is None:
+            return None
+        return cls(origins, dict(((run.data_stats() or {}).get("eval") or {}).get("dropped") or {}))
+
+    @classmethod
+    def from_data(cls, prepared: PreparedData) -> HeldOut:
+        return cls([example.origin for example in prepared.eval_examples], dict(prepared.stats["eval"]["dropped"]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points
 
@@ -83,36 +139,33 @@ def evaluate(
     recipe: Recipe | str | Path,
     run_dir: str | Path | None = None,
     adapter_dir: str | Path | None = None,
-    console: Any = None,
     write: bool = True,
+    held_out: HeldOut | None = None,
 ) -> Any:
     """Evaluate the adapter against its base; write report.json/md/png into the run directory.
 
-    Raises GateFailed (exit 3) after the report is written when a gate in `eval.gates` fails.
+    `held_out` names the rows of the recipe's held-out split (what training recorded); without it the split is made
+    again from the data. Raises GateFailed (exit 3, with the report as `.report`) after the report is written when a
+    gate in `eval.gates` fails.
     """
-    from sovtune.safety import RunLock
-
     recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
     run_dir = Path(run_dir) if run_dir is not None else recipe.run_dir
-    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else RunDir(run_dir).adapter_dir
+    if not (adapter_dir / RunDir.ADAPTER_CONFIG).is_file():
         raise SovtuneError(
             f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or point --adapter at a peft adapter"
         )
     # The report goes into the run directory: no second writer (a training with --overwrite, another eval) meanwhile.
     with RunLock(run_dir, enabled=write):
-        return _evaluate(recipe, run_dir, adapter_dir, console, write)
+        return _evaluate(recipe, run_dir, adapter_dir, write, held_out)
 
 
-def _evaluate(recipe: Recipe, run_dir: Path, adapter_dir: Path, console: Any, write: bool) -> Any:
-    from sovtune import model as models
-    from sovtune import report as reports
-
-    started, started_at = time.perf_counter(), provenance.now()
-    tokenizer = eval_tokenizer(recipe, adapter_dir)
-    suites = prepare_suites(recipe, tokenizer)
+def _evaluate(recipe: Recipe, run_dir: Path, adapter_dir: Path, write: bool, held_out: HeldOut | None) -> Any:
+    started, started_at = time.perf_counter(), now()
+    tokenizer = models.load_adapter_tokenizer(recipe, adapter_dir)
+    suites = prepare_suites(recipe, tokenizer, held_out)
     try:
-        model = load_model(recipe, tokenizer, adapter_dir)
+        model = models.load_adapted_model(recipe, tokenizer, adapter_dir)
         outcomes = [run_suite(model, tokenizer, suite, recipe) for suite in suites]
     finally:
         for suite in suites:
@@ -121,13 +174,16 @@ def _evaluate(recipe: Recipe, run_dir: Path, adapter_dir: Path, console: Any, wr
     report = reports.build_report(recipe, outcomes, adapter_dir=adapter_dir, seconds=time.perf_counter() - started)
     if write:
         written = report.write(run_dir)
-        if (run_dir / provenance.MANIFEST).is_file():  # `sovtune eval` on a folder sovtune did not train has none
-            provenance.record_eval(run_dir, report.to_json(), written, started_at)
-    if console is not None:
-        report.print_table(console)
+        if (RunDir(run_dir) / RunDir.MANIFEST).is_file():  # `sovtune eval` on a folder sovtune did not train has none
+            record_eval(run_dir, report.to_json(), written, started_at)
+    log.info("%s", report.summary_text(), extra={"renderable": report})
     failed = [gate for gate in report.gates if not gate.passed]
     if failed:
-        raise GateFailed("gate failed: " + "; ".join(gate.describe() for gate in failed) + f" (see {run_dir / 'report.md'})")
+        error = GateFailed(
+            "gate failed: " + "; ".join(gate.describe() for gate in failed) + f" (see {run_dir / RunDir.REPORT_MD})"
+        )
+        error.report = report
+        raise error
     return report
 
 
@@ -139,15 +195,14 @@ class EvalCheck:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_eval(recipe: Recipe, tokenizer: Any = None) -> EvalCheck:
+def check_eval(recipe: Recipe, tokenizer: Any = None, held_out: HeldOut | None = None) -> EvalCheck:
     """Everything evaluation needs except the model: data read, references executed, user metrics imported.
 
-    Run before training so a broken eval setting fails in seconds, not after hours.
+    Run before training so a broken eval setting fails in seconds, not after hours. `tokenizer` defaults to the
+    recipe's.
     """
-    from sovtune import model as models
-
     tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(recipe)
-    suites = prepare_suites(recipe, tokenizer)
+    suites = prepare_suites(recipe, tokenizer, held_out)
     for suite in suites:
         for close in suite.closers:
             close()
@@ -157,54 +212,8 @@ def check_eval(recipe: Recipe, tokenizer: Any = None) -> EvalCheck:
     )
 
 
-def recipe_for_run(
-    run_dir: Path, recipe_path: Path | None = None, base: str | None = None, overrides: Sequence[str] = ()
-) -> Recipe:
-    """The recipe `sovtune eval RUN_DIR` uses: --recipe, else the one the run saved; --base replaces the model."""
-    path = recipe_path or run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise SovtuneError(f"{path}: no recipe found; pass --recipe RECIPE (the recipe the adapter was trained with)")
-    extra = [f"output.dir={run_dir}"]
-    if base is not None:
-        extra.append(f"model.name_or_path={base}")
-    return load_recipe(path, [*overrides, *extra])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Model and tokenizer
-
-
-def eval_tokenizer(recipe: Recipe, adapter_dir: Path) -> Any:
-    """The tokenizer the adapter was trained with (saved next to it), else the recipe's.
-
-    Using the saved one avoids a chat template or added pad token that differs between training and evaluation.
-    """
-    from sovtune import model as models
-
-    if not (adapter_dir / "tokenizer_config.json").is_file():
-        return models.load_tokenizer(recipe)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    except (OSError, ValueError) as exc:
-        raise SovtuneError(f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded ({exc})") from None
-    if getattr(tokenizer, "chat_template", None) is None and recipe.data.chat_template:
-        tokenizer.chat_template = models.read_chat_template(recipe)
-    models.ensure_pad_token(tokenizer)
-    return tokenizer
-
-
-def load_model(recipe: Recipe, tokenizer: Any, adapter_dir: Path) -> Any:
-    from sovtune import model as models
-
-    base = models.load_base_model(recipe, tokenizer)
-    # Quantised weights are placed by their device map when loaded (and bitsandbytes models refuse `.to`).
-    if getattr(base, "hf_device_map", None) is None and not getattr(base, "is_quantized", False):
-        base.to(models.device())
-    peft_model = models.load_adapter(base, adapter_dir)
-    peft_model.eval()
-    return peft_model
 
 
 def model_device(model: Any) -> torch.device:
@@ -221,31 +230,36 @@ def both_models(model: Any) -> Iterator[tuple[str, Any]]:
 # Data: recipe datasets -> suites
 
 
-def prepare_suites(recipe: Recipe, tokenizer: Any) -> list[Suite]:
-    suites = [prepare_dataset(recipe, tokenizer, dataset) for dataset in recipe.eval.datasets]
+def prepare_suites(recipe: Recipe, tokenizer: Any, held_out: HeldOut | None = None) -> list[Suite]:
+    suites = [prepare_dataset(recipe, tokenizer, dataset, held_out) for dataset in recipe.eval.datasets]
     if recipe.eval.general is not None:
         suites.append(prepare_general(recipe, tokenizer))
     return suites
 
 
-def _eval_recipe(recipe: Recipe, data_format: str, columns: dict[str, str]) -> Recipe:
-    """The recipe as seen by one eval dataset: its format and columns, and loss on completions only (the domain
+def eval_view(data: DataSection, data_format: str, columns: dict[str, str]) -> DataSection:
+    """The data settings as seen by one eval dataset: its format and columns, and loss on completions only (the domain
     gain is in the answers, whatever the training objective was)."""
-    data = recipe.data.model_copy(update={"format": data_format, "columns": columns, "train_on_inputs": False})
-    return recipe.model_copy(update={"data": data})
+    return data.model_copy(update={"format": data_format, "columns": columns, "train_on_inputs": False})
 
 
-def prepare_dataset(recipe: Recipe, tokenizer: Any, dataset: EvalDataset) -> Suite:
+def prepare_dataset(recipe: Recipe, tokenizer: Any, dataset: EvalDataset, held_out: HeldOut | None = None) -> Suite:
     data_format = dataset.format or recipe.data.format
     columns = dataset.columns if dataset.columns is not None else recipe.data.columns
-    view = _eval_recipe(recipe, data_format, columns)
-    if dataset.source is None:
-        prepared = prepare_data(view, tokenizer)
+    view = eval_view(recipe.data, data_format, columns)
+    policy = recipe.sovereignty.data_scan
+    if dataset.source is None and held_out is not None:
+        examples, tokenized, stats = load_held_out(view, tokenizer, held_out.origins, base_dir=recipe.base_dir, scan_policy=policy)
+        dropped = {**held_out.dropped, **stats.dropped}
+        notes = [f"{count} rows dropped: {reason}" for reason, count in dropped.items()]
+        source_name = "held-out split of data" if recipe.data.eval is None else recipe.data.eval.path
+    elif dataset.source is None:
+        prepared = prepare_data(view, tokenizer, base_dir=recipe.base_dir, seed=recipe.train.seed, scan_policy=policy)
         examples, tokenized, notes = prepared.eval_examples, prepared.eval, _drop_notes(prepared.stats.get("eval", {}))
         source_name = "held-out split of data" if recipe.data.eval is None else recipe.data.eval.path
     else:
         stats = SplitStats()
-        examples = load_examples([dataset.source], view, tokenizer, stats)
+        examples = load_examples([dataset.source], view, tokenizer, stats, recipe.base_dir)
         tokenized = tokenize_split(examples, view, tokenizer, stats)
         notes, source_name = _drop_notes(stats.summary()), dataset.source.path
     if not tokenized:
@@ -293,9 +307,9 @@ def prepare_general(recipe: Recipe, tokenizer: Any) -> Suite:
     """General text for the forgetting check: perplexity only, every token scored."""
     general = recipe.eval.general
     assert general is not None
-    view = _eval_recipe(recipe, general.format, general.columns)
+    view = eval_view(recipe.data, general.format, general.columns)
     stats = SplitStats()
-    examples = load_examples([general], view, tokenizer, stats)
+    examples = load_examples([general], view, tokenizer, stats, recipe.base_dir)
     tokenized = tokenize_split(examples, view, tokenizer, stats)
     if not tokenized:
         raise DataError(f"eval.general ({general.path}): no usable text; check its path, format and columns")
@@ -403,6 +417,8 @@ def _attach_choices(item: EvalItem, dataset: EvalDataset, tokenizer: Any) -> Non
 
 
 def run_suite(model: Any, tokenizer: Any, suite: Suite, recipe: Recipe) -> SuiteOutcome:
+    import torch
+
     settings = recipe.eval
     scores: dict[str, PairedScores] = {}
     seconds: dict[str, float] = {}
@@ -465,13 +481,15 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-@torch.inference_mode()
+@inference_mode
 def teacher_forced_sums(model: Any, sequences: Sequence[Tokenized], batch_size: int, context: Any = None) -> TokenSums:
     """NLL, token count and correct count per sequence, over the positions whose label is supervised.
 
     Only those positions are projected to the vocabulary (`logits_to_keep` mask): the prompt's logits, often most
     of the sequence, are never materialised.
     """
+    import torch
+
     device = model_device(model)
     n = len(sequences)
     nll, tokens, correct = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
@@ -591,10 +609,12 @@ def generate_ids_both(
     return outputs
 
 
-@torch.inference_mode()
+@inference_mode
 def generate_batch(model: Any, prompts: Sequence[list[int]], config: Any, tokenizer: Any = None, seed: int = 0) -> list[list[int]]:
     """New token ids per prompt: left padding (so every prompt ends where generation starts), KV cache, trimmed at
     the first stop token."""
+    import torch
+
     device = model_device(model)
     width = max(len(prompt) for prompt in prompts)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sovtune import model as models
+from sovtune.config import Recipe, load_run_recipe
+from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
-from sovtune.recipe import Recipe, load_recipe
 
 
 class RunNotFound(SovtuneError):
@@ -24,27 +26,15 @@ class LoadedRun:
 
 def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
     """The run's resolved recipe, its tokenizer (with the trained chat template) and base + adapter."""
-    recipe_file = run_dir / "recipe.yaml"
-    adapter_dir = run_dir / "adapter"
-    if not recipe_file.is_file():
+    run = RunDir(run_dir)
+    if not (run / RunDir.RECIPE).is_file():
         raise RunNotFound(f"{run_dir}: no recipe.yaml; is this a run directory? (sovtune train writes one)")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise RunNotFound(f"{run_dir}: no trained adapter in {adapter_dir}; run sovtune train first")
-    recipe = load_recipe(recipe_file, overrides)
-    tokenizer = load_adapter_tokenizer(adapter_dir)
-    base = models.load_base_model(recipe, tokenizer)
-    model = models.load_adapter(base, adapter_dir)
-    model.eval()
+    if not run.has_adapter():
+        raise RunNotFound(f"{run_dir}: no trained adapter in {run.adapter_dir}; run sovtune train first")
+    recipe = load_run_recipe(run.path, overrides)
+    tokenizer = models.load_adapter_tokenizer(recipe, run.adapter_dir)
+    model = models.load_adapted_model(recipe, tokenizer, run.adapter_dir)
     return LoadedRun(recipe=recipe, tokenizer=tokenizer, model=model)
-
-
-def load_adapter_tokenizer(adapter_dir: Path) -> Any:
-    """The tokenizer saved with the adapter: the very chat template and pad token used in training."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    models.ensure_pad_token(tokenizer)
-    return tokenizer
 
 
 def render_prompt(run: LoadedRun, messages: list[dict[str, str]]) -> str:
@@ -56,8 +46,6 @@ def render_prompt(run: LoadedRun, messages: list[dict[str, str]]) -> str:
 
 def complete(run: LoadedRun, prompt: str, max_new_tokens: int = 128, use_adapter: bool = True) -> str:
     """Greedy completion of one prompt, stopping at EOS or the template's turn terminator."""
-    import contextlib
-
     import torch
 
     tokenizer = run.tokenizer

@@ -4,6 +4,7 @@ print it, and run it. A thin convenience: accelerate does the launching, sovtune
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shlex
 import subprocess
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from sovtune.config import Recipe
 from sovtune.errors import SovtuneError
-from sovtune.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 Strategy = Literal["ddp", "fsdp", "deepspeed", "deepspeed-zero2"]
 STRATEGY_CONFIGS: dict[str, str] = {
@@ -117,7 +120,7 @@ def build_command(
     )
 
 
-def check_devices(gpus: int, console: Any = None) -> None:
+def check_devices(gpus: int) -> None:
     """Refuse more processes than CUDA GPUs; without CUDA the processes run on the CPU (gloo), said out loud."""
     import torch
 
@@ -128,8 +131,8 @@ def check_devices(gpus: int, console: Any = None) -> None:
                 f"--gpus {gpus}: this machine has {found} CUDA GPU(s); lower --gpus, or for several nodes use "
                 "scripts/slurm_multinode.sh"
             )
-    elif console is not None:
-        console.print(f"no CUDA GPU here: the {gpus} process(es) run on the CPU (gloo), for testing only")
+    else:
+        log.info("no CUDA GPU here: the %d process(es) run on the CPU (gloo), for testing only", gpus)
 
 
 def run_command(command: LaunchCommand) -> int:
@@ -149,14 +152,12 @@ def launch(
     resume: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
-    console: Any = None,
 ) -> LaunchCommand:
     command = build_command(recipe_path, recipe, gpus, strategy, overrides, config_file, resume, overwrite)
-    if console is not None:
-        console.print(command.shown, highlight=False, soft_wrap=True)
+    log.info("%s", command.shown)
     if dry_run:
         return command
-    check_devices(gpus, console)
+    check_devices(gpus)
     code = run_command(command)
     if code != 0:
         raise LaunchError(

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sovtune.config import Recipe
 from sovtune.errors import SovtuneError
-from sovtune.recipe import Recipe
 
 
 class LicenceRefused(SovtuneError):

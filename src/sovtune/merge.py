@@ -7,15 +7,18 @@ less exact; `--dtype` chooses explicitly.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sovtune import model as models
+from sovtune.config import load_run_recipe
+from sovtune.core.files import atomic_write_json, fsync_tree, replace_dir, temporary_sibling
+from sovtune.core.hashing import now, sha256_file, tree_entries
+from sovtune.core.rundir import RunDir
 from sovtune.errors import DataError, SovtuneError
+from sovtune.inputs import prepare_recipe_data
 
 MERGE_REPORT = "sovtune_merge.json"
 MAX_TOKENS = 128
@@ -82,21 +85,18 @@ def merge(
     """Load base (unquantised) + adapter, compare logits before and after `merge_and_unload`, then write atomically."""
     import torch
 
-    from sovtune.generate import load_adapter_tokenizer
-    from sovtune.provenance import adapter_files, now, read_manifest, sha256_file, tree_entries
-    from sovtune.recipe import load_recipe
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    adapter_dir = run_dir / "adapter"
+    run = RunDir(run_dir)
+    adapter_dir = run.adapter_dir
     _check_paths(run_dir, adapter_dir, out_dir, overwrite)
     if dtype not in ("auto", *RTOL):
         raise MergeError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_run_recipe(run_dir)
     chosen = merge_dtype(dtype)
     if chosen == "float16" and not torch.cuda.is_available():
         raise MergeError("--dtype float16 needs a CUDA GPU (fp16 matmuls are not supported on the CPU); use float32")
     recipe.model.dtype = chosen
-    tokenizer = load_adapter_tokenizer(adapter_dir)
+    tokenizer = models.load_adapter_tokenizer(recipe, adapter_dir)
     base = models.load_base_model(recipe, tokenizer, quantize=False)
     if torch.cuda.is_available():
         base = base.to(models.device())
@@ -112,15 +112,15 @@ def merge(
     check = compare(reference, merged_logits, base_logits, batch["attention_mask"], chosen, source)
     if not check.passed:
         raise MergeError(f"the merged model does not reproduce the adapter: {check.describe()}; nothing was written")
-    manifest = read_manifest(run_dir) if (run_dir / "manifest.json").exists() else None
+    manifest = run.manifest() if (run / RunDir.MANIFEST).exists() else None
     report = {
         "merged_at": now(),
         "run_dir": str(run_dir.resolve()),
         "base_model": {"location": recipe.model_location, "revision": recipe.model.revision},
         "training_quantization": recipe.quantization.mode,
         "merged_into": f"{chosen} weights of the base reloaded unquantised",
-        "adapter_files": {p.relative_to(adapter_dir).as_posix(): sha256_file(p) for p in adapter_files(run_dir)},
-        "manifest_sha256": sha256_file(run_dir / "manifest.json") if manifest is not None else None,
+        "adapter_files": {p.relative_to(adapter_dir).as_posix(): sha256_file(p) for p in run.adapter_files()},
+        "manifest_sha256": sha256_file(run / RunDir.MANIFEST) if manifest is not None else None,
         "check": {**asdict(check), "passed": check.passed},
     }
     _write(merged, tokenizer, out_dir, report)
@@ -129,9 +129,9 @@ def merge(
 
 
 def _check_paths(run_dir: Path, adapter_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    if not (run_dir / "recipe.yaml").is_file():
+    if not (RunDir(run_dir) / RunDir.RECIPE).is_file():
         raise MergeError(f"{run_dir}: no recipe.yaml; give a run directory written by `sovtune train`")
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / RunDir.ADAPTER_CONFIG).is_file():
         raise MergeError(f"{run_dir}: no trained adapter in {adapter_dir}; run `sovtune train` first")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise MergeError(f"{out_dir}: already exists and is not empty; choose another OUT or pass --overwrite")
@@ -143,10 +143,8 @@ def held_out_batch(recipe: Any, tokenizer: Any, examples: int) -> tuple[dict[str
     """The first held-out examples of the run's data; generic probe texts when the data is not available here."""
     import torch
 
-    from sovtune.data import prepare_data
-
     try:
-        sequences = [item.input_ids[:MAX_TOKENS] for item in prepare_data(recipe, tokenizer).eval[:examples]]
+        sequences = [item.input_ids[:MAX_TOKENS] for item in prepare_recipe_data(recipe, tokenizer).eval[:examples]]
         source = "held-out examples"
     except (DataError, OSError):
         sequences = []
@@ -199,18 +197,16 @@ def compare(reference: Any, merged: Any, base: Any, mask: Any, dtype: str, sourc
 
 
 def _write(merged: Any, tokenizer: Any, out_dir: Path, report: dict[str, Any]) -> None:
-    """Into a hidden sibling folder first, then renamed: OUT holds a complete model or nothing."""
+    """Into a hidden sibling folder first, then swapped in: OUT holds a complete model or nothing."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    staged = temporary_sibling(out_dir)
+    shutil.rmtree(staged, ignore_errors=True)
     try:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            os.replace(out_dir, old)  # only reached when empty or overwrite was given (checked before loading)
-        os.replace(tmp, out_dir)
+        merged.save_pretrained(str(staged), safe_serialization=True)
+        tokenizer.save_pretrained(str(staged))
+        atomic_write_json(staged / MERGE_REPORT, report)
+        fsync_tree(staged)
+        # OUT exists here only when it was empty or --overwrite was given (checked before loading).
+        replace_dir(staged, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)

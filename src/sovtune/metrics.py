@@ -16,11 +16,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from sovtune.errors import DataError, SovtuneError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class MetricError(SovtuneError):
@@ -47,6 +48,8 @@ class Scores:
     aggregate: Aggregate = "mean"
 
     def __post_init__(self) -> None:
+        import numpy as np
+
         self.numerators = np.asarray(self.numerators, dtype=np.float64)
         self.denominators = np.asarray(self.denominators, dtype=np.float64)
         if self.numerators.shape != self.denominators.shape or self.numerators.ndim != 1:
@@ -54,6 +57,8 @@ class Scores:
 
     @classmethod
     def mean(cls, values: Any) -> Scores:
+        import numpy as np
+
         values = np.asarray(values, dtype=np.float64)
         return cls(values, np.ones_like(values), "mean")
 
@@ -62,6 +67,8 @@ class Scores:
 
     def value(self, weights: np.ndarray | None = None) -> Any:
         """The aggregate; with `weights` of shape (k, n) (how often each example was drawn), k aggregates."""
+        import numpy as np
+
         if weights is None:
             ratio = self.numerators.sum() / self.denominators.sum()
         else:
@@ -102,6 +109,8 @@ def paired_bootstrap(
 
     Pairing is what makes the interval tight: per-example difficulty cancels between base and tuned.
     """
+    import numpy as np
+
     n = len(base)
     if n != len(tuned) or base.aggregate != tuned.aggregate:
         raise ValueError(f"paired scores must match: {n} vs {len(tuned)} examples, {base.aggregate} vs {tuned.aggregate}")
@@ -150,6 +159,8 @@ def paired_bootstrap(
 
 
 def _interval(draws: np.ndarray, tails: list[float]) -> tuple[float, float]:
+    import numpy as np
+
     low, high = np.quantile(draws, tails)
     return float(low), float(high)
 
@@ -340,6 +351,8 @@ def load_user_function(path: Path, function: str, field: str) -> Callable[..., A
 
 def call_user_metric(func: Callable[..., Any], prediction: str, reference: str, row: dict[str, Any], where: str) -> float:
     """Call `func(prediction, reference, row)` and insist on a finite number (a bool counts as 0/1)."""
+    import numpy as np
+
     value = func(prediction, reference, row)
     if isinstance(value, bool):
         return float(value)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from sovtune.core.rundir import RunDir
+from sovtune.config import Recipe
+from sovtune.core.runtime import device, local_rank, sharded_training
 from sovtune.data import stop_token_ids  # noqa: F401  (re-exported: generation stops there)
 from sovtune.errors import SovtuneError
-from sovtune.recipe import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Names tried, in order, for a pad token distinct from EOS before adding a new one (which means resizing).
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<unk>")
 
@@ -24,19 +25,12 @@ class ModelError(SovtuneError):
     """The base model, tokenizer or adapter cannot be loaded or does not fit the recipe."""
 
 
-def sharded_training() -> bool:
-    """Launched by accelerate with FSDP or DeepSpeed (the launcher exports these switches to every process)."""
-    return any(os.environ.get(name, "false").lower() == "true" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-
-
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     """auto: bf16 on GPUs that support it, else fp16 on GPUs; fp32 on the CPU."""
+    import torch
+
     if name != "auto":
-        return DTYPES[name]
+        return getattr(torch, name)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -44,6 +38,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def check_device_support(recipe: Recipe) -> None:
     """Combinations that depend on the machine, checked before anything heavy happens."""
+    import torch
+
     cuda = torch.cuda.is_available()
     for field, name in (("model.dtype", recipe.model.dtype), ("quantization.compute_dtype", recipe.quantization.compute_dtype)):
         if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
@@ -63,6 +59,8 @@ def _flash_attn_installed() -> bool:
 
 
 def attn_implementation(recipe: Recipe) -> str:
+    import torch
+
     choice = recipe.model.attn_implementation
     if choice != "auto":
         return choice
@@ -141,11 +139,13 @@ def ensure_pad_token(tokenizer: Any) -> bool:
 def compute_dtype(recipe: Recipe) -> torch.dtype:
     """dtype of the quantised matmuls: the recipe's, or the model dtype when auto."""
     name = recipe.quantization.compute_dtype
-    return resolve_dtype(recipe.model.dtype) if name == "auto" else DTYPES[name]
+    return resolve_dtype(recipe.model.dtype if name == "auto" else name)
 
 
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
     """The only BitsAndBytesConfig in sovtune."""
+    import torch
+
     quant = recipe.quantization
     if quant.mode == "none":
         return None
@@ -158,15 +158,41 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=DTYPES.get(quant.storage_dtype, torch.uint8),
+        bnb_4bit_quant_storage=getattr(torch, quant.storage_dtype),
     )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def check_weight_files(recipe: Recipe) -> None:
+    """A local model folder with pickle weights only is refused unless the recipe opts in.
+
+    Unpickling runs arbitrary code; safetensors cannot. (Hub models are held to the same rule by
+    `use_safetensors=True` in model.load_base_model.)
+    """
+    if not recipe.model_is_local or recipe.model.allow_pickle_weights:
+        return
+    folder = Path(recipe.model_location)
+    if not folder.is_dir():
+        return
+    names = [path.name for path in folder.iterdir() if path.is_file()]
+    if any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names):
+        return
+    pickles = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES) and "training_args" not in name)
+    if pickles:
+        raise ModelError(
+            f"model.name_or_path: {folder} has only pickle weights ({', '.join(pickles[:3])}), which can run "
+            "arbitrary code when loaded; convert them to safetensors, or set model.allow_pickle_weights: true "
+            "if you trust where they came from"
+        )
 
 
 def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool = True) -> Any:
     """The base causal LM: pinned revision, safetensors only unless allowed, the recipe's dtype and kernel."""
-    from transformers import AutoModelForCausalLM
+    import torch
 
-    from sovtune.safety import check_weight_files
+    from transformers import AutoModelForCausalLM
 
     check_weight_files(recipe)  # train, eval, merge and chat all refuse pickle-only weights
 
@@ -180,7 +206,7 @@ def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool
     if quantize and recipe.quantization.mode != "none":
         kwargs["quantization_config"] = quantization_config(recipe, compute_dtype(recipe))
         if torch.cuda.is_available() and not sharded_training():  # FSDP places (and shards) the weights itself
-            kwargs["device_map"] = {"": _local_rank_device()}
+            kwargs["device_map"] = {"": local_rank()}
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.model_location, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -214,16 +240,14 @@ def keep_unpackable_4bit_layers_unpacked(model: Any) -> int:
 
 def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
     """The causal LM of a config on the meta device: every module and shape, no memory, no weights."""
+    import torch
+
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     model.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
     return model
-
-
-def _local_rank_device() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def match_tokenizer(model: Any, tokenizer: Any) -> None:
@@ -271,6 +295,8 @@ def attach_adapter(model: Any, recipe: Recipe) -> Any:
 
 def linear_module_names(model: Any) -> set[str]:
     """Leaf names of linear layers (incl. bitsandbytes ones), the vocabulary `target_modules` uses."""
+    import torch
+
     names = set()
     for name, module in model.named_modules():
         cls = type(module).__name__
@@ -300,7 +326,7 @@ def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = False) -
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / RunDir.ADAPTER_CONFIG).is_file():
         raise ModelError(f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or give --adapter")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
@@ -309,3 +335,34 @@ def count_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def load_adapter_tokenizer(recipe: Recipe, adapter_dir: Path) -> Any:
+    """The tokenizer the adapter was trained with (saved next to it), else the recipe's.
+
+    Using the saved one avoids a chat template or added pad token that differs between training and evaluation.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(recipe)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded ({exc})") from None
+    if getattr(tokenizer, "chat_template", None) is None and recipe.data.chat_template:
+        tokenizer.chat_template = read_chat_template(recipe)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_adapted_model(recipe: Recipe, tokenizer: Any, adapter_dir: Path) -> Any:
+    """Base + saved adapter in eval mode, on this process's device: what evaluation, generate and chat run."""
+    base = load_base_model(recipe, tokenizer)
+    # Quantised weights are placed by their device map when loaded (and bitsandbytes models refuse `.to`).
+    if getattr(base, "hf_device_map", None) is None and not getattr(base, "is_quantized", False):
+        base.to(device())
+    peft_model = load_adapter(base, adapter_dir)
+    peft_model.eval()
+    return peft_model

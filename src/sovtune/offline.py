@@ -1,6 +1,6 @@
 """Offline mode: the hub libraries' offline switches plus a socket guard that refuses non-local connections.
 
-Standard library only, so the CLI can install it before torch, transformers or huggingface_hub are imported.
+Light (no torch, transformers or huggingface_hub), so the CLI can install it before any of those is imported.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from sovtune.config.validators import endpoint_host
 from sovtune.errors import SovtuneError
 
 # huggingface_hub, transformers and datasets read these at import time; set them before importing those.
@@ -58,8 +59,6 @@ def enable(allowed_endpoints: Iterable[str] = ()) -> None:
 
     Calling it again adds endpoints. Modules already imported get their cached offline flags updated too.
     """
-    from sovtune.recipe import endpoint_host
-
     for name in OFFLINE_SWITCHES:
         os.environ[name] = "1"
     _update_imported_flags()

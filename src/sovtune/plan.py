@@ -39,8 +39,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from sovtune.config import Recipe
 from sovtune.errors import SovtuneError
-from sovtune.recipe import Recipe
+from sovtune.sizes import optimizer_state_bytes
 
 MiB = 2**20
 GiB = 2**30
@@ -53,8 +54,6 @@ CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 FRAGMENTATION = 0.10
 NF4_BLOCK = 64
 NESTED_BLOCK = 256
-BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps optimizer state of smaller tensors in 32 bit
-BNB_8BIT_OPT_BLOCK = 2048
 
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 
@@ -487,20 +486,6 @@ def nf4_bytes(params: int, double_quant: bool) -> int:
     return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 256 * 4 + 4
 
 
-def optimizer_bytes(tensors: list[tuple[int, int]], optimizer: str) -> int:
-    total = 0
-    for elements, param_bytes in tensors:
-        if optimizer in ("adamw_8bit", "paged_adamw_8bit") and elements >= BNB_8BIT_MIN_SIZE:
-            total += 2 * elements + 2 * 4 * math.ceil(elements / BNB_8BIT_OPT_BLOCK)
-        elif optimizer == "sgd":
-            total += 0
-        elif optimizer == "adafactor":
-            total += 4 * elements  # upper bound: factored moments of a matrix are (rows + cols), of a vector its size
-        else:  # AdamW variants: two moments in the parameter's dtype (fp32 for LoRA)
-            total += 2 * max(param_bytes, 4) * elements if optimizer.startswith("paged_adamw_32") else 2 * param_bytes * elements
-    return total
-
-
 def layer_activation_bytes(arch: Architecture, settings: Settings) -> int:
     """What autograd saves for one decoder layer (see the module docstring for the formula)."""
     tokens = settings.batch_size * settings.seq_len
@@ -587,7 +572,7 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
         Component("adapter weights", trainable_bytes // n, f"{sum(e for e, _ in tensors):,} trainable params (LoRA r={settings.r}, fp32)"),
         Component("gradients", trainable_bytes // n * (2 if settings.gpus > 1 and not settings.sharded else 1),
                   "trainable params only" + (" + DDP gradient buckets" if settings.gpus > 1 and not settings.sharded else "")),
-        Component("optimizer state", optimizer_bytes(tensors, settings.optimizer) // n, settings.optimizer),
+        Component("optimizer state", optimizer_state_bytes(tensors, settings.optimizer) // n, settings.optimizer),
         Component(
             "activations",
             activation_bytes(arch, settings),
@@ -777,49 +762,8 @@ def plan(
     return Plan(est, [fit(est, gpu) for gpu in chosen])
 
 
-def _gib(value: int) -> str:
+def gib_text(value: int) -> str:
     return f"{value / GiB:.2f} GiB"
-
-
-def render(result: Plan, console: Any) -> None:
-    from rich.table import Table
-
-    est, arch, s = result.estimate, result.estimate.architecture, result.estimate.settings
-    console.print(
-        f"[bold]{arch.name}[/] ({arch.source}): {arch.total_params / 1e9:.2f}B params, {arch.num_layers} layers; "
-        f"{s.gpus} GPU(s), {s.strategy if s.gpus > 1 else 'single GPU'}; effective batch {s.effective_batch} "
-        f"= {s.batch_size} x {s.gradient_accumulation} accumulation x {s.gpus} GPU(s)"
-    )
-    table = Table(title="Estimated peak memory per GPU")
-    table.add_column("component")
-    table.add_column("memory", justify="right")
-    table.add_column("how")
-    for c in est.components:
-        table.add_row(c.name, _gib(c.bytes), c.note)
-    table.add_row("[bold]total[/]", f"[bold]{_gib(est.total_bytes)}[/]", "")
-    console.print(table)
-    fits = Table(title="Fit")
-    for column in ("GPU", "capacity", "fits", "headroom"):
-        fits.add_column(column, justify="left" if column in ("GPU", "fits") else "right")
-    for f in result.fits:
-        fits.add_row(f.gpu.name, _gib(f.gpu.memory_bytes), "[green]yes[/]" if f.fits else "[red]no[/]", _gib(f.headroom_bytes))
-    console.print(fits)
-    for f in result.fits:
-        if f.fits:
-            continue
-        if f.min_gpus_fsdp:
-            console.print(
-                f"to fit on [bold]{f.gpu.name}[/] ({_gib(f.total_after_changes or 0)} each): no recipe change is enough on one "
-                f"GPU; shard over {f.min_gpus_fsdp}: sovtune launch RECIPE --gpus {f.min_gpus_fsdp} --strategy fsdp",
-                highlight=False,
-            )
-        elif f.changes:
-            console.print(f"to fit on [bold]{f.gpu.name}[/] ({_gib(f.total_after_changes or 0)}):", highlight=False)
-        else:
-            console.print(f"{f.gpu.name}: does not fit even with every change and 64 GPUs; use bigger GPUs", highlight=False)
-        for change in f.changes:
-            how = " ".join(f"--set {o}" for o in change.overrides) or f"sovtune launch ... {change.launch}"
-            console.print(f"  {how}   [dim]# {change.description}[/]", highlight=False)
 
 
 def strategy_name(value: str) -> Strategy:

@@ -6,9 +6,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sovtune import model as models
-from sovtune.data import prepare_data, stop_token_ids
+from sovtune import plan
+from sovtune.config import Recipe
+from sovtune.data import PreparedData, stop_token_ids
 from sovtune.errors import SovtuneError
-from sovtune.recipe import Recipe
+from sovtune.evaluation import HeldOut, check_eval
+from sovtune.inputs import prepare_recipe_data
+from sovtune.licence import LicenceRefused, check_licence
+from sovtune.publish.hub import check_push_settings
+from sovtune.scan import describe
 
 ROUND_TRIP_SAMPLE = 200
 
@@ -46,17 +52,23 @@ class PreflightReport:
         }
 
 
-def check(recipe: Recipe) -> PreflightReport:
-    """Every check that needs no weights: tokenizer, data, masks, template, target modules, parameter count."""
-    from sovtune.evaluation import check_eval
-    from sovtune.hub import check_push_settings
-
+def before_training(recipe: Recipe, tokenizer: Any, data: PreparedData) -> list[str]:
+    """What `sovtune run` checks before training starts (and `sovtune check` too): the machine supports the recipe's
+    settings, publishing can work, and evaluation can run (eval data read, SQL references executed, user metric
+    files imported). Broken settings raise now, not after hours of training; returns warnings worth showing."""
     models.check_device_support(recipe)
     check_push_settings(recipe.hub)  # hub.push without an endpoint or token fails now, not after training
+    if not recipe.eval.enabled:
+        return []
+    return check_eval(recipe, tokenizer, HeldOut.from_data(data)).warnings
+
+
+def check(recipe: Recipe) -> PreflightReport:
+    """Every check that needs no weights: tokenizer, data, masks, template, target modules, parameter count."""
+    models.check_device_support(recipe)
     tokenizer = models.load_tokenizer(recipe)
-    # Eval data, SQL references, user metric files: broken ones raise here, before any weights load.
-    eval_warnings = check_eval(recipe, tokenizer).warnings if recipe.eval.enabled else []
-    data = prepare_data(recipe, tokenizer)
+    data = prepare_recipe_data(recipe, tokenizer)
+    eval_warnings = before_training(recipe, tokenizer, data)
     report = PreflightReport(recipe=recipe.name, stats=data.stats, architecture=architecture_summary(recipe, tokenizer))
     add = report.findings.append
     train = data.stats["train"]
@@ -90,14 +102,10 @@ def check(recipe: Recipe) -> PreflightReport:
 
 def data_scan_finding(summary: dict[str, Any]) -> Finding:
     """Counts only, never the values; policy block has already stopped in prepare_data."""
-    from sovtune.scan import describe
-
     return Finding("data scan", not summary["findings"] or summary["redacted"], describe(summary), fatal=False)
 
 
 def licence_finding(recipe: Recipe) -> Finding:
-    from sovtune.licence import LicenceRefused, check_licence
-
     try:
         return Finding("licence", True, check_licence(recipe).describe())
     except LicenceRefused as exc:
@@ -157,8 +165,6 @@ def adapter_size(meta: Any, recipe: Recipe) -> tuple[int, list[str]]:
     The planner's count (`sovtune plan`), which tests hold equal to peft's get_peft_model: importing peft to count
     would cost ~2.8 s of `sovtune check`'s 10 s budget.
     """
-    from sovtune import plan
-
     arch = plan.architecture_from_model(meta, meta.config, recipe.model.name_or_path, "config")
     settings = plan.Settings.from_recipe(recipe, device="cpu")
     trainable = sum(elements for elements, _ in plan.trainable_tensors(arch, settings))
@@ -170,39 +176,3 @@ def raise_on_failures(report: PreflightReport) -> None:
         first = report.failures[0]
         more = f" (+{len(report.failures) - 1} more failed checks)" if len(report.failures) > 1 else ""
         raise PreflightFailed(f"check failed: {first.check}: {first.detail}{more}")
-
-
-def render(report: PreflightReport, console: Any) -> None:
-    from rich.table import Table
-
-    for split in ("train", "eval"):
-        stats = report.stats[split]
-        table = Table(title=f"{report.recipe}: {split} data", show_header=False)
-        pct = stats["token_length_percentiles"]
-        rows = [
-            ("rows read", f"{stats['rows']:,}"),
-            ("rows kept", f"{stats['kept']:,}"),
-            ("rows dropped", ", ".join(f"{n} {why}" for why, n in stats["dropped"].items()) or "0"),
-            ("token length p50/p90/p99/max", f"{pct['p50']}/{pct['p90']}/{pct['p99']}/{pct['p100']}"),
-            ("truncated", f"{stats['truncation_rate']:.1%}"),
-            ("supervised-token share", f"{stats['supervised_token_fraction']:.1%}"),
-            ("rows training a stop token", f"{stats['eos_supervised_fraction']:.1%}"),
-        ]
-        for key, value in rows:
-            table.add_row(key, value)
-        console.print(table)
-    arch = report.architecture
-    if "trainable_parameters" in arch:
-        console.print(
-            f"{arch['architecture']}: {arch['parameters']:,} parameters, adapter trains "
-            f"{arch['trainable_parameters']:,} ({arch['trainable_share']:.2%})"
-        )
-    checks = Table(title="checks")
-    checks.add_column("check")
-    checks.add_column("result")
-    checks.add_column("detail")
-    for finding in report.findings:
-        mark = "[green]ok[/]" if finding.ok else ("[red]FAIL[/]" if finding.fatal else "[yellow]warn[/]")
-        checks.add_row(finding.check, mark, finding.detail)
-    console.print(checks)
-

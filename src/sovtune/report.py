@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from sovtune.errors import SovtuneError
-from sovtune.recipe import GENERAL_DATASET, EvalSection, Gate, Recipe
+from sovtune.config import GENERAL_DATASET, EvalSection, Gate, Recipe
+from sovtune.core.files import atomic_writers, write_synced
+from sovtune.core.rundir import REPORT_KIND as KIND
+from sovtune.core.rundir import REPORT_SCHEMA_VERSION as SCHEMA_VERSION
+from sovtune.core.rundir import ReportError, RunDir, read_report
+from sovtune.metrics import paired_bootstrap
 
-SCHEMA_VERSION = 1
-KIND = "sovtune.eval-report"
-FILES = ("report.json", "report.md", "report.png", "eval_predictions.jsonl")
-
-
-class ReportError(SovtuneError):
-    """A report cannot be read or runs cannot be compared."""
 
 
 @dataclass
@@ -130,21 +126,16 @@ class Report:
             for record in records
         )
         staged = {
-            "report.json": json.dumps(self.to_json(), indent=2, ensure_ascii=False, default=str) + "\n",
-            "report.md": self.markdown(),
-            "eval_predictions.jsonl": predictions,
+            RunDir.REPORT: json.dumps(self.to_json(), indent=2, ensure_ascii=False, default=str) + "\n",
+            RunDir.REPORT_MD: self.markdown(),
+            RunDir.PREDICTIONS: predictions,
         }
-        temporary = {name: run_dir / f".{name}.tmp" for name in FILES}
-        try:
+        paths = [run_dir / name for name in RunDir.REPORT_FILES]
+        with atomic_writers(paths) as temporary:
             for name, text in staged.items():
-                _write_synced(temporary[name], text.encode("utf-8"))
-            plot_results(self.results, temporary["report.png"], title=f"{self.run}: base vs tuned")
-            for name in FILES:
-                os.replace(temporary[name], run_dir / name)
-        finally:
-            for path in temporary.values():
-                path.unlink(missing_ok=True)
-        return [run_dir / name for name in FILES]
+                write_synced(temporary[run_dir / name], text.encode("utf-8"))
+            plot_results(self.results, temporary[run_dir / RunDir.REPORT_PNG], title=f"{self.run}: base vs tuned")
+        return paths
 
     def markdown(self) -> str:
         settings = self.settings["bootstrap"]
@@ -166,7 +157,7 @@ class Report:
         lines += _markdown_table(self.results)
         forgetting = self.forgetting
         if forgetting is not None:
-            lines += ["", "## Forgetting check", "", _forgetting_sentence(forgetting)]
+            lines += ["", "## Forgetting check", "", forgetting_sentence(forgetting)]
         if self.gates:
             lines += ["", "## Gates", "", "| gate | on | rule | threshold | value | result |", "|---|---|---|---|---|---|"]
             for gate in self.gates:
@@ -185,14 +176,14 @@ class Report:
         lines += ["", "![base vs tuned per metric](report.png)", ""]
         return "\n".join(lines)
 
-    def print_table(self, console: Any) -> None:
-        console.print(rich_table(self.results, title=f"{self.run}: base vs tuned"))
+    def summary_text(self) -> str:
+        """The results table, the forgetting sentence and the gates as plain text (the CLI renders its own table)."""
+        lines = [f"{self.run}: base vs tuned", *_markdown_table(self.results)]
         forgetting = self.forgetting
         if forgetting is not None:
-            console.print(_forgetting_sentence(forgetting).replace("**", ""))
-        for gate in self.gates:
-            mark = "[green]pass[/]" if gate.passed else "[bold red]FAIL[/]"
-            console.print(f"gate {mark}: {gate.describe()}", highlight=False)
+            lines.append(forgetting_sentence(forgetting).replace("**", ""))
+        lines += [f"gate {'pass' if gate.passed else 'FAIL'}: {gate.describe()}" for gate in self.gates]
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,8 +192,6 @@ class Report:
 
 def build_report(recipe: Recipe, outcomes: Sequence[Any], adapter_dir: Path, seconds: float) -> Report:
     """Bootstrap every metric of every suite outcome (evaluate.SuiteOutcome), check the gates, pick samples."""
-    from sovtune.metrics import paired_bootstrap
-
     boot = recipe.eval.bootstrap
     results = []
     for outcome in outcomes:
@@ -298,14 +287,14 @@ def _plain(value: Any) -> str:
     return str(value)
 
 
-def _number(value: float) -> str:
+def number_text(value: float) -> str:
     if value != value or math.isinf(value):
         return str(value)
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.4g}"
 
 
 def _signed(value: float) -> str:
-    text = _number(value)
+    text = number_text(value)
     return text if text.startswith("-") else f"+{text}"
 
 
@@ -321,7 +310,7 @@ def difference_text(result: MetricResult) -> tuple[str, str]:
     return _signed(result.difference), f"[{_signed(result.ci_low)}, {_signed(result.ci_high)}]"
 
 
-def _arrow(result: MetricResult) -> str:
+def arrow(result: MetricResult) -> str:
     return "↑" if result.higher_is_better else "↓"
 
 
@@ -335,7 +324,7 @@ def _markdown_table(results: Sequence[MetricResult]) -> list[str]:
         delta, interval = difference_text(result)
         verdict = f"**{result.verdict}**" if result.significant else result.verdict
         lines.append(
-            f"| {result.dataset} | {result.metric} {_arrow(result)} | {_number(result.base)} | {_number(result.tuned)} | "
+            f"| {result.dataset} | {result.metric} {arrow(result)} | {number_text(result.base)} | {number_text(result.tuned)} | "
             f"{delta} | {interval} | {verdict} | {result.n} |"
         )
     return lines
@@ -356,14 +345,14 @@ def _forgetting_json(result: MetricResult | None) -> dict[str, Any] | None:
     }
 
 
-def _forgetting_sentence(result: MetricResult) -> str:
+def forgetting_sentence(result: MetricResult) -> str:
     change = _percent(result.relative_change or 0.0)
     interval = f"[{_percent(result.relative_ci_low or 0.0)}, {_percent(result.relative_ci_high or 0.0)}]"
     meaning = (
         "no significant change" if not result.significant else ("the adapter forgot some general text" if result.difference > 0 else "general text got easier")
     )
     return (
-        f"General-text perplexity {_number(result.base)} → {_number(result.tuned)}: **{change}** "
+        f"General-text perplexity {number_text(result.base)} → {number_text(result.tuned)}: **{change}** "
         f"({int(result.confidence * 100)}% CI {interval}, {result.n} texts): {meaning}."
     )
 
@@ -386,29 +375,6 @@ def _markdown_sample(number: int, sample: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {_cell(sample['predictions'][name])} | {scores} |" if metrics else f"| {name} | {_cell(sample['predictions'][name])} |")
     lines.append("")
     return lines
-
-
-def rich_table(results: Sequence[MetricResult], title: str) -> Any:
-    """Compact enough for an 80-column terminal: dataset/metric in one column, Δ with its interval in another."""
-    from rich import box
-    from rich.table import Table
-
-    confidence = int(results[0].confidence * 100) if results else 95
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("dataset/metric", no_wrap=True)
-    for name in ("base", "tuned", f"Δ [{confidence}% CI]", "verdict", "n"):
-        table.add_column(name, justify="left" if name == "verdict" else "right", no_wrap=True)
-    for result in results:
-        delta, interval = difference_text(result)
-        style = "green" if result.improved else ("red" if result.significant else "")
-        verdict = result.verdict if result.significant else "n.s."
-        table.add_row(
-            f"{result.key} {_arrow(result)}", _number(result.base), _number(result.tuned), f"{delta} {interval}",
-            verdict, str(result.n), style=style,
-        )  # fmt: skip
-    if results:
-        table.caption = "↑/↓ higher/lower is better · n.s. = interval includes 0 · perplexity Δ relative"
-    return table
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -451,35 +417,16 @@ def plot_groups(groups: Sequence[tuple[str, list[tuple[str, float, float, float]
     figure.savefig(path, format="png", dpi=110)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reading reports and comparing runs
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "report.json" if run_dir.is_dir() else run_dir
-    if not path.is_file():
-        raise ReportError(f"{path}: no report.json; evaluate the run first (sovtune eval {run_dir})")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path}: not a valid report ({exc}); re-run sovtune eval") from None
-    if not isinstance(report, dict) or report.get("kind") != KIND:
-        raise ReportError(f"{path}: not a sovtune evaluation report")
-    if report.get("schema_version") != SCHEMA_VERSION:
-        raise ReportError(
-            f"{path}: report schema {report.get('schema_version')} is not {SCHEMA_VERSION} (this sovtune); re-run sovtune eval"
-        )
-    return report
+    """report.json of a run directory (or the file itself), checked to be a report of this schema."""
+    return read_report(run_dir / RunDir.REPORT if run_dir.is_dir() else run_dir)
 
 
-def compare(run_dirs: Sequence[Path], out_dir: Path | None = None, console: Any = None) -> dict[str, Any]:
+def compare(run_dirs: Sequence[Path], out_dir: Path | None = None) -> dict[str, Any]:
     """Several runs side by side against their common base: compare.json/.md/.png in out_dir."""
     if len(run_dirs) < 2:
         raise ReportError("compare needs at least two run directories")
@@ -515,8 +462,6 @@ def compare(run_dirs: Sequence[Path], out_dir: Path | None = None, console: Any 
     }
     if out_dir is not None:
         _write_comparison(comparison, labels, Path(out_dir))
-    if console is not None:
-        console.print(_compare_rich_table(comparison, labels))
     return comparison
 
 
@@ -525,7 +470,7 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(path) for path in run_dirs]
 
 
-def _run_cell(row: dict[str, Any], label: str) -> str:
+def run_cell(row: dict[str, Any], label: str) -> str:
     run = row["runs"].get(label)
     if run is None:
         return "–"
@@ -533,7 +478,7 @@ def _run_cell(row: dict[str, Any], label: str) -> str:
         delta = f"{_percent(run['relative_change'])} [{_percent(run['relative_ci_low'])}, {_percent(run['relative_ci_high'])}]"
     else:
         delta = f"{_signed(run['difference'])} [{_signed(run['ci_low'])}, {_signed(run['ci_high'])}]"
-    return f"{_number(run['tuned'])} ({delta}){' *' if run['significant'] else ''}"
+    return f"{number_text(run['tuned'])} ({delta}){' *' if run['significant'] else ''}"
 
 
 def _write_comparison(comparison: dict[str, Any], labels: list[str], out_dir: Path) -> None:
@@ -547,16 +492,17 @@ def _write_comparison(comparison: dict[str, Any], labels: list[str], out_dir: Pa
         "|---|---|---|" + "---|" * len(labels),
     ]
     for row in comparison["rows"]:
-        base = _number(row["base"]) + (" (differs per run)" if row.get("base_differs") else "")
+        base = number_text(row["base"]) + (" (differs per run)" if row.get("base_differs") else "")
         arrow = "↑" if row["higher_is_better"] else "↓"
-        cells = " | ".join(_run_cell(row, label) for label in labels)
+        cells = " | ".join(run_cell(row, label) for label in labels)
         lines.append(f"| {row['dataset']} | {row['metric']} {arrow} | {base} | {cells} |")
     gates = ", ".join(f"{label}: {'-' if passed is None else ('pass' if passed else 'FAIL')}" for label, passed in comparison["passed"].items())
     lines += ["", f"Gates: {gates}", "", "![comparison](compare.png)", ""]
-    temporary = {name: out_dir / f".{name}.tmp" for name in ("compare.json", "compare.md", "compare.png")}
-    try:
-        _write_synced(temporary["compare.json"], (json.dumps(comparison, indent=2) + "\n").encode("utf-8"))
-        _write_synced(temporary["compare.md"], "\n".join(lines).encode("utf-8"))
+    names = ("compare.json", "compare.md", "compare.png")
+    with atomic_writers([out_dir / name for name in names]) as staged:
+        temporary = {name: staged[out_dir / name] for name in names}
+        write_synced(temporary["compare.json"], (json.dumps(comparison, indent=2) + "\n").encode("utf-8"))
+        write_synced(temporary["compare.md"], "\n".join(lines).encode("utf-8"))
         groups = []
         for row in comparison["rows"]:
             bars = [("base", row["base"], row["base_ci_low"], row["base_ci_high"])]
@@ -567,20 +513,3 @@ def _write_comparison(comparison: dict[str, Any], labels: list[str], out_dir: Pa
             ]
             groups.append((f"{row['dataset']}/{row['metric']}", bars, ""))
         plot_groups(groups, temporary["compare.png"], "runs vs their common base")
-        for name, path in temporary.items():
-            os.replace(path, out_dir / name)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
-
-
-def _compare_rich_table(comparison: dict[str, Any], labels: list[str]) -> Any:
-    from rich.table import Table
-
-    table = Table(title="tuned (Δ vs base [95% CI]), * = significant", title_justify="left")
-    for name in ("dataset", "metric", "base", *labels):
-        table.add_column(name)
-    for row in comparison["rows"]:
-        arrow = "↑" if row["higher_is_better"] else "↓"
-        table.add_row(row["dataset"], f"{row['metric']} {arrow}", _number(row["base"]), *(_run_cell(row, label) for label in labels))
-    return table

@@ -11,18 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from sovtune.core import secrets
+from sovtune.core.secrets import PII, SECRET, SECRET_DETECTORS, Detector, Finding, placeholder
 from sovtune.errors import DataError
-
-SECRET, PII = "secret", "pii"
-
-
-@dataclass(frozen=True)
-class Detector:
-    kind: str
-    category: str
-    pattern: re.Pattern[str]
-    valid: Callable[[str], bool] | None = None
-
 
 def luhn_valid(digits: str) -> bool:
     total = 0
@@ -69,32 +60,9 @@ def _phone_valid(match: str) -> bool:
     return 8 <= sum(char.isdigit() for char in match) <= 15
 
 
-# Order matters: earlier detectors claim their spans first (a card number is not also a phone number).
-DETECTORS: tuple[Detector, ...] = (
-    Detector(
-        "private_key",
-        SECRET,
-        re.compile(
-            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----)?"
-        ),
-    ),
-    Detector("jwt", SECRET, re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")),
-    Detector("aws_access_key", SECRET, re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b")),
-    Detector(
-        "aws_secret_key",
-        SECRET,
-        re.compile(r"(?i)\baws_?secret_?(?:access_?)?key\b[\"']?\s*[:=]\s*[\"']?(?P<value>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"),
-    ),
-    Detector("github_token", SECRET, re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})\b")),
-    Detector("huggingface_token", SECRET, re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")),
-    Detector("openai_key", SECRET, re.compile(r"\bsk-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_-]{20,}")),
-    Detector(
-        "slack_token",
-        SECRET,
-        re.compile(r"\bxox[abposre]-[A-Za-z0-9-]{10,}|https://hooks\.slack\.com/services/[A-Za-z0-9/]{20,}"),
-    ),
-    Detector("google_api_key", SECRET, re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b")),
-    Detector("stripe_key", SECRET, re.compile(r"\b[rs]k_live_[0-9A-Za-z]{24,}\b")),
+# Order matters: earlier detectors claim their spans first (a secret is not also PII, a card number is not also a
+# phone number).
+DETECTORS: tuple[Detector, ...] = SECRET_DETECTORS + (
     # Bounded parts (RFC 5321 limits) keep the scan linear on long runs like "a.a.a.a..." that never reach an "@".
     Detector(
         "email",
@@ -119,31 +87,9 @@ DETECTORS: tuple[Detector, ...] = (
 KINDS = tuple(detector.kind for detector in DETECTORS)
 
 
-@dataclass(frozen=True)
-class Finding:
-    kind: str
-    category: str
-    start: int
-    end: int
-
-
 def find(text: str) -> list[Finding]:
-    """Non-overlapping findings in `text`, in order of position; earlier detectors win overlaps."""
-    claimed: list[Finding] = []
-    for detector in DETECTORS:
-        for match in detector.pattern.finditer(text):
-            # A detector that needs context (a key name) marks the secret itself as the `value` group.
-            start, end = match.span("value") if "value" in match.re.groupindex else match.span()
-            if detector.valid is not None and not detector.valid(match.group()):
-                continue
-            if any(start < other.end and other.start < end for other in claimed):
-                continue
-            claimed.append(Finding(detector.kind, detector.category, start, end))
-    return sorted(claimed, key=lambda finding: finding.start)
-
-
-def placeholder(kind: str) -> str:
-    return f"[REDACTED_{kind.upper()}]"
+    """Non-overlapping secret and PII findings in `text`, in order of position."""
+    return secrets.find(text, DETECTORS)
 
 
 def redact(text: str) -> tuple[str, list[Finding]]:

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from sovtune import model as models
+from sovtune.config import Recipe
 from sovtune.errors import SovtuneError
-from sovtune.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 # Varlen kernels read the per-example boundaries (cu_seq_lens) that TRL's padding-free collator passes.
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
@@ -84,6 +86,8 @@ class SpeedPlan:
 
 def plan_speed(recipe: Recipe, model: Any | None = None, cuda: bool | None = None) -> SpeedPlan:
     """Decide every throughput setting; `model` (the loaded base or peft model) refines the batching decision."""
+    import torch
+
     cuda = torch.cuda.is_available() if cuda is None else cuda
     attention = attention_implementation(recipe, model)
     decisions = [_attention_decision(attention, cuda), _precision_decision(recipe, cuda)]
@@ -94,15 +98,10 @@ def plan_speed(recipe: Recipe, model: Any | None = None, cuda: bool | None = Non
     return SpeedPlan(batching, micro_batch, passes, liger, compile_model, decisions)
 
 
-def announce_plan(speed_plan: SpeedPlan, console: Any = None) -> None:
-    """Print each decision with its reason (to the console when given, else to the log)."""
+def announce_plan(speed_plan: SpeedPlan) -> None:
+    """Log each decision with its reason."""
     for line in speed_plan.lines():
-        if console is not None:
-            console.print(f"speed: {line}", highlight=False, soft_wrap=True)
-        else:
-            import logging
-
-            logging.getLogger(__name__).info("speed: %s", line)
+        log.info("speed: %s", line)
 
 
 def attention_implementation(recipe: Recipe, model: Any | None = None) -> str:
@@ -198,6 +197,8 @@ def _attention_decision(attention: str, cuda: bool) -> Decision:
 
 
 def _precision_decision(recipe: Recipe, cuda: bool) -> Decision:
+    import torch
+
     dtype = models.resolve_dtype(recipe.model.dtype)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     if not cuda:

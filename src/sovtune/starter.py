@@ -6,8 +6,9 @@ from pathlib import Path
 
 import yaml
 
+from sovtune.config import looks_like_local_path, validate_recipe
+from sovtune.core.files import atomic_write_text
 from sovtune.errors import RecipeError
-from sovtune.recipe import looks_like_local_path, validate_recipe
 
 # Per target GPU: (quantisation, batch size, gradient accumulation, max length, optimizer, comment).
 GPU_PRESETS = {
@@ -72,6 +73,4 @@ def write_starter(path: Path, text: str, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise RecipeError(f"{path}: already exists; choose another path or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, text)

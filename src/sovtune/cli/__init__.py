@@ -1,19 +1,22 @@
-"""The `sovtune` command line (Typer). Each command: load the recipe, make one API call, print the result.
+"""The `sovtune` command line (Typer): arguments, options and help for every command.
 
-Heavy imports (torch, transformers, trl) live inside the commands so `sovtune --help` stays instant.
+Each command hands its arguments to its body in cli/commands.py, imported only when a command runs: `sovtune --help`
+loads Typer and this file, never the stages below (pydantic, numpy, torch, ...). The stages log through `logging`;
+cli/render.py draws their lines and results.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.console import Console
 
 from sovtune import __version__
+from sovtune.cli.terminal import console, err_console
+from sovtune.core.secrets import redact_secrets
 from sovtune.errors import SovtuneError
 
 app = typer.Typer(
@@ -23,9 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
-err_console = Console(stderr=True)
-
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).", show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -48,10 +48,16 @@ def _root(
     """Recipe in, adapter and evidence out."""
 
 
-def guarded(func: Callable[..., Any]) -> Any:
-    """Run a command body; a SovtuneError becomes one red line and its exit code, never a traceback."""
-    from sovtune.safety import redact_secrets
+def bodies() -> ModuleType:
+    """The command bodies (cli/commands.py), imported when the first command runs, never for --help."""
+    from sovtune.cli import commands
 
+    commands.log_to_console()
+    return commands
+
+
+def guarded(func: Callable[[], Any]) -> Any:
+    """Run a command body; a SovtuneError becomes one red line and its exit code, never a traceback."""
     try:
         return func()
     except SovtuneError as exc:
@@ -85,21 +91,6 @@ OfflineOpt = Annotated[
 ]
 
 
-def _load(recipe: Path, overrides: list[str] | None, offline: bool = False) -> Any:
-    from sovtune.recipe import load_recipe
-
-    return _go_offline(load_recipe(recipe, overrides or []), offline)
-
-
-def _go_offline(loaded: Any, flag: bool) -> Any:
-    """Install the network guard (flag or recipe) before the command imports anything that could connect."""
-    if flag or loaded.sovereignty.offline:
-        from sovtune.offline import enable_for
-
-        enable_for(loaded)
-    return loaded
-
-
 @app.command()
 def check(
     recipe: RecipeArg,
@@ -108,23 +99,7 @@ def check(
     offline: OfflineOpt = False,
 ) -> None:
     """Validate the recipe and the data without training or downloading weights."""
-
-    def body() -> None:
-        from sovtune.audit import audited
-
-        with audited("check") as event:
-            loaded = event["recipe"] = _load(recipe, overrides, offline)
-            from sovtune import preflight
-
-            report = preflight.check(loaded)
-            if as_json:
-                sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
-            else:
-                preflight.render(report, console)
-            preflight.raise_on_failures(report)
-
-    guarded(body)
-
+    guarded(lambda: bodies().check(recipe, overrides, as_json, offline))
 
 @app.command()
 def train(
@@ -136,26 +111,7 @@ def train(
     offline: OfflineOpt = False,
 ) -> None:
     """Train the adapter into the run directory."""
-
-    def body() -> None:
-        from sovtune.audit import audited
-
-        with audited("train") as event:
-            loaded = event["recipe"] = _load(recipe, overrides, offline)
-            event["destination"] = str(loaded.run_dir)
-            from sovtune.safety import resume_command
-            from sovtune.training import is_main_process
-            from sovtune.training import train as run_training
-
-            result = run_training(
-                loaded, resume=resume, overwrite=overwrite, console=console, force=force,
-                resume_command=resume_command(loaded, "train", overrides or []),
-            )
-        if is_main_process():
-            console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
-
-    guarded(body)
-
+    guarded(lambda: bodies().train(recipe, overrides, resume, overwrite, force, offline))
 
 @app.command()
 def run(
@@ -167,33 +123,15 @@ def run(
     offline: OfflineOpt = False,
 ) -> None:
     """Train, evaluate against the base model and (if the recipe says so) publish."""
-
-    def body() -> None:
-        loaded = _load(recipe, overrides, offline)  # each stage records its own audit event
-        from sovtune.pipeline import run as run_pipeline
-        from sovtune.safety import resume_command
-
-        result = run_pipeline(
-            loaded, resume=resume, overwrite=overwrite, console=console, force=force,
-            resume_command=resume_command(loaded, "run", overrides or []),
-        )
-        console.print(f"run finished: [bold]{result.run_dir}[/]")
-
-    guarded(body)
-
+    guarded(lambda: bodies().run(recipe, overrides, resume, overwrite, force, offline))
 
 @app.command()
 def doctor(
     run_root: Annotated[Path, typer.Option("--runs", help="Where run directories go (for the free-disk check).")] = Path("runs"),
 ) -> None:
     """One table of what matters for training here: Python, torch/CUDA, GPUs, bf16, bitsandbytes, disk, hub."""
-    from sovtune import doctor as checks
-
-    rows = checks.diagnose(run_root)
-    checks.render(rows, console)
-    if not checks.healthy(rows):
+    if not guarded(lambda: bodies().doctor(run_root)):
         raise typer.Exit(1)
-
 
 @app.command()
 def init(
@@ -206,24 +144,7 @@ def init(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a commented starter recipe (validated before it is written)."""
-
-    def body() -> None:
-        import os
-
-        from sovtune.starter import starter_recipe, write_starter
-
-        def relative(value: str) -> str:  # recipe paths are relative to the recipe's folder
-            if not Path(value).exists():
-                return value
-            rel = os.path.relpath(Path(value).resolve(), path.resolve().parent)
-            return rel if rel.startswith(".") else f"./{rel}"
-
-        text = starter_recipe(path, relative(model), relative(data_path), data_format, gpu, revision)
-        write_starter(path, text, overwrite)
-        console.print(f"wrote [bold]{path}[/]; next: sovtune check {path}")
-
-    guarded(body)
-
+    guarded(lambda: bodies().init(path, model, revision, data_path, data_format, gpu, overwrite))
 
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory (runs/<name>).", show_default=False)]
 
@@ -236,18 +157,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
 ) -> None:
     """Generate one answer with the trained adapter (greedy)."""
-
-    def body() -> None:
-        from sovtune.generate import complete, load_run, render_prompt
-
-        loaded = load_run(run_dir)
-        text = render_prompt(loaded, [{"role": "user", "content": prompt}])
-        console.print(f"[bold]adapter:[/] {complete(loaded, text, max_new_tokens)}", highlight=False)
-        if base:
-            console.print(f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False)
-
-    guarded(body)
-
+    guarded(lambda: bodies().generate(run_dir, prompt, base, max_new_tokens))
 
 @app.command()
 def chat(
@@ -256,27 +166,7 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
 ) -> None:
     """Interactive chat with the adapter, using the chat template it was trained with. Empty line or Ctrl-D ends."""
-
-    def body() -> None:
-        from sovtune.generate import complete, load_run, render_prompt
-
-        loaded = load_run(run_dir)
-        history: list[dict[str, str]] = []
-        console.print("chat with the adapter; an empty line or Ctrl-D ends")
-        for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: console.input("[bold]you:[/] "), ""):
-            line = line.strip()
-            if not line:
-                break
-            history.append({"role": "user", "content": line})
-            text = render_prompt(loaded, history)
-            answer = complete(loaded, text, max_new_tokens)
-            console.print(f"[bold]adapter:[/] {answer}", highlight=False)
-            if base:
-                console.print(f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False)
-            history.append({"role": "assistant", "content": answer})
-
-    guarded(body)
-
+    guarded(lambda: bodies().chat(run_dir, base, max_new_tokens))
 
 @app.command("eval")
 def eval_(
@@ -288,19 +178,7 @@ def eval_(
     offline: OfflineOpt = False,
 ) -> None:
     """Evaluate base vs adapter on the held-out data: report.json/md/png in RUN_DIR; exit 3 if a gate fails."""
-
-    def body() -> None:
-        from sovtune.audit import audited
-
-        with audited("eval", destination=str(run_dir)) as event:
-            from sovtune.evaluation import evaluate, recipe_for_run
-
-            loaded = event["recipe"] = _go_offline(recipe_for_run(run_dir, recipe, base, overrides or []), offline)
-            evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, console=console)
-        console.print(f"report written to [bold]{run_dir / 'report.md'}[/]")
-
-    guarded(body)
-
+    guarded(lambda: bodies().evaluate_run(run_dir, adapter, base, recipe, overrides, offline))
 
 @app.command()
 def compare(
@@ -308,15 +186,7 @@ def compare(
     out: Annotated[Path, typer.Option("--out", help="Folder for compare.json/.md/.png.")] = Path("runs/compare"),
 ) -> None:
     """Put several runs side by side against their common base model (table and chart)."""
-
-    def body() -> None:
-        from sovtune.report import compare as compare_runs
-
-        compare_runs(run_dirs, out, console=console)
-        console.print(f"comparison written to [bold]{out / 'compare.md'}[/]")
-
-    guarded(body)
-
+    guarded(lambda: bodies().compare(run_dirs, out))
 
 EndpointOpt = Annotated[
     Optional[str],
@@ -334,19 +204,7 @@ def push(
     public: Annotated[bool, typer.Option("--public", help="Create the repository public (default: private).")] = False,
 ) -> None:
     """Publish the adapter, tokenizer, chat template, report, manifest and model card in one commit (token: $HF_TOKEN or `hf auth login`)."""
-
-    def body() -> None:
-        from sovtune.audit import audited
-        from sovtune.hub import push_run
-
-        with audited("push", _run_recipe(run_dir), destination=repo) as event:
-            result = push_run(run_dir, repo_id=repo, endpoint=endpoint, revision=revision, public=public, log=_plain)
-            event["destination"] = f"{result.endpoint}/{result.repo_id}@{result.commit}"
-            event["details"].update(private=result.private, files=len(result.files))
-        console.print(f"[bold]{result.endpoint}/{result.repo_id}[/] @ {result.commit}", highlight=False)
-
-    guarded(body)
-
+    guarded(lambda: bodies().push(run_dir, repo, endpoint, revision, public))
 
 @app.command()
 def pull(
@@ -356,24 +214,7 @@ def pull(
     out: Annotated[Optional[Path], typer.Option("--out", help="New folder for the download; default: ./NAME.")] = None,
 ) -> None:
     """Download a published adapter and check every file against its manifest (mismatch: exit 2, nothing written)."""
-
-    def body() -> None:
-        from sovtune.audit import audited
-        from sovtune.hub import pull as pull_adapter
-
-        with audited("pull", destination=str(out) if out else None, details={"source": repo}) as event:
-            result = pull_adapter(repo, endpoint=endpoint, revision=revision, out=out, log=_plain)
-            event["destination"] = str(result.out_dir)
-            event["details"]["source"] = f"{result.endpoint}/{result.repo_id}@{result.commit}"
-        console.print(f"adapter verified in [bold]{result.out_dir}[/]", highlight=False)
-
-    guarded(body)
-
-
-def _plain(line: str) -> None:
-    """Progress lines from hub.py: printed as they are (no rich markup in URLs or repo names)."""
-    console.print(line, markup=False, highlight=False)
-
+    guarded(lambda: bodies().pull(repo, revision, endpoint, out))
 
 @app.command()
 def verify(
@@ -383,17 +224,7 @@ def verify(
     ] = False,
 ) -> None:
     """Recompute every SHA-256 the manifest records; exit 2 listing any file that changed or is missing."""
-
-    def body() -> None:
-        from sovtune.audit import audited
-        from sovtune.provenance import verify as verify_hashes
-
-        with audited("verify", _run_recipe(target), destination=str(target)):
-            result = verify_hashes(target, strict=strict)
-        console.print(result.describe(), highlight=False)
-
-    guarded(body)
-
+    guarded(lambda: bodies().verify(target, strict))
 
 @app.command()
 def export(
@@ -401,19 +232,7 @@ def export(
     bundle: Annotated[Path, typer.Argument(help="Bundle file to write, e.g. adapter.tar (.tar.gz compresses).", show_default=False)],
 ) -> None:
     """Pack adapter, manifest, card, report and a SHA256SUMS file into one tar for air-gapped transfer."""
-
-    def body() -> None:
-        from sovtune.audit import audited
-        from sovtune.bundle import export as export_bundle
-        from sovtune.provenance import sha256_file
-
-        with audited("export", _run_recipe(run_dir), destination=str(bundle)) as event:
-            written = export_bundle(run_dir, bundle)
-            event["details"]["bundle_sha256"] = sha256_file(written)
-        console.print(f"bundle written to [bold]{written}[/]; check it anywhere with: sovtune verify {written}", highlight=False)
-
-    guarded(body)
-
+    guarded(lambda: bodies().export(run_dir, bundle))
 
 @app.command()
 def merge(
@@ -426,30 +245,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT folder.")] = False,
 ) -> None:
     """Merge the adapter into its base (a QLoRA base is reloaded unquantised); written only if the logits match."""
-
-    def body() -> None:
-        from sovtune.audit import audited
-        from sovtune.merge import merge as merge_adapter
-
-        with audited("merge", _run_recipe(run_dir), destination=str(out)) as event:
-            result = merge_adapter(run_dir, out, dtype=dtype, examples=examples, overwrite=overwrite)
-            event["details"]["check"] = result.report["check"]
-        console.print(result.check.describe(), highlight=False)
-        console.print(f"merged model written to [bold]{result.out_dir}[/]", highlight=False)
-
-    guarded(body)
-
-
-def _run_recipe(run_dir: Path) -> Any:
-    """The recipe a run saved, for the audit record (its hash, data hashes and audit-log setting); None if unreadable."""
-    from sovtune.recipe import load_recipe
-
-    path = run_dir / "recipe.yaml"
-    try:
-        return load_recipe(path) if path.is_file() else None
-    except SovtuneError:
-        return None
-
+    guarded(lambda: bodies().merge(run_dir, out, dtype, examples, overwrite))
 
 @app.command()
 def plan(
@@ -465,18 +261,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
 ) -> None:
     """Estimate per-GPU memory from the model config alone, say whether it fits, and what to change if not."""
-
-    def body() -> None:
-        from sovtune import plan as planner
-
-        result = planner.plan(_load(recipe, overrides), gpu or (), gpus, planner.strategy_name(strategy), arch)
-        if as_json:
-            sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
-        else:
-            planner.render(result, console)
-
-    guarded(body)
-
+    guarded(lambda: bodies().plan(recipe, overrides, gpu, gpus, strategy, arch, as_json))
 
 @app.command()
 def launch(
@@ -494,15 +279,7 @@ def launch(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the accelerate command without running it.")] = False,
 ) -> None:
     """Train on several GPUs: print and run `accelerate launch --config_file ... -m sovtune train RECIPE`."""
-
-    def body() -> None:
-        from sovtune.launch import launch as run_launch
-
-        loaded = _load(recipe, overrides)  # bad recipes fail here, before any process starts
-        run_launch(recipe, loaded, gpus, strategy, overrides or [], config_file, resume, overwrite, dry_run, console)
-
-    guarded(body)
-
+    guarded(lambda: bodies().launch(recipe, overrides, gpus, strategy, config_file, resume, overwrite, dry_run))
 
 def main() -> None:
     app()

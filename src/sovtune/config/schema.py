@@ -1,7 +1,4 @@
-"""The recipe: a strict pydantic schema and `load_recipe`, the only YAML reader.
-
-Errors name the file, line and field, what was found, what is allowed, and how to fix it.
-"""
+"""The recipe schema: strict pydantic sections (unknown keys are errors) with cross-field checks and help texts."""
 
 from __future__ import annotations
 
@@ -14,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sovtune.errors import RecipeError
+from sovtune.config.validators import check_endpoint, check_repo_id, endpoint_host, looks_like_local_path
+from sovtune.core.secrets import redact_secrets
 
 SCHEMA_VERSION = 1
 
@@ -24,20 +22,12 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # defer_build: the validators are built when a recipe is first validated, not when `sovtune --help` imports this.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), defer_build=True)
 
     def explicitly_set(self, name: str) -> bool:
         """Set in the recipe to something other than the default (a resolved recipe repeats every default)."""
         return name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default
-
-
-def looks_like_local_path(value: str) -> bool:
-    """A hub id is `name` or `org/name`; anything with more slashes, a dot prefix or a drive is a path."""
-    return (
-        value.startswith(("/", "./", "../", "~", "$"))
-        or value.count("/") > 1
-        or value.endswith((".jsonl", ".json", ".csv", ".parquet", ".txt"))
-    )
 
 
 class ModelSection(Section):
@@ -234,40 +224,6 @@ class TrainSection(Section):
 
 class OutputSection(Section):
     dir: str | None = Field(default=None, description="Run directory; default runs/<recipe name> under the working directory.")
-
-
-# A repository id as the hub accepts it, with the namespace the toolkit requires (ORG/NAME).
-REPO_ID_HELP = "ORG/NAME with letters, digits, '-', '_' or '.' (no '--' or '..', each part at most 96 characters)"
-
-
-def check_repo_id(repo_id: str) -> str:
-    """`repo_id` if it is ORG/NAME as the hub accepts it; else ValueError saying what to write."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-        valid = repo_id.count("/") == 1 and not repo_id.endswith(".git")
-    except HFValidationError:
-        valid = False
-    if not valid:
-        raise ValueError(f"{repo_id!r} is not a repository id; write {REPO_ID_HELP}, e.g. my-org/support-adapter")
-    return repo_id
-
-
-def check_endpoint(endpoint: str) -> str:
-    """An http(s) URL with a host and no credentials in it (a token in a URL ends up in logs); trailing / dropped."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(endpoint)
-        _ = parts.port  # raises ValueError on a malformed port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{endpoint!r} is not an http(s) URL; write e.g. https://hub.internal.example")
-    if parts.username or parts.password:
-        raise ValueError("the endpoint URL contains credentials; remove them and set HF_TOKEN instead")
-    return endpoint.rstrip("/")
 
 
 class HubSection(Section):
@@ -531,29 +487,6 @@ class EvalSection(Section):
             self._check_gate(key, gate)
 
 
-_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
-
-
-def endpoint_host(endpoint: str) -> str | None:
-    """The host of `https://hub.internal:8443/path`, `hub.internal:8443`, `10.0.0.5` or `[::1]`; None if malformed."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
-        host = parts.hostname
-        _ = parts.port  # raises ValueError on a malformed port
-    except ValueError:
-        return None
-    if not host or (parts.scheme and parts.scheme not in ("http", "https")):
-        return None
-    import ipaddress
-
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host.lower() if _HOST.match(host) else None
-
-
 class SovereigntySection(Section):
     offline: bool = Field(
         default=False,
@@ -668,302 +601,9 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         """The resolved recipe; `source_path` is kept so relative paths still resolve when re-loaded from a run."""
-        from sovtune.safety import redact_secrets
-
         dumped = self.model_dump(mode="json", exclude_none=False)
         dumped["source_path"] = self.source_path
         # A ${TOKEN} interpolated into any field must not reach recipe.yaml, the manifest or a published card.
         return redact_secrets(yaml.safe_dump(dumped, sort_keys=False))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading: YAML with line numbers, `extends:`, `--set` overrides, ${ENV} interpolation, readable errors.
-
-KeyPath = tuple  # ("train", "learning_rate") or ("data", "train", 0, "path")
-
-
-class _Located:
-    """Where each key of a merged recipe came from (file and 1-based line)."""
-
-    def __init__(self) -> None:
-        self.where: dict[KeyPath, tuple[str, int]] = {}
-
-    def lookup(self, loc: KeyPath) -> tuple[str, int] | None:
-        # Down to the empty path: errors about the whole recipe (or a missing section) still name the file.
-        for end in range(len(loc), -1, -1):
-            if loc[:end] in self.where:
-                return self.where[loc[:end]]
-        return None
-
-
-# Recipes are a few levels deep and a few hundred values long: deeper nesting, an alias that contains itself or
-# aliases that multiply into millions of values (a "billion laughs" file) are refused instead of hanging.
-MAX_NESTING = 32
-MAX_VALUES = 100_000
-
-
-def _node_to_python(node: yaml.Node, file: str, path: KeyPath, located: _Located) -> Any:
-    located.where[path] = (file, node.start_mark.line + 1)
-    if len(path) > MAX_NESTING or len(located.where) > MAX_VALUES:
-        raise RecipeError(
-            f"{file}:{node.start_mark.line + 1}: nested too deeply or expanding to too many values (aliases?); "
-            "a recipe is sections of plain values"
-        )
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise RecipeError(
-                    f"{file}:{key_node.start_mark.line + 1}: a key must be a plain name, found a "
-                    f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}; write `name: value`"
-                )
-            key = key_node.value
-            if key in out:
-                raise RecipeError(f"{file}:{key_node.start_mark.line + 1}: key {key!r} appears twice; keep one")
-            out[key] = _node_to_python(value_node, file, path + (key,), located)
-            located.where[path + (key,)] = (file, key_node.start_mark.line + 1)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_node_to_python(item, file, path + (i,), located) for i, item in enumerate(node.value)]
-    return _scalar(node, file)
-
-
-def _scalar(node: yaml.ScalarNode, file: str) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError, TypeError) as exc:  # an unknown tag (!!python/object), or `!!int abc`
-        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise RecipeError(
-            f"{file}:{node.start_mark.line + 1}: {problem}; recipes hold plain values: remove the {node.tag} tag"
-        ) from None
-    finally:
-        loader.dispose()
-
-
-def _read_yaml(path: Path, located: _Located) -> dict[str, Any]:
-    file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{file}: recipe file not found; check the path (recipes live in recipes/)") from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"{file}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
-    except OSError as exc:
-        raise RecipeError(f"{file}: cannot read recipe: {exc.strerror}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except RecursionError:
-        raise RecipeError(f"{file}: nested too deeply to read; a recipe is sections of plain values") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{file}{line}: invalid YAML: {problem}; fix the syntax (indentation, quotes, colons)") from None
-    if node is None:
-        raise RecipeError(f"{file}: recipe is empty; see recipes/quickstart.yaml for a complete example")
-    if not isinstance(node, yaml.MappingNode):
-        raise RecipeError(f"{file}:{node.start_mark.line + 1}: a recipe must be a mapping of sections (model:, data:, ...)")
-    data = _node_to_python(node, file, (), located)
-    located.where[()] = (file, 0)  # line 0: whole-recipe errors name the file without pointing at line 1
-    return data
-
-
-def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in child.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _read_with_extends(path: Path, located: _Located, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve() if path.exists() else path
-    if path in chain:
-        cycle = " -> ".join(str(p) for p in chain + (path,))
-        raise RecipeError(f"{path}: extends forms a cycle ({cycle}); remove one extends")
-    data = _read_yaml(path, located)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        line = located.where.get(("extends",), (str(path), 0))[1]
-        raise RecipeError(f"{path}:{line}: extends must be a path to another recipe, found {parent!r}")
-    parent_path = Path(os.path.expandvars(parent))
-    if not parent_path.is_absolute():
-        parent_path = path.parent / parent_path
-    if not parent_path.exists():
-        line = located.where.get(("extends",), (str(path), 0))[1]
-        raise RecipeError(f"{path}:{line}: extends: {parent_path} not found; give a path relative to this recipe")
-    # Parent lines are recorded first; the child's entries overwrite them where it sets a key.
-    child_lines = dict(located.where)
-    base = _read_with_extends(parent_path, located, chain + (path,))
-    located.where.update(child_lines)
-    return _deep_merge(base, data)
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _interpolate(value: Any, loc: KeyPath, located: _Located) -> Any:
-    if isinstance(value, dict):
-        return {k: _interpolate(v, loc + (k,), located) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, loc + (i,), located) for i, v in enumerate(value)]
-    if not isinstance(value, str) or "${" not in value:
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise RecipeError(
-            f"{_where(loc, located)}{_dotted(loc)}: environment variable {name} is not set; "
-            f"export {name}=... or write ${{{name}:-default}}"
-        )
-
-    return _ENV.sub(substitute, value)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise RecipeError(f"--set {item!r}: expected section.field=value, e.g. --set train.learning_rate=1e-4")
-    key, raw = item.split("=", 1)
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise RecipeError(f"--set {item!r}: empty key part; write e.g. --set train.learning_rate=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def _apply_override(data: dict[str, Any], parts: list[str], value: Any, located: _Located) -> None:
-    node = data
-    for depth, part in enumerate(parts[:-1], start=1):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-            # A section that only --set created: its errors (e.g. a misspelt section) must point at --set.
-            located.where[tuple(parts[:depth])] = ("--set", 0)
-        if not isinstance(child, dict):
-            raise RecipeError(f"--set {'.'.join(parts)}: {part} is not a section")
-        node = child
-    if value is None:
-        # `--set train.epochs=null` removes the field, back to its default: how a command line drops a setting
-        # that conflicts with one it adds (e.g. max_steps for a quick test of a recipe that sets epochs).
-        node.pop(parts[-1], None)
-    else:
-        node[parts[-1]] = value
-    located.where[tuple(parts)] = ("--set", 0)
-
-
-def _dotted(loc: KeyPath) -> str:
-    # A key with spaces, newlines or symbols is quoted, so the error stays one readable line.
-    parts = (str(p) if re.fullmatch(r"[\w-]+", str(p)) else repr(str(p)) for p in loc)
-    return ".".join(parts) if loc else "(top level)"
-
-
-def _where(loc: KeyPath, located: _Located) -> str:
-    found = located.lookup(loc)
-    if found is None:
-        return ""
-    file, line = found
-    return f"{file}: " if line == 0 else f"{file}:{line}: "
-
-
-def _section_model(loc: KeyPath) -> type[BaseModel] | None:
-    """The pydantic model that owns the mapping at `loc` (for did-you-mean suggestions)."""
-    model: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        model = _model_in_annotation(field.annotation)
-        if model is None:
-            return None
-    return model
-
-
-def _model_in_annotation(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in_annotation(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _describe_error(err: dict[str, Any], located: _Located) -> str:
-    # Drop pydantic's own steps (list[str], function-after[...], literal[...]); keep the user's keys, even "[".
-    loc: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and re.fullmatch(r"[a-z-]+\[.*\]", p)))
-    kind = err["type"]
-    where = _where(loc, located)
-    field = _dotted(loc)
-    found = err.get("input")
-    if kind == "extra_forbidden" and loc:
-        parent = _section_model(loc[:-1])
-        allowed = sorted(parent.model_fields) if parent else []
-        allowed = [a for a in allowed if a != "source_path"]
-        guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
-        hint = f"did you mean {_dotted(loc[:-1] + (guess[0],))!r}?" if guess else f"allowed: {', '.join(allowed)}"
-        return f"{where}{field}: unknown key; {hint}"
-    if kind == "missing":
-        parent = _section_model(loc[:-1]) if len(loc) > 1 else Recipe
-        help_text = ""
-        if parent is not None and loc[-1] in parent.model_fields and parent.model_fields[loc[-1]].description:
-            help_text = f" ({parent.model_fields[loc[-1]].description})"
-        return f"{where}{field}: required field is missing; add it{help_text}"
-    message = err["msg"]
-    if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "")
-        guess = difflib.get_close_matches(str(found), re.findall(r"'([^']+)'", expected), n=1, cutoff=0.6)
-        hint = f"; did you mean {guess[0]!r}?" if guess else ""
-        return f"{where}{field}: found {found!r}, allowed: {expected}{hint}"
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-        return f"{where}{field}: {message}" if loc else f"{where}{message}"
-    if kind in ("model_type", "dict_type"):  # pydantic says "instance of TrainSection": name the YAML shape instead
-        return f"{where}{field}: expected a mapping of settings (indented `name: value` lines), found {_yaml_kind(found)}"
-    shown = "" if isinstance(found, (dict, list)) else f", found {found!r}"
-    # Lower-case only the first letter: the rest may quote a pattern or a value verbatim.
-    return f"{where}{field}: {message[:1].lower()}{message[1:]}{shown}"
-
-
-def _yaml_kind(value: Any) -> str:
-    if isinstance(value, list):
-        return "a list (`- ` items)"
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, merge (`extends:`), override (`--set`), interpolate and validate a recipe file."""
-    path = Path(path)
-    located = _Located()
-    data = _read_with_extends(path, located)
-    for item in overrides:
-        parts, value = _parse_override(item)
-        _apply_override(data, parts, value, located)
-    data = _interpolate(data, (), located)
-    data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem))
-    data.setdefault("source_path", str(path.resolve()))
-    return validate_recipe(data, located)
-
-
-def validate_recipe(data: dict[str, Any], located: _Located | None = None) -> Recipe:
-    located = located or _Located()
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        first = _describe_error(errors[0], located)
-        more = f" (+{len(errors) - 1} more: run `sovtune check` after fixing this one)" if len(errors) > 1 else ""
-        raise RecipeError(first + more) from None

@@ -6,6 +6,7 @@ Every call gets its endpoint and token explicitly: huggingface_hub reads HF_ENDP
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -13,12 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from sovtune import __version__
+from sovtune.config import HubSection, check_endpoint, check_repo_id
+from sovtune.core.hashing import RUN_ROOT, sha256_file
+from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
-from sovtune.recipe import HubSection, check_endpoint, check_repo_id
+from sovtune.publish.card import build_card
+from sovtune.run.manifest import recorded_files
 
-CARD = "README.md"
-MANIFEST = "manifest.json"
-RUN_FILES = ("report.json", MANIFEST)  # published next to the adapter files, at the repository root
+CARD = RunDir.CARD
+MANIFEST = RunDir.MANIFEST
+RUN_FILES = (RunDir.REPORT, MANIFEST)  # published next to the adapter files, at the repository root
 # peft writes a placeholder card into the adapter folder; the repository's README.md is ours.
 NOT_PUBLISHED = {"adapter/README.md"}
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
@@ -26,7 +32,7 @@ RETRY_ATTEMPTS = 4
 RETRY_WAIT_S = 2.0  # doubled after each failed attempt
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 class HubError(SovtuneError):
@@ -62,7 +68,6 @@ class _Target:
     repo_id: str
     revision: str
     token: str | None
-    log: Log
     action: str  # "push" | "pull"
 
 
@@ -120,13 +125,12 @@ def _checked_branch(revision: str | None) -> str | None:
 
 def run_hub_settings(run_dir: Path) -> HubSection:
     """The hub section of the recipe the run recorded (defaults when it has none)."""
-    from sovtune.card import read_run_recipe
-
-    path = Path(run_dir) / "recipe.yaml"
+    run = RunDir(run_dir)
+    path = run / RunDir.RECIPE
     if not path.exists():
         return HubSection()
     try:
-        return HubSection.model_validate(read_run_recipe(run_dir).get("hub") or {})
+        return HubSection.model_validate(run.recipe_data().get("hub") or {})
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
         where = ".".join(str(part) for part in first["loc"])
@@ -141,7 +145,7 @@ def publish_files(run_dir: Path) -> dict[str, Path]:
     """Run-relative path -> file: the adapter folder's files (weights, config, tokenizer, chat template) and
     report.json / manifest.json. The adapter folder becomes the repository root so peft loads the repo as is."""
     run_dir = Path(run_dir)
-    adapter = run_dir / "adapter"
+    adapter = RunDir(run_dir).adapter_dir
     if not adapter.is_dir():
         raise HubError(f"{adapter}: no adapter folder; train first (`sovtune train RECIPE`) or give the run directory")
     files = {
@@ -184,8 +188,6 @@ def check_against_manifest(manifest: dict[str, Any], present: dict[str, Path], w
     Every adapter file the manifest records must be present and match; adapter files it does not record are refused
     too (something was added after training). Other recorded files that are present (report.json) must match.
     """
-    from sovtune.provenance import RUN_ROOT, recorded_files, sha256_file
-
     expected = {path: digest for (root, path), digest in recorded_files(manifest).items() if root == RUN_ROOT}
     adapter_expected = sorted(path for path in expected if path.startswith("adapter/") and path not in NOT_PUBLISHED)
     if not adapter_expected:
@@ -220,7 +222,6 @@ def push_run(
     revision: str | None = None,
     public: bool = False,
     hub: HubSection | None = None,
-    log: Log | None = None,
 ) -> PushResult:
     """`sovtune push`: flags first, then the run's recipe (hub section), then $HF_ENDPOINT."""
     hub = hub if hub is not None else run_hub_settings(run_dir)
@@ -230,7 +231,6 @@ def push_run(
         endpoint=resolve_endpoint(endpoint, hub.endpoint),
         revision=revision or hub.revision,
         private=not public and hub.private,
-        log=log,
     )
 
 
@@ -241,7 +241,6 @@ def push(
     revision: str | None = None,
     private: bool = True,
     token: str | None = None,
-    log: Log | None = None,
 ) -> PushResult:
     """Upload adapter, tokenizer, chat template, report, manifest and model card to `repo_id` in one commit.
 
@@ -251,18 +250,15 @@ def push(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from sovtune import __version__
-    from sovtune.card import build_card, read_json
-
     run_dir = Path(run_dir)
     repo_id, endpoint = checked_repo_id(repo_id), resolve_endpoint(endpoint)
     branch = _checked_branch(revision) or "main"
     files = publish_files(run_dir)
-    manifest = read_json(files[MANIFEST], "manifest") or {}
+    manifest = RunDir(run_dir).manifest()
     check_against_manifest(manifest, files, str(run_dir))
     card_bytes = str(build_card(run_dir, repo_id, revision=branch)).encode("utf-8")
     token = token or resolve_token(endpoint, required=True)
-    target = _Target(endpoint, repo_id, branch, token, log or (lambda line: None), "push")
+    target = _Target(endpoint, repo_id, branch, token, "push")
     api = HfApi(endpoint=endpoint, token=token, library_name="sovtune", library_version=__version__)
 
     def operations() -> list[Any]:
@@ -294,7 +290,7 @@ def push(
             ),
         )
     published = sorted([repo_path(name) for name in files] + [CARD])
-    target.log(f"published {len(published)} files to {endpoint}/{repo_id} ({'private' if private else 'public'}) "
+    log.info(f"published {len(published)} files to {endpoint}/{repo_id} ({'private' if private else 'public'}) "
                f"on {branch} at {commit.oid}")
     return PushResult(repo_id, endpoint, branch, commit.oid, commit.commit_url, private, published)
 
@@ -310,7 +306,7 @@ def _upload(target: _Target, commit: Callable[[], Any]) -> Any:
         return _call("upload", target, commit, explain_xet=wanted is True)
     except _XetMissing:
         pass  # retried below, outside this handler, so later errors do not carry the Xet one as their context
-    target.log(f"{target.endpoint} has no Xet storage; uploading over LFS instead (HF_HUB_DISABLE_XET=1 skips this try)")
+    log.info(f"{target.endpoint} has no Xet storage; uploading over LFS instead (HF_HUB_DISABLE_XET=1 skips this try)")
     constants.HF_HUB_DISABLE_XET = True
     return _call("upload", target, commit)
 
@@ -350,15 +346,11 @@ def pull(
     revision: str | None = None,
     out: Path | None = None,
     token: str | None = None,
-    log: Log | None = None,
 ) -> PullResult:
     """Download a published adapter into `out` (the run-directory layout: adapter/, report.json, manifest.json,
     README.md) and check every adapter file against the manifest's SHA-256. Nothing is written to `out` unless
     everything matches: the files land in a temporary folder beside it and are renamed at the end."""
     from huggingface_hub import HfApi, snapshot_download
-
-    from sovtune import __version__
-    from sovtune.card import read_json
 
     repo_id = checked_repo_id(repo_id)
     endpoint = resolve_endpoint(endpoint)
@@ -366,7 +358,7 @@ def pull(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HubError(f"{out}: exists and is not empty; pass --out to a new folder or remove it")
     token = token or resolve_token(endpoint, required=False)
-    target = _Target(endpoint, repo_id, revision or "main", token, log or (lambda line: None), "pull")
+    target = _Target(endpoint, repo_id, revision or "main", token, "pull")
     api = HfApi(endpoint=endpoint, token=token, library_name="sovtune", library_version=__version__)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.pull-{os.getpid()}"
@@ -387,14 +379,14 @@ def pull(
         where = f"{endpoint}/{repo_id}@{commit}"
         if MANIFEST not in present:
             raise HubError(f"{where}: no manifest.json, so the adapter cannot be verified; publish it with `sovtune push`")
-        manifest = read_json(present[MANIFEST], "manifest") or {}
+        manifest = RunDir(work / "run").manifest()
         verified = check_against_manifest(manifest, present, where)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(work / "run", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    target.log(f"pulled {repo_id}@{commit} into {out}: {len(verified)} files match manifest.json")
+    log.info(f"pulled {repo_id}@{commit} into {out}: {len(verified)} files match manifest.json")
     return PullResult(repo_id, endpoint, target.revision, commit, out, verified)
 
 
@@ -434,7 +426,7 @@ def _call(step: str, target: _Target, fn: Callable[[], Any], explain_xet: bool =
             if reason is None or attempt == RETRY_ATTEMPTS:
                 raise HubError(_scrub(_explain(exc, step, target, attempt), target.token)) from None
             wait = RETRY_WAIT_S * 2 ** (attempt - 1)
-            target.log(f"{step}: {reason}; retrying in {wait:g}s (attempt {attempt + 1} of {RETRY_ATTEMPTS})")
+            log.info(f"{step}: {reason}; retrying in {wait:g}s (attempt {attempt + 1} of {RETRY_ATTEMPTS})")
             time.sleep(wait)
     raise AssertionError("unreachable")
 

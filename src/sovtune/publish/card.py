@@ -5,16 +5,13 @@ Metadata a hub validates (base model, datasets) only ever holds hub ids; local o
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
-from sovtune.errors import SovtuneError
-from sovtune.recipe import looks_like_local_path
+from sovtune.config import looks_like_local_path
+from sovtune.core.rundir import RunDir
 
 # Licence ids the Hugging Face hub accepts in `license:` (https://huggingface.co/docs/hub/repositories-licenses);
 # any other id is published as `license: other` with `license_name`, which every hub accepts.
@@ -28,10 +25,6 @@ HUB_LICENSES = frozenset(
     mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
     fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other""".split()
 )
-
-
-class CardError(SovtuneError):
-    """The run directory lacks what the model card is built from, or holds unreadable files."""
 
 
 @dataclass
@@ -53,37 +46,6 @@ class MetricRow:
         if not self.significant:
             return "no significant change"
         return "better" if (self.gain > 0) == self.higher_is_better else "worse"
-
-
-def read_json(path: Path, what: str) -> dict[str, Any] | None:
-    """A run file as a dict; None when absent. Damaged files are errors: a card must not silently drop evidence."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CardError(f"{path}: unreadable {what} ({exc}); re-create it or restore it from the run") from None
-    if not isinstance(value, dict):
-        raise CardError(f"{path}: {what} must be a JSON object; re-create it")
-    return value
-
-
-def read_run_recipe(run_dir: Path) -> dict[str, Any]:
-    """The resolved recipe a run recorded, as plain data.
-
-    Read for display only, not through `load_recipe`: its relative paths point at the machine it ran on, and a run
-    directory is often pushed from elsewhere (an exported bundle on a connected machine).
-    """
-    path = Path(run_dir) / "recipe.yaml"
-    try:
-        value = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CardError(f"{path}: missing; is {run_dir} a run directory written by `sovtune train`?") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CardError(f"{path}: unreadable recorded recipe ({str(exc).splitlines()[0]}); restore it from the run") from None
-    if not isinstance(value, dict):
-        raise CardError(f"{path}: not a recipe mapping; restore it from the run")
-    return value
 
 
 def is_hub_id(value: Any) -> bool:
@@ -213,12 +175,12 @@ def build_card(run_dir: Path, repo_id: str, revision: str | None = None) -> Any:
     """A `huggingface_hub.ModelCard` for the adapter in `run_dir`, to be published as `repo_id`."""
     from huggingface_hub import ModelCard
 
-    from sovtune.report import load_report
-
-    run_dir = Path(run_dir)
-    recipe = read_run_recipe(run_dir)
-    manifest = read_json(run_dir / "manifest.json", "manifest")
-    report = load_report(run_dir) if (run_dir / "report.json").exists() else None
+    run = RunDir(run_dir)
+    # The recorded recipe is read for display only, not validated: its relative paths point at the machine it ran on,
+    # and a run directory is often published from elsewhere (an exported bundle on a connected machine).
+    recipe = run.recipe_data()
+    manifest = run.read_json(RunDir.MANIFEST, "manifest")
+    report = run.report()
     base = base_model_facts(recipe, manifest)
     datasets = dataset_facts(recipe, manifest)
     rows = report_rows(report)

@@ -7,28 +7,23 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
+from sovtune.core.files import atomic_writer
+from sovtune.core.hashing import RUN_ROOT, sha256_bytes, sha256_file, sha256_stream
+from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
-from sovtune.provenance import (
-    CHECKSUMS,
-    MANIFEST,
-    RUN_ROOT,
-    VerifyResult,
-    checksums_text,
-    parse_checksums,
-    read_manifest,
-    recorded_files,
-    sha256_bytes,
-    sha256_file,
-    sha256_stream,
-)
+from sovtune.publish.card import build_card
+from sovtune.run.manifest import read_manifest, recorded_files
+from sovtune.run.verify import CHECKSUMS, VerifyResult, checksums_text, parse_checksums, verify_run_dir
 
-CARD = "README.md"
+CARD = RunDir.CARD
+MANIFEST = RunDir.MANIFEST
 # Besides the adapter and the manifest: what a receiving site needs to judge and use the adapter.
-RUN_FILES = ("recipe.yaml", CARD, "report.json", "report.md", "report.png", "data_stats.json", "train_metrics.json")
+RUN_FILES = (
+    RunDir.RECIPE, CARD, RunDir.REPORT, RunDir.REPORT_MD, RunDir.REPORT_PNG, RunDir.DATA_STATS, RunDir.TRAIN_METRICS,
+)  # fmt: skip
 
 
 class BundleError(SovtuneError):
@@ -39,8 +34,8 @@ def bundle_files(run_dir: Path) -> list[str]:
     """Run-relative paths to pack: adapter files, manifest, card, report, and every run file the manifest lists."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    adapter = RunDir(run_dir).adapter_dir
+    if not (adapter / RunDir.ADAPTER_CONFIG).is_file():
         raise BundleError(f"{run_dir}: no adapter/adapter_config.json; train first (sovtune train) before exporting")
     names = {MANIFEST}
     names |= {p.relative_to(run_dir).as_posix() for p in adapter.rglob("*") if p.is_file() and not p.name.startswith(".")}
@@ -57,8 +52,6 @@ def export(run_dir: str | Path, bundle_path: str | Path) -> Path:
 
     The run is verified first: a bundle of files that no longer match their manifest would carry a false record.
     """
-    from sovtune.provenance import verify_run_dir
-
     run_dir, bundle_path = Path(run_dir), Path(bundle_path)
     if not run_dir.is_dir():
         raise BundleError(f"{run_dir}: not a run directory; give the folder `sovtune train` wrote (runs/<name>)")
@@ -73,32 +66,24 @@ def export(run_dir: str | Path, bundle_path: str | Path) -> Path:
     mtime = int((run_dir / MANIFEST).stat().st_mtime)
     mode = "w:gz" if bundle_path.name.endswith((".tar.gz", ".tgz")) else "w"
     bundle_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = bundle_path.with_name(f".{bundle_path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode=mode, format=tarfile.PAX_FORMAT) as tar:
-                listing = checksums_text(digests).encode()
-                tar.addfile(_member(f"{top}/{CHECKSUMS}", len(listing), mtime), io.BytesIO(listing))
-                for name, data in generated.items():
-                    tar.addfile(_member(f"{top}/{name}", len(data), mtime), io.BytesIO(data))
-                for name in names:
-                    with open(run_dir / name, "rb") as handle:
-                        tar.addfile(_member(f"{top}/{name}", (run_dir / name).stat().st_size, mtime), handle)
-            raw.flush()
-            os.fsync(raw.fileno())
+    with atomic_writer(bundle_path) as raw:
+        with tarfile.open(fileobj=raw, mode=mode, format=tarfile.PAX_FORMAT) as tar:
+            listing = checksums_text(digests).encode()
+            tar.addfile(_member(f"{top}/{CHECKSUMS}", len(listing), mtime), io.BytesIO(listing))
+            for name, data in generated.items():
+                tar.addfile(_member(f"{top}/{name}", len(data), mtime), io.BytesIO(data))
+            for name in names:
+                with open(run_dir / name, "rb") as handle:
+                    tar.addfile(_member(f"{top}/{name}", (run_dir / name).stat().st_size, mtime), handle)
+        raw.flush()
         # The files may have changed while they were packed: what went in must match the checksums written.
-        verify_bundle(tmp, expect_ok=True)
-        os.replace(tmp, bundle_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        verify_bundle(Path(raw.name), expect_ok=True)
     return bundle_path
 
 
 def model_card(run_dir: Path, run_name: str) -> str:
     """The same card `sovtune push` publishes (eval results, provenance), named after hub.repo when the recipe has one."""
-    from sovtune.card import build_card, read_run_recipe
-
-    repo_id = (read_run_recipe(run_dir).get("hub") or {}).get("repo") or run_name
+    repo_id = (RunDir(run_dir).recipe_data().get("hub") or {}).get("repo") or run_name
     return str(build_card(run_dir, repo_id))
 
 

@@ -1,0 +1,220 @@
+"""What each `sovtune` command does: load the recipe or run directory, make one API call, render the result.
+
+cli/__init__.py parses the command line and imports this module only when a command runs, so `sovtune --help`
+never loads the stages (pydantic, numpy, torch, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sovtune import doctor as checks
+from sovtune import pipeline, preflight
+from sovtune import plan as planner
+from sovtune.audit import audited
+from sovtune.cli.render import LogToConsole, comparison, doctor_rows, memory_plan, preflight_report
+from sovtune.cli.terminal import console, err_console
+from sovtune.config import Recipe, load_recipe, load_run_recipe
+from sovtune.core.hashing import sha256_file
+from sovtune.core.rundir import RunDir
+from sovtune.core.runtime import is_main_process
+from sovtune.errors import SovtuneError
+from sovtune.evaluation import HeldOut, evaluate
+from sovtune.generate import complete, load_run, render_prompt
+from sovtune.launch import launch as run_launch
+from sovtune.merge import merge as merge_adapter
+from sovtune.offline import enable_for
+from sovtune.publish.bundle import export as export_bundle
+from sovtune.publish.hub import pull as pull_adapter
+from sovtune.publish.hub import push_run
+from sovtune.report import compare as compare_runs
+from sovtune.starter import starter_recipe, write_starter
+
+
+def log_to_console() -> None:
+    """sovtune's log lines (stage progress, warnings, the report table) go to the console, once per process."""
+    package_log = logging.getLogger("sovtune")
+    package_log.setLevel(logging.INFO)
+    if not any(isinstance(handler, LogToConsole) for handler in package_log.handlers):
+        package_log.addHandler(LogToConsole(console, err_console))
+
+
+def load(recipe: Path, overrides: list[str] | None, offline: bool = False) -> Recipe:
+    return go_offline(load_recipe(recipe, overrides or []), offline)
+
+
+def go_offline(loaded: Recipe, flag: bool) -> Recipe:
+    """Install the network guard (flag or recipe) before the command does anything that could connect."""
+    if flag or loaded.sovereignty.offline:
+        enable_for(loaded)
+    return loaded
+
+
+def run_recipe(run_dir: Path) -> Recipe | None:
+    """The recipe a run saved, for the audit record (its hash, data hashes and audit-log setting); None if unreadable."""
+    try:
+        return load_run_recipe(run_dir) if (RunDir(run_dir) / RunDir.RECIPE).is_file() else None
+    except SovtuneError:
+        return None
+
+
+def check(recipe: Path, overrides: list[str] | None, as_json: bool, offline: bool) -> None:
+    with audited("check") as event:
+        loaded = event["recipe"] = load(recipe, overrides, offline)
+        report = preflight.check(loaded)
+        if as_json:
+            sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+        else:
+            preflight_report(report, console)
+        preflight.raise_on_failures(report)
+
+
+def train(recipe: Path, overrides: list[str] | None, resume: bool, overwrite: bool, force: bool, offline: bool) -> None:
+    loaded = load(recipe, overrides, offline)
+    result = pipeline.train(loaded, resume=resume, overwrite=overwrite, force=force, overrides=overrides or [])
+    if is_main_process():
+        console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
+
+
+def run(recipe: Path, overrides: list[str] | None, resume: bool, overwrite: bool, force: bool, offline: bool) -> None:
+    loaded = load(recipe, overrides, offline)  # each stage records its own audit event
+    result = pipeline.run(loaded, resume=resume, overwrite=overwrite, force=force, overrides=overrides or [])
+    console.print(f"run finished: [bold]{result.run_dir}[/]")
+
+
+def doctor(run_root: Path) -> bool:
+    rows = checks.diagnose(run_root)
+    doctor_rows(rows, console)
+    return checks.healthy(rows)
+
+
+def init(
+    path: Path, model: str, revision: str | None, data_path: str, data_format: str, gpu: str, overwrite: bool
+) -> None:
+    def relative(value: str) -> str:  # recipe paths are relative to the recipe's folder
+        if not Path(value).exists():
+            return value
+        rel = os.path.relpath(Path(value).resolve(), path.resolve().parent)
+        return rel if rel.startswith(".") else f"./{rel}"
+
+    text = starter_recipe(path, relative(model), relative(data_path), data_format, gpu, revision)
+    write_starter(path, text, overwrite)
+    console.print(f"wrote [bold]{path}[/]; next: sovtune check {path}")
+
+
+def generate(run_dir: Path, prompt: str, base: bool, max_new_tokens: int) -> None:
+    loaded = load_run(run_dir)
+    text = render_prompt(loaded, [{"role": "user", "content": prompt}])
+    console.print(f"[bold]adapter:[/] {complete(loaded, text, max_new_tokens)}", highlight=False)
+    if base:
+        console.print(f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False)
+
+
+def chat(run_dir: Path, base: bool, max_new_tokens: int) -> None:
+    loaded = load_run(run_dir)
+    history: list[dict[str, str]] = []
+    console.print("chat with the adapter; an empty line or Ctrl-D ends")
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: console.input("[bold]you:[/] "), ""):
+        line = line.strip()
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        text = render_prompt(loaded, history)
+        answer = complete(loaded, text, max_new_tokens)
+        console.print(f"[bold]adapter:[/] {answer}", highlight=False)
+        if base:
+            console.print(f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False)
+        history.append({"role": "assistant", "content": answer})
+
+
+def evaluate_run(
+    run_dir: Path,
+    adapter: Path | None,
+    base: str | None,
+    recipe: Path | None,
+    overrides: list[str] | None,
+    offline: bool,
+) -> None:
+    with audited("eval", destination=str(run_dir)) as event:
+        extra = [f"model.name_or_path={base}"] if base is not None else []
+        loaded = event["recipe"] = go_offline(load_run_recipe(run_dir, [*(overrides or []), *extra], recipe), offline)
+        # The held-out rows training recorded, unless the adapter is evaluated with another recipe.
+        held_out = HeldOut.from_run(run_dir) if recipe is None else None
+        evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, held_out=held_out)
+    console.print(f"report written to [bold]{run_dir / RunDir.REPORT_MD}[/]")
+
+
+def compare(run_dirs: list[Path], out: Path) -> None:
+    comparison(compare_runs(run_dirs, out), console)
+    console.print(f"comparison written to [bold]{out / 'compare.md'}[/]")
+
+
+def push(run_dir: Path, repo: str | None, endpoint: str | None, revision: str | None, public: bool) -> None:
+    with audited("push", run_recipe(run_dir), destination=repo) as event:
+        result = push_run(run_dir, repo_id=repo, endpoint=endpoint, revision=revision, public=public)
+        event["destination"] = f"{result.endpoint}/{result.repo_id}@{result.commit}"
+        event["details"].update(private=result.private, files=len(result.files))
+    console.print(f"[bold]{result.endpoint}/{result.repo_id}[/] @ {result.commit}", highlight=False)
+
+
+def pull(repo: str, revision: str | None, endpoint: str | None, out: Path | None) -> None:
+    with audited("pull", destination=str(out) if out else None, details={"source": repo}) as event:
+        result = pull_adapter(repo, endpoint=endpoint, revision=revision, out=out)
+        event["destination"] = str(result.out_dir)
+        event["details"]["source"] = f"{result.endpoint}/{result.repo_id}@{result.commit}"
+    console.print(f"adapter verified in [bold]{result.out_dir}[/]", highlight=False)
+
+
+def verify(target: Path, strict: bool) -> None:
+    with audited("verify", run_recipe(target), destination=str(target)):
+        result = pipeline.verify(target, strict=strict)
+    console.print(result.describe(), highlight=False)
+
+
+def export(run_dir: Path, bundle: Path) -> None:
+    with audited("export", run_recipe(run_dir), destination=str(bundle)) as event:
+        written = export_bundle(run_dir, bundle)
+        event["details"]["bundle_sha256"] = sha256_file(written)
+    console.print(f"bundle written to [bold]{written}[/]; check it anywhere with: sovtune verify {written}", highlight=False)
+
+
+def merge(run_dir: Path, out: Path, dtype: str, examples: int, overwrite: bool) -> None:
+    with audited("merge", run_recipe(run_dir), destination=str(out)) as event:
+        result = merge_adapter(run_dir, out, dtype=dtype, examples=examples, overwrite=overwrite)
+        event["details"]["check"] = result.report["check"]
+    console.print(result.check.describe(), highlight=False)
+    console.print(f"merged model written to [bold]{result.out_dir}[/]", highlight=False)
+
+
+def plan(
+    recipe: Path,
+    overrides: list[str] | None,
+    gpu: list[str] | None,
+    gpus: int,
+    strategy: str,
+    arch: str | None,
+    as_json: bool,
+) -> None:
+    result = planner.plan(load(recipe, overrides), gpu or (), gpus, planner.strategy_name(strategy), arch)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+    else:
+        memory_plan(result, console)
+
+
+def launch(
+    recipe: Path,
+    overrides: list[str] | None,
+    gpus: int,
+    strategy: str,
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    dry_run: bool,
+) -> None:
+    loaded = load(recipe, overrides)  # bad recipes fail here, before any process starts
+    run_launch(recipe, loaded, gpus, strategy, overrides or [], config_file, resume, overwrite, dry_run)

@@ -1,0 +1,214 @@
+"""The run directory contract: every run-file name and every reader of a run's files, in one place.
+
+Each stage reads what the previous one wrote through a `RunDir`, so any command can pick up from a run directory.
+The readers check shape, not trust: a run directory received from elsewhere is data, and nothing read here decides
+to run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sovtune.core.files import atomic_write_json, atomic_write_text
+from sovtune.errors import SovtuneError
+
+REPORT_KIND = "sovtune.eval-report"
+REPORT_SCHEMA_VERSION = 1
+
+
+class RunFileError(SovtuneError):
+    """A run file is missing where it is needed, damaged, or not what sovtune writes."""
+
+
+class ManifestError(RunFileError):
+    """The manifest is missing, unreadable, or would be rewritten."""
+
+
+class ReportError(RunFileError):
+    """A report cannot be read, or runs cannot be compared."""
+
+
+class RunDir:
+    """A run directory (`runs/<name>`) and the names of everything sovtune writes into it."""
+
+    RECIPE = "recipe.yaml"  # the resolved recipe (secrets redacted)
+    FINGERPRINT = "run_fingerprint.json"  # what --resume compares
+    DATA_STATS = "data_stats.json"
+    HELDOUT = "heldout.json"  # the held-out examples' origins, in evaluation order
+    TRAIN_METRICS = "train_metrics.json"
+    MANIFEST = "manifest.json"
+    MANIFEST_LOCK = ".manifest.lock"
+    REPORT = "report.json"
+    REPORT_MD = "report.md"
+    REPORT_PNG = "report.png"
+    PREDICTIONS = "eval_predictions.jsonl"
+    REPORT_FILES = (REPORT, REPORT_MD, REPORT_PNG, PREDICTIONS)
+    CARD = "README.md"
+    CHECKSUMS = "SHA256SUMS"  # an exported bundle's checksum list
+    ADAPTER = "adapter"
+    ADAPTER_CONFIG = "adapter_config.json"
+    CHECKPOINTS = "checkpoints"
+    LOGS = "logs"
+    TRAIN_LOG = "train_log.jsonl"  # inside logs/
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Places
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / self.ADAPTER
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / self.LOGS
+
+    @property
+    def train_log(self) -> Path:
+        return self.logs_dir / self.TRAIN_LOG
+
+    @property
+    def lock_file(self) -> Path:
+        """Beside the run directory, not inside it: `--overwrite` deletes the directory while the lock is held."""
+        absolute = Path(os.path.abspath(self.path))
+        return absolute.parent / f".{absolute.name}.lock"
+
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / self.ADAPTER_CONFIG).is_file()
+
+    def adapter_files(self) -> list[Path]:
+        """The adapter folder's files (recursively, hidden ones left out), sorted."""
+        return [path for path in sorted(self.adapter_dir.rglob("*")) if path.is_file() and not path.name.startswith(".")]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Readers
+
+    def read_json(self, name: str, what: str) -> dict[str, Any] | None:
+        """A JSON object the run recorded; None when absent. A damaged file is an error, never silently skipped."""
+        path = self.path / name
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunFileError(f"{path}: unreadable {what} ({exc}); it was damaged after it was written, restore it") from None
+        if not isinstance(value, dict):
+            raise RunFileError(f"{path}: {what} must be a JSON object, found {type(value).__name__}; restore it")
+        return value
+
+    def recipe_data(self) -> dict[str, Any]:
+        """The resolved recipe the run recorded, as plain data (no interpolation, no validation: display only).
+
+        `config.load_run_recipe` validates it into a Recipe.
+        """
+        path = self.path / self.RECIPE
+        try:
+            value = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunFileError(f"{path}: missing; is {self.path} a run directory written by `sovtune train`?") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise RunFileError(f"{path}: unreadable recorded recipe ({str(exc).splitlines()[0]}); restore it from the run") from None
+        if not isinstance(value, dict):
+            raise RunFileError(f"{path}: not a recipe mapping; restore it from the run")
+        return value
+
+    def manifest(self) -> dict[str, Any]:
+        """manifest.json, which must exist."""
+        try:
+            value = self.read_json(self.MANIFEST, "manifest")
+        except RunFileError as exc:
+            raise ManifestError(str(exc)) from None
+        if value is None:
+            raise ManifestError(
+                f"{self.path / self.MANIFEST}: no manifest; is {self.path} a run directory written by `sovtune train`?"
+            )
+        return value
+
+    def report(self) -> dict[str, Any] | None:
+        """report.json when the run was evaluated (None otherwise), checked to be a report of this schema."""
+        if not (self.path / self.REPORT).exists():
+            return None
+        return read_report(self.path / self.REPORT)
+
+    def data_stats(self) -> dict[str, Any] | None:
+        return self.read_json(self.DATA_STATS, "data statistics")
+
+    def train_metrics(self) -> dict[str, Any] | None:
+        return self.read_json(self.TRAIN_METRICS, "training metrics")
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        return self.read_json(self.FINGERPRINT, "run fingerprint")
+
+    def heldout(self) -> list[str] | None:
+        """Origins of the held-out examples (file:line), in the order evaluation uses them; None if not recorded."""
+        value = self.read_json(self.HELDOUT, "held-out example list")
+        if value is None:
+            return None
+        origins = value.get("origins")
+        if not isinstance(origins, list) or not all(isinstance(origin, str) for origin in origins):
+            raise RunFileError(f"{self.path / self.HELDOUT}: `origins` must be a list of strings; restore it")
+        return origins
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Writers (atomic)
+
+    def write_json(self, name: str, value: Any) -> Path:
+        path = self.path / name
+        atomic_write_json(path, value)
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        atomic_write_text(path, text)
+        return path
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report.json (of a run, or given directly), checked to be a sovtune evaluation report of this schema."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no report.json; evaluate the run first (sovtune eval {Path(path).parent})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: not a valid report ({exc}); re-run sovtune eval") from None
+    if not isinstance(report, dict) or report.get("kind") != REPORT_KIND:
+        raise ReportError(f"{path}: not a sovtune evaluation report")
+    if report.get("schema_version") != REPORT_SCHEMA_VERSION:
+        raise ReportError(
+            f"{path}: report schema {report.get('schema_version')} is not {REPORT_SCHEMA_VERSION} (this sovtune); "
+            "re-run sovtune eval"
+        )
+    return report

@@ -1,0 +1,1 @@
+"""What leaves the machine: the model card, hub push/pull and the air-gapped bundle."""
