@@ -61,7 +61,9 @@ def synthetic_data(args: argparse.Namespace) -> tuple[list[Tokenized], list[list
     for index in range(args.examples):
         prompt = [1] + [rng.randrange(3, args.vocab) for _ in range(rng.randint(*args.prompt_tokens) - 1)]
         completion = [rng.randrange(3, args.vocab) for _ in range(args.completion_tokens)]
-        sequences.append(Tokenized(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, f"synthetic#{index}"))
+        sequences.append(
+            Tokenized(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, f"synthetic#{index}")
+        )
         prompts.append(prompt)
     return sequences, prompts
 
@@ -91,7 +93,9 @@ def main() -> None:
     )
 
     def loss_eval(batch_size: int) -> Callable[[], Any]:
-        return lambda: [ev.teacher_forced_sums(model, sequences, batch_size, context) for _, context in ev.both_models(model)]
+        return lambda: [
+            ev.teacher_forced_sums(model, sequences, batch_size, context) for _, context in ev.both_models(model)
+        ]
 
     def generation_eval(batch_size: int) -> Callable[[], Any]:
         return lambda: ev.generate_ids_both(model, prompts, config, batch_size)
@@ -113,11 +117,16 @@ def main() -> None:
     for column in ("phase", "mode", "seconds", "examples/s (base+tuned)", "speed-up"):
         table.add_column(column, justify="left" if column in ("phase", "mode") else "right")
     for phase, mode, seconds, *speedup in rows:
-        table.add_row(phase, mode, f"{seconds:.2f}", f"{args.examples / seconds:.1f}", f"{speedup[0]:.1f}x" if speedup else "")
+        table.add_row(
+            phase, mode, f"{seconds:.2f}", f"{args.examples / seconds:.1f}", f"{speedup[0]:.1f}x" if speedup else ""
+        )
     console = Console(width=max(Console().width, 110))
     console.print(table)
     lengths = [len(sequence.input_ids) for sequence in sequences]
-    arrival = [list(range(start, min(start + args.batch_size, len(lengths)))) for start in range(0, len(lengths), args.batch_size)]
+    arrival = [
+        list(range(start, min(start + args.batch_size, len(lengths))))
+        for start in range(0, len(lengths), args.batch_size)
+    ]
     console.print(
         f"padding share of loss batches: {padding_share(lengths, ev.length_batches(lengths, args.batch_size)):.1%} "
         f"length-sorted (what sovtune does) vs {padding_share(lengths, arrival):.1%} in arrival order"

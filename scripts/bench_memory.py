@@ -32,8 +32,15 @@ MODES = {"full": "full fine-tuning", "lora": "LoRA r=16 all-linear", "qlora": "Q
 MEMORY_SHAPES = {
     **SHAPES,
     # 111M parameters, 94M of them in the decoder's linear layers (what QLoRA quantises).
-    "medium": dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                   num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048),
+    "medium": dict(
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+    ),
 }
 BATCH, SEQ, STEPS = 2, 256, 3
 
@@ -87,8 +94,12 @@ def recipe_for(model_dir: Path, mode: str) -> Any:
 
     data = model_dir.parent / "unused.jsonl"  # the recipe needs training data; loading the model never reads it
     data.write_text('{"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}\n')
-    recipe: dict[str, Any] = {"name": f"memory-{mode}", "model": {"name_or_path": str(model_dir)},
-                              "data": {"train": str(data)}, "adapter": {"r": 16}}
+    recipe: dict[str, Any] = {
+        "name": f"memory-{mode}",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": str(data)},
+        "adapter": {"r": 16},
+    }
     if mode == "qlora":
         recipe["quantization"] = {"mode": "4bit", "quant_type": "nf4", "double_quant": True}
     return validate_recipe(recipe)
@@ -114,9 +125,8 @@ def load(model_dir: Path, mode: str) -> Any:
 
 def quantised_bytes_per_parameter(model: Any) -> tuple[float, int]:
     """Bytes of storage per base parameter over every bitsandbytes 4-bit linear: codes, absmax, nested constants."""
-    import torch
-
     import bitsandbytes as bnb
+    import torch
 
     stored, parameters = 0, 0
     for module in model.modules():
@@ -176,7 +186,9 @@ def child(mode: str, model_dir: Path, threads: int, vocab_size: int) -> None:
         return
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     state_bytes += sum(p.numel() * p.element_size() for p in trainable)  # one gradient each, freed after the step
-    state_bytes += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    state_bytes += sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
     result: dict[str, Any] = {
         "model_state_mib": state_bytes / 2**20,
         "mode": mode,
@@ -198,18 +210,33 @@ def child(mode: str, model_dir: Path, threads: int, vocab_size: int) -> None:
 
 
 def run_child(mode: str, model_dir: Path, threads: int, vocab_size: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", mode, "--model", str(model_dir), "--threads", str(threads),
-               "--vocab-size", str(vocab_size)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
-           # A fixed mmap threshold: glibc returns freed tensors to the OS, so RSS follows live memory rather than
-           # whatever the heap grew to while loading (its default threshold rises after the first large frees).
-           "MALLOC_MMAP_THRESHOLD_": "131072"}
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--model",
+        str(model_dir),
+        "--threads",
+        str(threads),
+        "--vocab-size",
+        str(vocab_size),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+        # A fixed mmap threshold: glibc returns freed tensors to the OS, so RSS follows live memory rather than
+        # whatever the heap grew to while loading (its default threshold rises after the first large frees).
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+    }
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
         raise SystemExit(f"{mode} failed (exit {done.returncode})")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -232,35 +259,78 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         parameters = build_model(model_dir, shape)
         print(f"machine: {describe_machine()}")
-        print(f"model: Llama, {parameters / 1e6:.1f}M parameters ({shape}), {STEPS} AdamW steps of {BATCH} x {SEQ} tokens")
+        print(
+            f"model: Llama, {parameters / 1e6:.1f}M parameters ({shape}), {STEPS} AdamW steps of {BATCH} x {SEQ} tokens"
+        )
         results = {mode: run_child(mode, model_dir, args.threads, shape["vocab_size"]) for mode in MODES}
     import torch
 
     if torch.cuda.is_available():
-        header = ["mode", "trainable params", "model state MiB", "CUDA after load MiB", "CUDA max allocated MiB", "s/step"]
-        rows = [[MODES[m], f"{r['trainable']:,}", "out of memory", "", "", ""] if r.get("oom") else
-                [MODES[m], f"{r['trainable']:,}", fmt(r["model_state_mib"]), fmt(r["cuda_loaded_mib"]),
-                 fmt(r["cuda_peak_mib"]), fmt(r["step_s"], 2)] for m, r in results.items()]
+        header = [
+            "mode",
+            "trainable params",
+            "model state MiB",
+            "CUDA after load MiB",
+            "CUDA max allocated MiB",
+            "s/step",
+        ]
+        rows = [
+            [MODES[m], f"{r['trainable']:,}", "out of memory", "", "", ""]
+            if r.get("oom")
+            else [
+                MODES[m],
+                f"{r['trainable']:,}",
+                fmt(r["model_state_mib"]),
+                fmt(r["cuda_loaded_mib"]),
+                fmt(r["cuda_peak_mib"]),
+                fmt(r["step_s"], 2),
+            ]
+            for m, r in results.items()
+        ]
     else:
-        header = ["mode", "trainable params", "model state MiB", "RSS before load MiB", "RSS after load MiB",
-                  "peak RSS while loading MiB", "peak RSS while training MiB", "training peak - before load MiB",
-                  "anonymous RSS peak - before load MiB", "s/step"]
+        header = [
+            "mode",
+            "trainable params",
+            "model state MiB",
+            "RSS before load MiB",
+            "RSS after load MiB",
+            "peak RSS while loading MiB",
+            "peak RSS while training MiB",
+            "training peak - before load MiB",
+            "anonymous RSS peak - before load MiB",
+            "s/step",
+        ]
         rows = []
         for mode, r in results.items():
             above = r["train_peak_mib"] - r["baseline_mib"] if r["train_peak_mib"] and r["baseline_mib"] else None
-            rows.append([MODES[mode], f"{r['trainable']:,}", fmt(r["model_state_mib"]), fmt(r["baseline_mib"]), fmt(r["loaded_mib"]),
-                         fmt(r["load_peak_mib"]), fmt(r["train_peak_mib"]), fmt(above),
-                         fmt(r["anon_peak_above_baseline_mib"]), fmt(r["step_s"], 2)])
+            rows.append(
+                [
+                    MODES[mode],
+                    f"{r['trainable']:,}",
+                    fmt(r["model_state_mib"]),
+                    fmt(r["baseline_mib"]),
+                    fmt(r["loaded_mib"]),
+                    fmt(r["load_peak_mib"]),
+                    fmt(r["train_peak_mib"]),
+                    fmt(above),
+                    fmt(r["anon_peak_above_baseline_mib"]),
+                    fmt(r["step_s"], 2),
+                ]
+            )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    print("(model state = weights, buffers, gradients and AdamW moments, counted tensor by tensor; RSS = the whole "
-          "process, including the Python runtime, libraries, activations, allocator slack and the mapped weights file; "
-          "anonymous RSS leaves the mapped file out, sampled every 5 ms)")
+    print(
+        "(model state = weights, buffers, gradients and AdamW moments, counted tensor by tensor; RSS = the whole "
+        "process, including the Python runtime, libraries, activations, allocator slack and the mapped weights file; "
+        "anonymous RSS leaves the mapped file out, sampled every 5 ms)"
+    )
     qlora = results["qlora"]
-    print(f"QLoRA quantised linears: {qlora['quantised_parameters']:,} base parameters, "
-          f"{qlora['bytes_per_quantised_parameter']:.4f} bytes per base parameter (target <= 0.6)")
+    print(
+        f"QLoRA quantised linears: {qlora['quantised_parameters']:,} base parameters, "
+        f"{qlora['bytes_per_quantised_parameter']:.4f} bytes per base parameter (target <= 0.6)"
+    )
 
 
 if __name__ == "__main__":

@@ -49,10 +49,15 @@ def describe_machine(cores: set[int] | None) -> str:
                 break
     except OSError:
         pass
-    pinned = f"pinned to {len(cores)} of {os.cpu_count()} CPUs" if cores is not None else f"{os.cpu_count()} CPUs (no pinning here)"
+    pinned = (
+        f"pinned to {len(cores)} of {os.cpu_count()} CPUs"
+        if cores is not None
+        else f"{os.cpu_count()} CPUs (no pinning here)"
+    )
     gpu = "no GPU used (CUDA_VISIBLE_DEVICES='')"
-    return (f"{cpu}; {pinned}; {gpu}; {platform.platform()}; python {platform.python_version()}; "
-            f"torch {torch.__version__}")
+    return (
+        f"{cpu}; {pinned}; {gpu}; {platform.platform()}; python {platform.python_version()}; torch {torch.__version__}"
+    )
 
 
 def run_once(recipe: Path, run_dir: Path, cores: set[int] | None) -> tuple[float, int, str]:
@@ -75,13 +80,17 @@ def result_rows(report: dict[str, Any]) -> list[str]:
     for result in report["results"]:
         relative = result.get("relative_change") is not None and result["metric"] == "perplexity"
         if relative:
-            diff = (f"{signed(result['relative_change'], True)} [{signed(result['relative_ci_low'], True)}, "
-                    f"{signed(result['relative_ci_high'], True)}]")
+            diff = (
+                f"{signed(result['relative_change'], True)} [{signed(result['relative_ci_low'], True)}, "
+                f"{signed(result['relative_ci_high'], True)}]"
+            )
         else:
             diff = f"{signed(result['difference'], False)} [{signed(result['ci_low'], False)}, {signed(result['ci_high'], False)}]"
         arrow = "↑" if result["higher_is_better"] else "↓"
-        rows.append(f"| {result['dataset']}/{result['metric']} {arrow} | {result['base']:.3f} | {result['tuned']:.3f} | "
-                    f"{diff} | {'yes' if result['significant'] else 'no'} |")
+        rows.append(
+            f"| {result['dataset']}/{result['metric']} {arrow} | {result['base']:.3f} | {result['tuned']:.3f} | "
+            f"{diff} | {'yes' if result['significant'] else 'no'} |"
+        )
     return rows
 
 
@@ -95,30 +104,39 @@ def summarise(recipe: Path, wall_s: float, code: int, output: str, run_dir: Path
         return False
     report = json.loads(report_file.read_text())
     train = json.loads((run_dir / "train_metrics.json").read_text())
-    print(f"wall-clock {wall_s:.1f} s (target <= {TARGET_S:.0f} s); training {train['train_runtime_s']:.1f} s for "
-          f"{train['global_step']} steps; evaluation {report['timing']['total_s']:.1f} s; exit code {code}\n")
+    print(
+        f"wall-clock {wall_s:.1f} s (target <= {TARGET_S:.0f} s); training {train['train_runtime_s']:.1f} s for "
+        f"{train['global_step']} steps; evaluation {report['timing']['total_s']:.1f} s; exit code {code}\n"
+    )
     print("\n".join(result_rows(report)))
     forgetting = report.get("forgetting")
     if forgetting:
-        print(f"\nforgetting (general-text perplexity, {forgetting['n']} texts): {forgetting['base']:.2f} -> "
-              f"{forgetting['tuned']:.2f}, {signed(forgetting['relative_change'], True)} "
-              f"[{signed(forgetting['ci_low'], True)}, {signed(forgetting['ci_high'], True)}]")
+        print(
+            f"\nforgetting (general-text perplexity, {forgetting['n']} texts): {forgetting['base']:.2f} -> "
+            f"{forgetting['tuned']:.2f}, {signed(forgetting['relative_change'], True)} "
+            f"[{signed(forgetting['ci_low'], True)}, {signed(forgetting['ci_high'], True)}]"
+        )
     print()
     for gate in report["gates"]:
         value = f"{gate['value']:.3f}" if isinstance(gate["value"], float) else gate["value"]
-        print(f"gate {gate['gate']} {gate['rule']} {gate['threshold']}: {value} -> "
-              f"{'pass' if gate['passed'] else 'FAIL'}")
+        print(
+            f"gate {gate['gate']} {gate['rule']} {gate['threshold']}: {value} -> {'pass' if gate['passed'] else 'FAIL'}"
+        )
     task_gains = [r for r in report["results"] if r["higher_is_better"] and r["metric"] not in ("token_accuracy",)]
     significant = [f"{r['dataset']}/{r['metric']}" for r in task_gains if r["significant"] and r["ci_low"] > 0]
     on_time = wall_s <= TARGET_S
-    print(f"\nquickstart {recipe.name}: {wall_s:.1f} s ({'within' if on_time else 'OVER'} the {TARGET_S:.0f} s target); "
-          f"significant task-metric gains: {', '.join(significant) or 'NONE'}; gates {'passed' if report['passed'] else 'FAILED'}")
+    print(
+        f"\nquickstart {recipe.name}: {wall_s:.1f} s ({'within' if on_time else 'OVER'} the {TARGET_S:.0f} s target); "
+        f"significant task-metric gains: {', '.join(significant) or 'NONE'}; gates {'passed' if report['passed'] else 'FAILED'}"
+    )
     return on_time and bool(significant) and code == 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", type=Path, action="append", help="recipe to run (repeatable); default recipes/quickstart.yaml")
+    parser.add_argument(
+        "--recipe", type=Path, action="append", help="recipe to run (repeatable); default recipes/quickstart.yaml"
+    )
     parser.add_argument("--cores", type=int, default=2, help="CPU cores the run is pinned to (Linux); 0 = no pinning")
     parser.add_argument("--keep", type=Path, help="keep the run directories under this folder instead of deleting them")
     args = parser.parse_args()

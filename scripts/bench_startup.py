@@ -47,12 +47,14 @@ def time_runs(command: list[str], runs: int, env: dict[str, str]) -> list[float]
 def slowest_imports(command: list[str], env: dict[str, str], count: int = 8) -> list[str]:
     """Top-level imports by cumulative time, from `python -X importtime`."""
     script = command[0]
-    done = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", script, "--help"], capture_output=True, text=True, env=env
+    )
     rows = []
     for line in done.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
             continue
-        parts = line[len("import time:"):].split("|")
+        parts = line[len("import time:") :].split("|")
         if len(parts) != 3 or not parts[1].strip().isdigit():
             continue
         name = parts[2].rstrip()
@@ -65,15 +67,19 @@ def slowest_imports(command: list[str], env: dict[str, str], count: int = 8) -> 
 def report(name: str, times: list[float], target: float) -> bool:
     median = statistics.median(times)
     verdict = "ok" if median <= target else "OVER TARGET"
-    print(f"{name}: median {median:.3f} s over {len(times)} runs (min {min(times):.3f}, max {max(times):.3f}); "
-          f"target <= {target:g} s: {verdict}")
+    print(
+        f"{name}: median {median:.3f} s over {len(times)} runs (min {min(times):.3f}, max {max(times):.3f}); "
+        f"target <= {target:g} s: {verdict}"
+    )
     return median <= target
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=Path("recipes/quickstart.yaml"), help="recipe for sovtune check")
-    parser.add_argument("--runs", type=int, default=7, help="runs of sovtune --help (sovtune check runs half as many, at least 3)")
+    parser.add_argument(
+        "--runs", type=int, default=7, help="runs of sovtune --help (sovtune check runs half as many, at least 3)"
+    )
     args = parser.parse_args()
     if not args.recipe.is_file():
         raise SystemExit(f"{args.recipe}: recipe not found; pass --recipe with an existing recipe file")
@@ -87,8 +93,11 @@ def main() -> None:
             print(f"  {line}")
     check_runs = max(3, args.runs // 2)
     time_runs(command + ["check", str(args.recipe)], 1, env)
-    check_ok = report(f"sovtune check {args.recipe}", time_runs(command + ["check", str(args.recipe)], check_runs, env),
-                      CHECK_TARGET_S)
+    check_ok = report(
+        f"sovtune check {args.recipe}",
+        time_runs(command + ["check", str(args.recipe)], check_runs, env),
+        CHECK_TARGET_S,
+    )
     sys.exit(0 if help_ok and check_ok else 1)
 
 

@@ -44,14 +44,36 @@ CHATML = (
 )
 SHAPES = {
     # Llama-shaped, 21.0M parameters: big enough that the decoder layers, not the embeddings, dominate the compute.
-    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, max_position_embeddings=2048),
+    "small": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
     # The shipped quickstart base model's shape (5M parameters), with short examples like its text-to-SQL data.
-    "quickstart": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "quickstart": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
     # Llama-3.1-8B's shape (8.0B parameters), for GPUs: built in bf16 (16 GB on disk).
-    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
 }
 MODEL_SHAPE = SHAPES["small"]
 MAX_LENGTH = 1024  # sovtune's data.max_length default and TRL's max_length default
@@ -83,8 +105,13 @@ def build_tokenizer(folder: Path, vocab_size: int = MODEL_SHAPE["vocab_size"]) -
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=MAX_LENGTH,
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=MAX_LENGTH,
     )
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(folder)
@@ -100,8 +127,11 @@ def build_model(folder: Path, shape: dict[str, Any] | None = None, seed: int = 0
     tokenizer = build_tokenizer(folder, shape["vocab_size"])
     torch.manual_seed(seed)
     config = LlamaConfig(
-        **shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     # Billions of parameters are built in bf16 (half the host memory); small models in fp32.
     dtype = torch.bfloat16 if 12 * config.num_hidden_layers * config.hidden_size**2 > 1e9 else torch.float32
@@ -110,7 +140,9 @@ def build_model(folder: Path, shape: dict[str, Any] | None = None, seed: int = 0
     return sum(p.numel() for p in model.parameters())
 
 
-def sample_rows(count: int, seed: int, lengths: str = "long-tailed", vocab_size: int = MODEL_SHAPE["vocab_size"]) -> list[dict[str, Any]]:
+def sample_rows(
+    count: int, seed: int, lengths: str = "long-tailed", vocab_size: int = MODEL_SHAPE["vocab_size"]
+) -> list[dict[str, Any]]:
     """Chats with log-normal prompt and answer lengths (see LENGTHS), one word per token."""
     rng = random.Random(seed)
     vocabulary = vocab_size - len(SPECIAL_TOKENS) - len(ROLE_WORDS)
@@ -124,14 +156,20 @@ def sample_rows(count: int, seed: int, lengths: str = "long-tailed", vocab_size:
         def words(n: int) -> str:
             return " ".join(f"w{rng.randrange(vocabulary)}" for _ in range(n))
 
-        rows.append({"messages": [{"role": "user", "content": words(prompt)},
-                                  {"role": "assistant", "content": words(answer)}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": words(prompt)}, {"role": "assistant", "content": words(answer)}]}
+        )
     return rows
 
 
 def build_assets(
-    folder: Path, examples: int, seed: int, shape: str = "small", quantization: str = "none",
-    lengths: str = "long-tailed", overrides: list[str] | None = None,
+    folder: Path,
+    examples: int,
+    seed: int,
+    shape: str = "small",
+    quantization: str = "none",
+    lengths: str = "long-tailed",
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     parameters = build_model(folder / "model", SHAPES[shape], seed=seed)
@@ -146,8 +184,13 @@ def build_assets(
         f"output:\n  dir: {folder / 'runs' / 'sovtune'}\n",
         encoding="utf-8",
     )
-    return {"parameters": parameters, "recipe": str(recipe), "model": str(folder / "model"), "quantization": quantization,
-            "overrides": list(overrides or [])}
+    return {
+        "parameters": parameters,
+        "recipe": str(recipe),
+        "model": str(folder / "model"),
+        "quantization": quantization,
+        "overrides": list(overrides or []),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,14 +232,22 @@ def meter(pad_id: int, warmup_steps: int) -> tuple[Any, dict[str, Any]]:
             if state.global_step == warmup_steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                counts["start"] = {**{k: counts[k] for k in ("slots", "pad", "supervised", "examples")},
-                                   "wall": time.perf_counter(), "cpu": time.process_time(), "step": state.global_step}
+                counts["start"] = {
+                    **{k: counts[k] for k in ("slots", "pad", "supervised", "examples")},
+                    "wall": time.perf_counter(),
+                    "cpu": time.process_time(),
+                    "step": state.global_step,
+                }
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            counts["end"] = {**{k: counts[k] for k in ("slots", "pad", "supervised", "examples")},
-                             "wall": time.perf_counter(), "cpu": time.process_time(), "step": state.global_step}
+            counts["end"] = {
+                **{k: counts[k] for k in ("slots", "pad", "supervised", "examples")},
+                "wall": time.perf_counter(),
+                "cpu": time.process_time(),
+                "step": state.global_step,
+            }
 
     return Meter(), counts
 
@@ -233,14 +284,16 @@ def run_trl(assets: dict[str, Any], callback: Any, packed: bool, packed_batch: i
     from trl import SFTConfig
 
     from sovtune import model as models
-    from sovtune.inputs import prepare_recipe_data as prepare_data
     from sovtune.config import load_recipe
+    from sovtune.inputs import prepare_recipe_data as prepare_data
 
     trainer_class = metered_trainer(callback)
     recipe = load_recipe(assets["recipe"], assets["overrides"])
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)  # the very examples sovtune trains on (same split, same masks)
-    dataset = Dataset.from_dict({"input_ids": [i.input_ids for i in data.train], "labels": [i.labels for i in data.train]})
+    dataset = Dataset.from_dict(
+        {"input_ids": [i.input_ids for i in data.train], "labels": [i.labels for i in data.train]}
+    )
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -254,15 +307,24 @@ def run_trl(assets: dict[str, Any], callback: Any, packed: bool, packed_batch: i
         if cuda:
             loading["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(assets["model"], **loading)
-    settings: dict[str, Any] = {"output_dir": str(Path(assets["recipe"]).parent / "runs" / "trl"), "report_to": "none",
-                                "save_strategy": "no", "num_train_epochs": 1}
+    settings: dict[str, Any] = {
+        "output_dir": str(Path(assets["recipe"]).parent / "runs" / "trl"),
+        "report_to": "none",
+        "save_strategy": "no",
+        "num_train_epochs": 1,
+    }
     if not cuda:
         settings["bf16"] = False  # TRL's default autocasts to bf16 even on the CPU; all runs compute in fp32 here
     if packed:
         settings.update(packing=True, per_device_train_batch_size=packed_batch)
     args = SFTConfig(**settings)
-    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+    )
     trainer.train()
 
 
@@ -285,8 +347,11 @@ def child(name: str, assets_file: Path, threads: int, packed_batch: int) -> None
     start, end = counts["start"], counts["end"]
     delta = {k: end[k] - start[k] for k in ("slots", "pad", "supervised", "examples", "wall", "cpu", "step")}
     result = {
-        "run": name, "micro_batch": counts["micro_batch"], "accumulation": counts["accumulation"],
-        "steps_timed": delta["step"], "examples_timed": delta["examples"],
+        "run": name,
+        "micro_batch": counts["micro_batch"],
+        "accumulation": counts["accumulation"],
+        "steps_timed": delta["step"],
+        "examples_timed": delta["examples"],
         "tokens_per_s": (delta["slots"] - delta["pad"]) / delta["wall"],
         "supervised_per_s": delta["supervised"] / delta["wall"],
         "tokens_per_cpu_s": (delta["slots"] - delta["pad"]) / delta["cpu"],
@@ -302,15 +367,25 @@ def child(name: str, assets_file: Path, threads: int, packed_batch: int) -> None
 
 
 def run_child(name: str, assets_file: Path, threads: int, packed_batch: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", name, "--assets", str(assets_file), "--threads", str(threads),
-               "--trl-packed-batch", str(packed_batch)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--assets",
+        str(assets_file),
+        "--threads",
+        str(threads),
+        "--trl-packed-batch",
+        str(packed_batch),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
         raise SystemExit(f"run {name} failed (exit {done.returncode})")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,14 +401,16 @@ def describe_machine() -> str:
     import trl
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return (f"{device}; {platform.platform()}; python {platform.python_version()}; torch {torch.__version__}; "
-            f"transformers {transformers.__version__}; trl {trl.__version__}")
+    return (
+        f"{device}; {platform.platform()}; python {platform.python_version()}; torch {torch.__version__}; "
+        f"transformers {transformers.__version__}; trl {trl.__version__}"
+    )
 
 
 def data_summary(assets: dict[str, Any]) -> str:
     from sovtune import model as models
-    from sovtune.inputs import prepare_recipe_data as prepare_data
     from sovtune.config import load_recipe
+    from sovtune.inputs import prepare_recipe_data as prepare_data
 
     recipe = load_recipe(assets["recipe"])
     data = prepare_data(recipe, models.load_tokenizer(recipe))
@@ -343,8 +420,10 @@ def data_summary(assets: dict[str, Any]) -> str:
     def pct(p: int) -> int:
         return lengths[min(len(lengths) - 1, round(p / 100 * (len(lengths) - 1)))]
 
-    return (f"{len(lengths)} training examples, tokens per example p50 {pct(50)} / p90 {pct(90)} / p99 {pct(99)} / "
-            f"max {lengths[-1]} (mean {statistics.mean(lengths):.0f}), supervised share {supervised:.0%}")
+    return (
+        f"{len(lengths)} training examples, tokens per example p50 {pct(50)} / p90 {pct(90)} / p99 {pct(99)} / "
+        f"max {lengths[-1]} (mean {statistics.mean(lengths):.0f}), supervised share {supervised:.0%}"
+    )
 
 
 def main() -> None:
@@ -355,9 +434,16 @@ def main() -> None:
     # thread the other jobs have descheduled, and the timings measure the neighbours more than the training.
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (0 = torch's default)")
     parser.add_argument("--trl-packed-batch", type=int, default=1, help="packed rows per micro-batch for trl-packed")
-    parser.add_argument("--runs", default="sovtune,trl-default,trl-packed", help=f"comma-separated, from {', '.join(RUNS)}")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="recipe override for the sovtune runs, e.g. --set train.batch_size=16 (repeatable)")
+    parser.add_argument(
+        "--runs", default="sovtune,trl-default,trl-packed", help=f"comma-separated, from {', '.join(RUNS)}"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="recipe override for the sovtune runs, e.g. --set train.batch_size=16 (repeatable)",
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small", help="model shape (llama-8b: for GPUs)")
     parser.add_argument("--lengths", choices=sorted(LENGTHS), default="long-tailed", help="example length distribution")
     parser.add_argument("--quantization", choices=["none", "4bit"], default="none", help="4bit: QLoRA in every run")
@@ -377,13 +463,17 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="sovtune-bench-") as tmp:
         folder = args.workdir or Path(tmp)
-        assets = build_assets(folder, args.examples, args.seed, args.shape, args.quantization, args.lengths, args.overrides)
+        assets = build_assets(
+            folder, args.examples, args.seed, args.shape, args.quantization, args.lengths, args.overrides
+        )
         assets_file = folder / "assets.json"
         assets_file.write_text(json.dumps(assets), encoding="utf-8")
         print(f"machine: {describe_machine()}")
         quantised = ", base quantised to NF4 (QLoRA)" if args.quantization == "4bit" else ""
-        print(f"model: Llama, {assets['parameters'] / 1e6:.1f}M parameters ({SHAPES[args.shape]}), random weights, "
-              f"LoRA r=16 all-linear{quantised}; {args.threads or 'default'} torch thread(s) per run")
+        print(
+            f"model: Llama, {assets['parameters'] / 1e6:.1f}M parameters ({SHAPES[args.shape]}), random weights, "
+            f"LoRA r=16 all-linear{quantised}; {args.threads or 'default'} torch thread(s) per run"
+        )
         print(f"data: {data_summary(assets)}")
         if args.overrides:
             print(f"sovtune recipe overrides: {' '.join(args.overrides)} (TRL runs keep TRL's defaults)")
@@ -392,8 +482,11 @@ def main() -> None:
             for name in names:
                 result = run_child(name, assets_file, args.threads, args.trl_packed_batch)
                 results[name].append(result)
-                print(f"  round {round_index + 1} {name}: {result['tokens_per_s']:.1f} tokens/s "
-                      f"({result['wall_s']:.0f} s timed)", flush=True)
+                print(
+                    f"  round {round_index + 1} {name}: {result['tokens_per_s']:.1f} tokens/s "
+                    f"({result['wall_s']:.0f} s timed)",
+                    flush=True,
+                )
     medians = {name: median_result(found) for name, found in results.items()}
     print_table(medians, args)
     print(f"total benchmark time {time.time() - started:.0f} s")
@@ -405,11 +498,15 @@ def main() -> None:
         if name in medians:
             other = medians[name]
             target = "; target >= 1.0x" if name == "trl-packed" else ""
-            print(f"sovtune/{name} effective tokens/s: {ours['tokens_per_s'] / other['tokens_per_s']:.2f}x "
-                  f"(per CPU-second: {ours['tokens_per_cpu_s'] / other['tokens_per_cpu_s']:.2f}x{target})")
+            print(
+                f"sovtune/{name} effective tokens/s: {ours['tokens_per_s'] / other['tokens_per_s']:.2f}x "
+                f"(per CPU-second: {ours['tokens_per_cpu_s'] / other['tokens_per_cpu_s']:.2f}x{target})"
+            )
     if "trl-default" in medians:
         default = medians["trl-default"]
-        print(f"sovtune/trl-default per CPU-second: {ours['tokens_per_cpu_s'] / default['tokens_per_cpu_s']:.2f}x (target >= 1.8x)")
+        print(
+            f"sovtune/trl-default per CPU-second: {ours['tokens_per_cpu_s'] / default['tokens_per_cpu_s']:.2f}x (target >= 1.8x)"
+        )
         print(f"sovtune/trl-default effective tokens/s: {ours['tokens_per_s'] / default['tokens_per_s']:.2f}x")
 
 
@@ -417,21 +514,41 @@ def print_table(medians: dict[str, dict[str, Any]], args: argparse.Namespace) ->
     import torch
 
     memory = "peak CUDA MiB" if torch.cuda.is_available() else "peak RSS MiB"
-    header = ["run", "settings", "micro-batch x accum", "steps timed", "tokens/s", "supervised/s", "tokens/CPU-s",
-              "padding", memory]
+    header = [
+        "run",
+        "settings",
+        "micro-batch x accum",
+        "steps timed",
+        "tokens/s",
+        "supervised/s",
+        "tokens/CPU-s",
+        "padding",
+        memory,
+    ]
     rows = []
     for name, result in medians.items():
         settings = RUNS[name] + (f", {args.trl_packed_batch} x {MAX_LENGTH}-token rows" if name == "trl-packed" else "")
-        rows.append([name, settings, f"{result['micro_batch']} x {result['accumulation']}", str(result["steps_timed"]),
-                     f"{result['tokens_per_s']:.1f}", f"{result['supervised_per_s']:.1f}",
-                     f"{result['tokens_per_cpu_s']:.1f}", f"{result['padding_share']:.1%}",
-                     f"{result['peak_memory_mib']:.0f}"])
+        rows.append(
+            [
+                name,
+                settings,
+                f"{result['micro_batch']} x {result['accumulation']}",
+                str(result["steps_timed"]),
+                f"{result['tokens_per_s']:.1f}",
+                f"{result['supervised_per_s']:.1f}",
+                f"{result['tokens_per_cpu_s']:.1f}",
+                f"{result['padding_share']:.1%}",
+                f"{result['peak_memory_mib']:.0f}",
+            ]
+        )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    print(f"(medians of {args.rounds} round(s); timing starts after each run's first optimizer step; "
-          "tokens = non-pad tokens computed; padding = pad share of all computed token slots)")
+    print(
+        f"(medians of {args.rounds} round(s); timing starts after each run's first optimizer step; "
+        "tokens = non-pad tokens computed; padding = pad share of all computed token slots)"
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def is_corpus_file(relative: Path) -> bool:
     parts = relative.parts
     if parts[:2] == KEPT_TEST_DIR:
         return True
-    return not (set(parts[:-1]) & SKIPPED_DIRS or parts[0].startswith("config-") or relative.name.startswith("_sysconfigdata"))
+    return not (
+        set(parts[:-1]) & SKIPPED_DIRS or parts[0].startswith("config-") or relative.name.startswith("_sysconfigdata")
+    )
 
 
 def looks_like_data(text: str) -> bool:
@@ -100,7 +102,17 @@ def collect_documents(stdlib: Path) -> list[Document]:
 PERMISSIVE_LICENCE_WORDS = ("MIT", "BSD", "APACHE", "PSF", "PYTHON SOFTWARE FOUNDATION", "ISC", "0BSD", "ZLIB", "CC0")
 REFUSED_LICENCE_WORDS = ("GPL", "MPL", "MOZILLA", "EUPL", "CC-BY-SA", "PROPRIETARY", "COMMERCIAL", "UNKNOWN")
 # Vendored code carries its own licences, test suites are fixtures; neither is read.
-SKIPPED_PACKAGE_DIRS = {"_vendor", "vendor", "vendored", "third_party", "_vendored", "tests", "test", "testing", "__pycache__"}
+SKIPPED_PACKAGE_DIRS = {
+    "_vendor",
+    "vendor",
+    "vendored",
+    "third_party",
+    "_vendored",
+    "tests",
+    "test",
+    "testing",
+    "__pycache__",
+}
 EXCLUDED_DISTRIBUTIONS = {"sovtune"}  # the toolkit itself: its tests and docs describe the fine-tuning data
 
 
@@ -153,7 +165,11 @@ def collect_package_documents(max_chars_per_package: int, seed: int) -> tuple[li
         licence = distribution_licence(dist)
         if name in EXCLUDED_DISTRIBUTIONS or not is_permissive(licence):
             continue
-        files = sorted(str(f) for f in dist.files or [] if str(f).endswith(".py") and not set(Path(str(f)).parts) & SKIPPED_PACKAGE_DIRS)
+        files = sorted(
+            str(f)
+            for f in dist.files or []
+            if str(f).endswith(".py") and not set(Path(str(f)).parts) & SKIPPED_PACKAGE_DIRS
+        )
         random.Random(f"{seed}:{name}").shuffle(files)
         used = 0
         for relative in files:
@@ -170,7 +186,9 @@ def collect_package_documents(max_chars_per_package: int, seed: int) -> tuple[li
             if used >= max_chars_per_package:
                 break
         if used:
-            sources.append({"distribution": dist.metadata["Name"], "version": dist.version, "licence": licence, "characters": used})
+            sources.append(
+                {"distribution": dist.metadata["Name"], "version": dist.version, "licence": licence, "characters": used}
+            )
     return sorted(documents, key=lambda d: d.name), sources
 
 
@@ -200,10 +218,12 @@ def train_tokenizer(documents: list[Document], vocab_size: int, max_length: int)
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -430,7 +450,10 @@ def copy_score(model, tokenizer, seed: int, span: int = 64, rows: int = 8) -> di
     with torch.no_grad():
         log_probs = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
     token_loss = -log_probs.gather(-1, ids[:, 1:, None])[..., 0]
-    return {"random_span_loss": round(token_loss[:, :span].mean().item(), 3), "repeated_span_loss": round(token_loss[:, span:].mean().item(), 3)}
+    return {
+        "random_span_loss": round(token_loss[:, :span].mean().item(), 3),
+        "repeated_span_loss": round(token_loss[:, span:].mean().item(), 3),
+    }
 
 
 # ---------------------------------------------------------------- outputs
@@ -468,8 +491,20 @@ def sha256_file(path: Path) -> str:
 def rebuild_command(args) -> str:
     """The command line that reproduces this build, with every option that differs from the defaults."""
     defaults = vars(parse_args([]))
-    changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != defaults[k] and k not in {"out", "general_out", "seed"}]
-    return " ".join(["python scripts/build_base_model.py", f"--out {args.out}", f"--general-out {args.general_out}", f"--seed {args.seed}"] + changed)
+    changed = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if v != defaults[k] and k not in {"out", "general_out", "seed"}
+    ]
+    return " ".join(
+        [
+            "python scripts/build_base_model.py",
+            f"--out {args.out}",
+            f"--general-out {args.general_out}",
+            f"--seed {args.seed}",
+        ]
+        + changed
+    )
 
 
 def versions() -> dict:
@@ -478,7 +513,12 @@ def versions() -> dict:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
 
 
 def copy_verdict(score: dict) -> str:
@@ -486,9 +526,11 @@ def copy_verdict(score: dict) -> str:
     gain = score["random_span_loss"] - score["repeated_span_loss"]
     if gain >= 1.0:
         return f"The model copies: a repeated span costs {gain:.2f} nats/token less than its first occurrence."
-    return (f"**It did not learn to copy arbitrary token sequences** (loss on a repeated random span {score['repeated_span_loss']} "
-            f"nats/token, the first time {score['random_span_loss']}); what fine-tuning on it achieves is measured in "
-            "docs/benchmarks.md, \"Quickstart timing and results\".")
+    return (
+        f"**It did not learn to copy arbitrary token sequences** (loss on a repeated random span {score['repeated_span_loss']} "
+        f"nats/token, the first time {score['random_span_loss']}); what fine-tuning on it achieves is measured in "
+        'docs/benchmarks.md, "Quickstart timing and results".'
+    )
 
 
 def model_card(info: dict) -> str:
@@ -503,68 +545,68 @@ tags: [llama, tiny, sovtune, test-model]
 
 # sovtune tiny base model
 
-A {a['parameters'] / 1e6:.2f}M-parameter Llama pretrained from scratch, offline, on the Python standard library
+A {a["parameters"] / 1e6:.2f}M-parameter Llama pretrained from scratch, offline, on the Python standard library
 and the docstrings of the permissively licensed Python packages installed beside it. It exists so that sovtune's quickstart and tests can fine-tune and evaluate a real
 *pretrained* causal LM on a laptop CPU in minutes, with nothing downloaded. It is not useful for anything else.
 
 ## Architecture
 
-`LlamaForCausalLM`: {a['num_hidden_layers']} layers, hidden {a['hidden_size']}, {a['num_attention_heads']} attention heads
-({a['num_key_value_heads']} key/value heads), MLP {a['intermediate_size']}, vocabulary {a['vocab_size']}, context
-{a['max_position_embeddings']}, tied input/output embeddings. Linear layers `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`.
-{a['parameters']:,} parameters, stored as {a['dtype']} safetensors.
+`LlamaForCausalLM`: {a["num_hidden_layers"]} layers, hidden {a["hidden_size"]}, {a["num_attention_heads"]} attention heads
+({a["num_key_value_heads"]} key/value heads), MLP {a["intermediate_size"]}, vocabulary {a["vocab_size"]}, context
+{a["max_position_embeddings"]}, tied input/output embeddings. Linear layers `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`.
+{a["parameters"]:,} parameters, stored as {a["dtype"]} safetensors.
 
 ## Tokenizer and chat format
 
-Byte-level BPE ({a['vocab_size']} tokens) trained on the same pretraining documents. Text is first split into
+Byte-level BPE ({a["vocab_size"]} tokens) trained on the same pretraining documents. Text is first split into
 words, groups of up to three digits, punctuation runs and whitespace runs, so a word is the same tokens after a
 space as after a quote (copying `Sales` into `'Sales'` copies tokens). Special tokens: bos `<s>`,
 eos `</s>`, pad `<pad>` (distinct from eos), and `<|im_start|>`, `<|im_end|>` for ChatML. Plain-text encodes start
 with `<s>`. The chat template renders `<s>` once, then `<|im_start|>role\\ncontent<|im_end|>\\n` per message; it is
 prefix-stable, so prompt tokens can be masked by rendering the prompt with `add_generation_prompt=True`.
 Tokenize rendered chat text with `add_special_tokens=False` (the template already holds `<s>`).
-Generation stops at `</s>` or `<|im_end|>`. `model_max_length` is {a['max_position_embeddings']}.
+Generation stops at `</s>` or `<|im_end|>`. `model_max_length` is {a["max_position_embeddings"]}.
 
 ## Training data
 
-Python {info['versions']['python']} standard library (PSF licence): `.py`, `.rst` and `.txt` files, without test
+Python {info["versions"]["python"]} standard library (PSF licence): `.py`, `.rst` and `.txt` files, without test
 suites (except `test/test_sqlite3`, kept for its SQL) or generated codec tables, and the language-reference topics
 of `pydoc_data/topics.py` as one prose document each; and the docstrings (module, class and function; at least
 eight words each) of every installed Python distribution whose licence metadata is permissive (MIT, BSD, Apache,
 PSF, ISC, ...; copyleft, unclear or missing licences are skipped, as are vendored code and test suites), at most
-{info['package_chars']:,} characters per distribution from a seeded sample of its modules:
+{info["package_chars"]:,} characters per distribution from a seeded sample of its modules:
 
-{package_table(c['packages'])}
+{package_table(c["packages"])}
 
-{c['documents']} documents, SHA-256 `{c['sha256']}` (over name NUL text NUL per document, in sorted order).
-{c['held_out_documents']} documents (seeded) are held out from pretraining: they give the held-out loss and the
+{c["documents"]} documents, SHA-256 `{c["sha256"]}` (over name NUL text NUL per document, in sorted order).
+{c["held_out_documents"]} documents (seeded) are held out from pretraining: they give the held-out loss and the
 general-text set in `data/general/`. The sovtune SQL dataset (`data/sql/`) is not in the corpus.
-Pretraining documents: {c['train_documents']}, {c['train_tokens']:,} tokens, packed as `<s> document </s>` into
-{t['seq_len']}-token blocks. {t['copy_fraction']:.0%} of the blocks (seeded) are a {t['seq_len'] // 2}-token span followed by the
+Pretraining documents: {c["train_documents"]}, {c["train_tokens"]:,} tokens, packed as `<s> document </s>` into
+{t["seq_len"]}-token blocks. {t["copy_fraction"]:.0%} of the blocks (seeded) are a {t["seq_len"] // 2}-token span followed by the
 same span again, meant to teach copying from the context, which fine-tuning tasks such as text-to-SQL rely on.
-{copy_verdict(t['copy_score'])}
+{copy_verdict(t["copy_score"])}
 
 ## Training
 
-transformers `Trainer` on CPU ({t['threads']} torch threads), seed {t['seed']}: {t['steps']} steps of {t['batch_size']} x {t['seq_len']}-token
-packed sequences = **{t['tokens_seen']:,} tokens seen**, AdamW lr {t['lr']} (cosine, {t['warmup_steps']} warmup steps),
-weight decay 0.1, {t['train_minutes']} minutes.
+transformers `Trainer` on CPU ({t["threads"]} torch threads), seed {t["seed"]}: {t["steps"]} steps of {t["batch_size"]} x {t["seq_len"]}-token
+packed sequences = **{t["tokens_seen"]:,} tokens seen**, AdamW lr {t["lr"]} (cosine, {t["warmup_steps"]} warmup steps),
+weight decay 0.1, {t["train_minutes"]} minutes.
 
 | | loss (nats/token) |
 |---|---|
-| uniform guess, ln(vocab) | {math.log(a['vocab_size']):.2f} |
-| final train loss (last 25 steps) | {t['final_train_loss']} |
-| held-out loss ({t['held_out_tokens']:,} tokens) | {t['held_out_loss']} |
-| random tokens, first time | {t['copy_score']['random_span_loss']} |
-| the same random tokens repeated (in-context copying) | {t['copy_score']['repeated_span_loss']} |
+| uniform guess, ln(vocab) | {math.log(a["vocab_size"]):.2f} |
+| final train loss (last 25 steps) | {t["final_train_loss"]} |
+| held-out loss ({t["held_out_tokens"]:,} tokens) | {t["held_out_loss"]} |
+| random tokens, first time | {t["copy_score"]["random_span_loss"]} |
+| the same random tokens repeated (in-context copying) | {t["copy_score"]["repeated_span_loss"]} |
 
 ## Rebuild
 
 ```bash
-{info['command']}
+{info["command"]}
 ```
 
-Versions: {", ".join(f"{k} {v}" for k, v in info['versions'].items())}. The corpus depends on the Python version;
+Versions: {", ".join(f"{k} {v}" for k, v in info["versions"].items())}. The corpus depends on the Python version;
 the weights depend on the torch build and thread count, and differ if training hit the `--max-minutes` limit.
 
 ## Licence
@@ -586,13 +628,13 @@ def general_readme(rows: list[dict], path: Path, info: dict) -> str:
     """README.md for data/general."""
     return f"""# general: held-out English passages for the forgetting check
 
-`eval.jsonl`: {len(rows)} lines `{{"text": ..., "source": ...}}`, each {info['general']['min_tokens']}-{info['general']['max_tokens']} tokens of
-English prose (docstrings and documentation paragraphs) from the Python {info['versions']['python']} standard library and the
+`eval.jsonl`: {len(rows)} lines `{{"text": ..., "source": ...}}`, each {info["general"]["min_tokens"]}-{info["general"]["max_tokens"]} tokens of
+English prose (docstrings and documentation paragraphs) from the Python {info["versions"]["python"]} standard library and the
 docstrings of permissively licensed Python packages (the base model's corpus; its card lists them).
-They come only from the {info['corpus']['held_out_documents']} documents that `scripts/build_base_model.py` held out of the base
+They come only from the {info["corpus"]["held_out_documents"]} documents that `scripts/build_base_model.py` held out of the base
 model's pretraining, so a base-vs-adapter perplexity on them measures general-text retention, not memorisation.
 
-Built by `{info['command']}` (seeded sample of all passages; paragraphs that look like code,
+Built by `{info["command"]}` (seeded sample of all passages; paragraphs that look like code,
 doctests or tables are dropped).
 
 SHA-256 of `eval.jsonl`: `{sha256_file(path)}`
@@ -604,7 +646,12 @@ Licence: each passage keeps the licence of its source: {general_licences(rows, i
 def general_licences(rows: list[dict], info: dict) -> str:
     """The licences of the sources the general-text passages come from."""
     by_name = {p["distribution"].lower(): p["licence"] for p in info["corpus"]["packages"]}
-    licences = {by_name[r["source"].split("/", 1)[0]] if r["source"].endswith("#docstrings") else "PSF-2.0 (Python standard library)" for r in rows}
+    licences = {
+        by_name[r["source"].split("/", 1)[0]]
+        if r["source"].endswith("#docstrings")
+        else "PSF-2.0 (Python standard library)"
+        for r in rows
+    }
     return "; ".join(sorted(licences))
 
 
@@ -616,7 +663,19 @@ def build_info(args, model, documents, package_sources, train_docs, held_docs, t
             "model_type": config.model_type,
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": "float32",
-            **{k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings")},
+            **{
+                k: getattr(config, k)
+                for k in (
+                    "vocab_size",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "max_position_embeddings",
+                    "tie_word_embeddings",
+                )
+            },
         },
         "corpus": {
             "source": "Python standard library (PSF licence): .py/.rst/.txt files and pydoc_data topics; "
@@ -629,9 +688,23 @@ def build_info(args, model, documents, package_sources, train_docs, held_docs, t
             "train_tokens": len(train_blocks) * args.seq_len,
             "held_out_names": [d.name for d in held_docs],
         },
-        "training": {"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup_steps": args.warmup_steps, "token_budget": args.token_budget, "threads": args.threads, "copy_fraction": args.copy_fraction, **training},
+        "training": {
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "lr": args.lr,
+            "warmup_steps": args.warmup_steps,
+            "token_budget": args.token_budget,
+            "threads": args.threads,
+            "copy_fraction": args.copy_fraction,
+            **training,
+        },
         "package_chars": args.package_chars,
-        "general": {"passages": args.general_passages, "min_tokens": args.general_min_tokens, "max_tokens": args.general_max_tokens},
+        "general": {
+            "passages": args.general_passages,
+            "min_tokens": args.general_min_tokens,
+            "max_tokens": args.general_max_tokens,
+        },
         "versions": versions(),
         "command": rebuild_command(args),
     }
@@ -644,10 +717,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults are the shipped model."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/base-model"), help="model output directory")
-    parser.add_argument("--general-out", type=Path, default=Path("data/general"), help="general-text eval set directory")
+    parser.add_argument(
+        "--general-out", type=Path, default=Path("data/general"), help="general-text eval set directory"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the hold-out, packing, init and data order")
-    parser.add_argument("--max-minutes", type=float, default=60.0, help="safety cap: stop pretraining after this many minutes even if the token budget is not spent")
-    parser.add_argument("--package-chars", type=int, default=1_500_000, help="docstring characters taken at most from each permissively licensed installed package (0: standard library only)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=60.0,
+        help="safety cap: stop pretraining after this many minutes even if the token budget is not spent",
+    )
+    parser.add_argument(
+        "--package-chars",
+        type=int,
+        default=1_500_000,
+        help="docstring characters taken at most from each permissively licensed installed package (0: standard library only)",
+    )
     parser.add_argument("--token-budget", type=int, default=7_000_000, help="pretraining tokens (sets the step count)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--vocab-size", type=int, default=6144, help="BPE vocabulary size, special tokens included")
@@ -658,12 +743,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=512, help="context length and tokenizer model_max_length")
     parser.add_argument("--seq-len", type=int, default=256, help="packed pretraining sequence length")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step; small, because updates matter more than batch size at this budget")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="sequences per step; small, because updates matter more than batch size at this budget",
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--copy-fraction", type=float, default=0.1, help="share of pretraining blocks that repeat a span")
-    parser.add_argument("--held-out-fraction", type=float, default=0.05, help="share of documents kept out of pretraining")
-    parser.add_argument("--held-out-blocks", type=int, default=200, help="cap on held-out sequences scored for the loss")
+    parser.add_argument(
+        "--copy-fraction", type=float, default=0.1, help="share of pretraining blocks that repeat a span"
+    )
+    parser.add_argument(
+        "--held-out-fraction", type=float, default=0.05, help="share of documents kept out of pretraining"
+    )
+    parser.add_argument(
+        "--held-out-blocks", type=int, default=200, help="cap on held-out sequences scored for the loss"
+    )
     parser.add_argument("--general-passages", type=int, default=150, help="passages in data/general/eval.jsonl")
     parser.add_argument("--general-min-tokens", type=int, default=100)
     parser.add_argument("--general-max-tokens", type=int, default=300)
@@ -680,14 +776,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     documents = collect_documents(Path(sysconfig.get_paths()["stdlib"]))
-    package_documents, package_sources = collect_package_documents(args.package_chars, args.seed) if args.package_chars else ([], [])
+    package_documents, package_sources = (
+        collect_package_documents(args.package_chars, args.seed) if args.package_chars else ([], [])
+    )
     documents += package_documents
     train_docs, held_docs = split_documents(documents, args.held_out_fraction, args.seed)
     tokenizer = train_tokenizer(train_docs, args.vocab_size, args.max_length)
     check_tokenizer(tokenizer)
     train_blocks = add_copy_blocks(pack(train_docs, tokenizer, args.seq_len, args.seed), args.copy_fraction, args.seed)
     held_blocks = pack(held_docs, tokenizer, args.seq_len, args.seed)[: args.held_out_blocks]
-    print(f"corpus: {len(documents)} documents, {len(train_blocks)} train blocks, {len(held_blocks)} held-out blocks", flush=True)
+    print(
+        f"corpus: {len(documents)} documents, {len(train_blocks)} train blocks, {len(held_blocks)} held-out blocks",
+        flush=True,
+    )
     model = build_model(tokenizer, args)
     with tempfile.TemporaryDirectory() as work_dir:
         training = pretrain(model, train_blocks, held_blocks, args, Path(work_dir))

@@ -30,19 +30,87 @@ DEPARTMENTS = [
     ("Operations", "Rome"),
 ]
 # Titles are regular nouns so a question can say "Engineers" while the SQL says 'Engineer'.
-TITLES = {"Engineer": 72000, "Manager": 95000, "Analyst": 64000, "Designer": 58000, "Accountant": 61000, "Recruiter": 50000}
+TITLES = {
+    "Engineer": 72000,
+    "Manager": 95000,
+    "Analyst": 64000,
+    "Designer": 58000,
+    "Accountant": 61000,
+    "Recruiter": 50000,
+}
 FIRST_NAMES = [
-    "Alice", "Bruno", "Chloe", "Daniel", "Elena", "Felix", "Grace", "Hugo", "Irene", "Jonas", "Karin", "Lucas",
-    "Maria", "Nils", "Olivia", "Pablo", "Rosa", "Simon", "Tara", "Victor", "Wendy", "Yusuf", "Zoe", "Omar",
+    "Alice",
+    "Bruno",
+    "Chloe",
+    "Daniel",
+    "Elena",
+    "Felix",
+    "Grace",
+    "Hugo",
+    "Irene",
+    "Jonas",
+    "Karin",
+    "Lucas",
+    "Maria",
+    "Nils",
+    "Olivia",
+    "Pablo",
+    "Rosa",
+    "Simon",
+    "Tara",
+    "Victor",
+    "Wendy",
+    "Yusuf",
+    "Zoe",
+    "Omar",
 ]
 LAST_NAMES = [
-    "Adams", "Berger", "Costa", "Dubois", "Evans", "Fischer", "Garcia", "Hansen", "Ivanova", "Jensen",
-    "Keller", "Lopez", "Martin", "Novak", "Olsen", "Petit", "Rossi", "Schmidt", "Torres", "Weber",
+    "Adams",
+    "Berger",
+    "Costa",
+    "Dubois",
+    "Evans",
+    "Fischer",
+    "Garcia",
+    "Hansen",
+    "Ivanova",
+    "Jensen",
+    "Keller",
+    "Lopez",
+    "Martin",
+    "Novak",
+    "Olsen",
+    "Petit",
+    "Rossi",
+    "Schmidt",
+    "Torres",
+    "Weber",
 ]
 PROJECT_NAMES = [
-    "Apollo", "Beacon", "Cobalt", "Delta", "Ember", "Falcon", "Granite", "Harbor", "Iris", "Juniper", "Kestrel",
-    "Lumen", "Meridian", "Nimbus", "Orion", "Pioneer", "Quartz", "Raven", "Summit", "Tundra", "Unity", "Vertex",
-    "Willow", "Zenith",
+    "Apollo",
+    "Beacon",
+    "Cobalt",
+    "Delta",
+    "Ember",
+    "Falcon",
+    "Granite",
+    "Harbor",
+    "Iris",
+    "Juniper",
+    "Kestrel",
+    "Lumen",
+    "Meridian",
+    "Nimbus",
+    "Orion",
+    "Pioneer",
+    "Quartz",
+    "Raven",
+    "Summit",
+    "Tundra",
+    "Unity",
+    "Vertex",
+    "Willow",
+    "Zenith",
 ]
 NUM_EMPLOYEES = 150
 HIRE_YEARS = range(2008, 2024)
@@ -70,153 +138,258 @@ class Template:
 
 
 TEMPLATES = [
-    Template("emp_count_by_dept", "dept", (
-        "How many employees work in the {dept} department?",
-        "How many people are in {dept}?",
-        "Count the employees of the {dept} department.",
-        "What is the headcount of {dept}?",
-        "Number of employees in {dept}?",
-    ), f"SELECT COUNT(*) {EMP_DEPT} WHERE d.name = '{{dept}}';"),
-    Template("emp_names_by_dept", "dept", (
-        "List the names of employees in the {dept} department.",
-        "Who works in {dept}?",
-        "Show all employees of the {dept} department.",
-        "Which employees belong to {dept}?",
-        "Give me the names of the people in {dept}.",
-    ), f"SELECT e.name {EMP_DEPT} WHERE d.name = '{{dept}}';"),
-    Template("avg_salary_by_dept", "dept", (
-        "What is the average salary in the {dept} department?",
-        "What is the mean salary of {dept} employees?",
-        "Average pay in {dept}?",
-        "How much do {dept} employees earn on average?",
-        "Compute the average salary for {dept}.",
-    ), f"SELECT AVG(e.salary) {EMP_DEPT} WHERE d.name = '{{dept}}';"),
-    Template("max_salary_by_dept", "dept", (
-        "What is the highest salary in the {dept} department?",
-        "What is the maximum salary in {dept}?",
-        "Top salary paid in {dept}?",
-        "How much does the best paid person in {dept} earn?",
-        "Find the largest salary in {dept}.",
-    ), f"SELECT MAX(e.salary) {EMP_DEPT} WHERE d.name = '{{dept}}';"),
-    Template("top_earner_by_dept", "dept", (
-        "Who is the highest paid employee in the {dept} department?",
-        "Who earns the most in {dept}?",
-        "Name the top earner of {dept}.",
-        "Which {dept} employee has the largest salary?",
-        "Find the best paid person in {dept}.",
-    ), f"SELECT e.name {EMP_DEPT} WHERE d.name = '{{dept}}' ORDER BY e.salary DESC LIMIT 1;"),
-    Template("project_names_by_dept", "dept", (
-        "List the projects of the {dept} department.",
-        "Which projects does {dept} run?",
-        "What projects belong to {dept}?",
-        "Show the project names owned by the {dept} department.",
-        "Name the projects of {dept}.",
-    ), f"SELECT p.name {PROJ_DEPT} WHERE d.name = '{{dept}}';"),
-    Template("budget_total_by_dept", "dept", (
-        "What is the total project budget of the {dept} department?",
-        "How much budget do the {dept} projects have in total?",
-        "Sum of project budgets for {dept}?",
-        "What is the combined budget of projects in {dept}?",
-        "Compute the total budget of {dept} projects.",
-    ), f"SELECT SUM(p.budget) {PROJ_DEPT} WHERE d.name = '{{dept}}';"),
-    Template("emp_count_by_title", "title", (
-        "How many employees have the title {title}?",
-        "How many {title}s are there?",
-        "Count the {title}s in the company.",
-        "What is the number of {title}s?",
-        "How many people work as {title}?",
-    ), "SELECT COUNT(*) FROM employees WHERE title = '{title}';"),
-    Template("emp_names_by_title", "title", (
-        "Which employees are {title}s?",
-        "List all {title}s.",
-        "Who works as a {title}?",
-        "Show the names of employees with the title {title}.",
-        "Give me every {title} in the company.",
-    ), "SELECT name FROM employees WHERE title = '{title}';"),
-    Template("avg_salary_by_title", "title", (
-        "What is the average salary of {title}s?",
-        "How much does a {title} earn on average?",
-        "Mean salary for the title {title}?",
-        "Average pay of employees working as {title}?",
-        "Compute the average salary of all {title}s.",
-    ), "SELECT AVG(salary) FROM employees WHERE title = '{title}';"),
-    Template("emp_names_salary_above", "salary", (
-        "List employees earning more than {salary}.",
-        "Who earns more than {salary}?",
-        "Which employees have a salary above {salary}?",
-        "Show the names of people paid over {salary}.",
-        "Find employees with a salary greater than {salary}.",
-    ), "SELECT name FROM employees WHERE salary > {salary};"),
-    Template("emp_count_salary_above", "salary", (
-        "How many employees earn more than {salary}?",
-        "Count the employees with a salary above {salary}.",
-        "How many people are paid over {salary}?",
-        "Number of employees whose salary exceeds {salary}?",
-        "How many salaries are greater than {salary}?",
-    ), "SELECT COUNT(*) FROM employees WHERE salary > {salary};"),
-    Template("emp_names_hired_in", "year", (
-        "Who was hired in {year}?",
-        "List the employees hired in {year}.",
-        "Which employees joined in {year}?",
-        "Show the names of people who started in {year}.",
-        "Find everyone hired during {year}.",
-    ), "SELECT name FROM employees WHERE hire_year = {year};"),
-    Template("emp_count_hired_after", "year", (
-        "How many employees were hired after {year}?",
-        "Count the employees who joined after {year}.",
-        "How many people started after {year}?",
-        "Number of hires later than {year}?",
-        "How many employees have a hire year after {year}?",
-    ), "SELECT COUNT(*) FROM employees WHERE hire_year > {year};"),
-    Template("emp_names_hired_between", "year_range", (
-        "Which employees were hired between {start} and {end}?",
-        "List the people who joined between {start} and {end}.",
-        "Who was hired from {start} to {end}?",
-        "Show employees with a hire year between {start} and {end}.",
-        "Find everyone who started between {start} and {end}.",
-    ), "SELECT name FROM employees WHERE hire_year BETWEEN {start} AND {end};"),
-    Template("dept_names_by_city", "city", (
-        "Which departments are located in {city}?",
-        "List the departments based in {city}.",
-        "What departments are in {city}?",
-        "Name the departments that sit in {city}.",
-        "Show every department in the {city} office.",
-    ), "SELECT name FROM departments WHERE city = '{city}';"),
-    Template("emp_count_by_city", "city", (
-        "How many employees work in {city}?",
-        "How many people are based in {city}?",
-        "Count the employees in the {city} office.",
-        "What is the headcount in {city}?",
-        "Number of staff working in {city}?",
-    ), f"SELECT COUNT(*) {EMP_DEPT} WHERE d.city = '{{city}}';"),
-    Template("project_names_budget_above", "budget", (
-        "Which projects have a budget above {budget}?",
-        "List projects with a budget greater than {budget}.",
-        "Show the projects funded with more than {budget}.",
-        "What projects cost more than {budget}?",
-        "Find projects whose budget exceeds {budget}.",
-    ), "SELECT name FROM projects WHERE budget > {budget};"),
-    Template("emp_count_by_dept_title", "dept_title", (
-        "How many {title}s work in the {dept} department?",
-        "Count the {title}s in {dept}.",
-        "How many employees in {dept} have the title {title}?",
-        "Number of {title}s in the {dept} department?",
-        "How many people in {dept} work as {title}?",
-    ), f"SELECT COUNT(*) {EMP_DEPT} WHERE d.name = '{{dept}}' AND e.title = '{{title}}';"),
-    Template("salary_of_emp", "employee", (
-        "What is the salary of {employee}?",
-        "How much does {employee} earn?",
-        "Show the salary of the employee named {employee}.",
-        "What is {employee} paid?",
-        "Find the salary for {employee}.",
-    ), "SELECT salary FROM employees WHERE name = '{employee}';"),
-    Template("dept_of_emp", "employee", (
-        "Which department does {employee} work in?",
-        "What department is {employee} in?",
-        "In which department is {employee}?",
-        "Name the department of {employee}.",
-        "Find the department where {employee} works.",
-    ), f"SELECT d.name {EMP_DEPT} WHERE e.name = '{{employee}}';"),
+    Template(
+        "emp_count_by_dept",
+        "dept",
+        (
+            "How many employees work in the {dept} department?",
+            "How many people are in {dept}?",
+            "Count the employees of the {dept} department.",
+            "What is the headcount of {dept}?",
+            "Number of employees in {dept}?",
+        ),
+        f"SELECT COUNT(*) {EMP_DEPT} WHERE d.name = '{{dept}}';",
+    ),
+    Template(
+        "emp_names_by_dept",
+        "dept",
+        (
+            "List the names of employees in the {dept} department.",
+            "Who works in {dept}?",
+            "Show all employees of the {dept} department.",
+            "Which employees belong to {dept}?",
+            "Give me the names of the people in {dept}.",
+        ),
+        f"SELECT e.name {EMP_DEPT} WHERE d.name = '{{dept}}';",
+    ),
+    Template(
+        "avg_salary_by_dept",
+        "dept",
+        (
+            "What is the average salary in the {dept} department?",
+            "What is the mean salary of {dept} employees?",
+            "Average pay in {dept}?",
+            "How much do {dept} employees earn on average?",
+            "Compute the average salary for {dept}.",
+        ),
+        f"SELECT AVG(e.salary) {EMP_DEPT} WHERE d.name = '{{dept}}';",
+    ),
+    Template(
+        "max_salary_by_dept",
+        "dept",
+        (
+            "What is the highest salary in the {dept} department?",
+            "What is the maximum salary in {dept}?",
+            "Top salary paid in {dept}?",
+            "How much does the best paid person in {dept} earn?",
+            "Find the largest salary in {dept}.",
+        ),
+        f"SELECT MAX(e.salary) {EMP_DEPT} WHERE d.name = '{{dept}}';",
+    ),
+    Template(
+        "top_earner_by_dept",
+        "dept",
+        (
+            "Who is the highest paid employee in the {dept} department?",
+            "Who earns the most in {dept}?",
+            "Name the top earner of {dept}.",
+            "Which {dept} employee has the largest salary?",
+            "Find the best paid person in {dept}.",
+        ),
+        f"SELECT e.name {EMP_DEPT} WHERE d.name = '{{dept}}' ORDER BY e.salary DESC LIMIT 1;",
+    ),
+    Template(
+        "project_names_by_dept",
+        "dept",
+        (
+            "List the projects of the {dept} department.",
+            "Which projects does {dept} run?",
+            "What projects belong to {dept}?",
+            "Show the project names owned by the {dept} department.",
+            "Name the projects of {dept}.",
+        ),
+        f"SELECT p.name {PROJ_DEPT} WHERE d.name = '{{dept}}';",
+    ),
+    Template(
+        "budget_total_by_dept",
+        "dept",
+        (
+            "What is the total project budget of the {dept} department?",
+            "How much budget do the {dept} projects have in total?",
+            "Sum of project budgets for {dept}?",
+            "What is the combined budget of projects in {dept}?",
+            "Compute the total budget of {dept} projects.",
+        ),
+        f"SELECT SUM(p.budget) {PROJ_DEPT} WHERE d.name = '{{dept}}';",
+    ),
+    Template(
+        "emp_count_by_title",
+        "title",
+        (
+            "How many employees have the title {title}?",
+            "How many {title}s are there?",
+            "Count the {title}s in the company.",
+            "What is the number of {title}s?",
+            "How many people work as {title}?",
+        ),
+        "SELECT COUNT(*) FROM employees WHERE title = '{title}';",
+    ),
+    Template(
+        "emp_names_by_title",
+        "title",
+        (
+            "Which employees are {title}s?",
+            "List all {title}s.",
+            "Who works as a {title}?",
+            "Show the names of employees with the title {title}.",
+            "Give me every {title} in the company.",
+        ),
+        "SELECT name FROM employees WHERE title = '{title}';",
+    ),
+    Template(
+        "avg_salary_by_title",
+        "title",
+        (
+            "What is the average salary of {title}s?",
+            "How much does a {title} earn on average?",
+            "Mean salary for the title {title}?",
+            "Average pay of employees working as {title}?",
+            "Compute the average salary of all {title}s.",
+        ),
+        "SELECT AVG(salary) FROM employees WHERE title = '{title}';",
+    ),
+    Template(
+        "emp_names_salary_above",
+        "salary",
+        (
+            "List employees earning more than {salary}.",
+            "Who earns more than {salary}?",
+            "Which employees have a salary above {salary}?",
+            "Show the names of people paid over {salary}.",
+            "Find employees with a salary greater than {salary}.",
+        ),
+        "SELECT name FROM employees WHERE salary > {salary};",
+    ),
+    Template(
+        "emp_count_salary_above",
+        "salary",
+        (
+            "How many employees earn more than {salary}?",
+            "Count the employees with a salary above {salary}.",
+            "How many people are paid over {salary}?",
+            "Number of employees whose salary exceeds {salary}?",
+            "How many salaries are greater than {salary}?",
+        ),
+        "SELECT COUNT(*) FROM employees WHERE salary > {salary};",
+    ),
+    Template(
+        "emp_names_hired_in",
+        "year",
+        (
+            "Who was hired in {year}?",
+            "List the employees hired in {year}.",
+            "Which employees joined in {year}?",
+            "Show the names of people who started in {year}.",
+            "Find everyone hired during {year}.",
+        ),
+        "SELECT name FROM employees WHERE hire_year = {year};",
+    ),
+    Template(
+        "emp_count_hired_after",
+        "year",
+        (
+            "How many employees were hired after {year}?",
+            "Count the employees who joined after {year}.",
+            "How many people started after {year}?",
+            "Number of hires later than {year}?",
+            "How many employees have a hire year after {year}?",
+        ),
+        "SELECT COUNT(*) FROM employees WHERE hire_year > {year};",
+    ),
+    Template(
+        "emp_names_hired_between",
+        "year_range",
+        (
+            "Which employees were hired between {start} and {end}?",
+            "List the people who joined between {start} and {end}.",
+            "Who was hired from {start} to {end}?",
+            "Show employees with a hire year between {start} and {end}.",
+            "Find everyone who started between {start} and {end}.",
+        ),
+        "SELECT name FROM employees WHERE hire_year BETWEEN {start} AND {end};",
+    ),
+    Template(
+        "dept_names_by_city",
+        "city",
+        (
+            "Which departments are located in {city}?",
+            "List the departments based in {city}.",
+            "What departments are in {city}?",
+            "Name the departments that sit in {city}.",
+            "Show every department in the {city} office.",
+        ),
+        "SELECT name FROM departments WHERE city = '{city}';",
+    ),
+    Template(
+        "emp_count_by_city",
+        "city",
+        (
+            "How many employees work in {city}?",
+            "How many people are based in {city}?",
+            "Count the employees in the {city} office.",
+            "What is the headcount in {city}?",
+            "Number of staff working in {city}?",
+        ),
+        f"SELECT COUNT(*) {EMP_DEPT} WHERE d.city = '{{city}}';",
+    ),
+    Template(
+        "project_names_budget_above",
+        "budget",
+        (
+            "Which projects have a budget above {budget}?",
+            "List projects with a budget greater than {budget}.",
+            "Show the projects funded with more than {budget}.",
+            "What projects cost more than {budget}?",
+            "Find projects whose budget exceeds {budget}.",
+        ),
+        "SELECT name FROM projects WHERE budget > {budget};",
+    ),
+    Template(
+        "emp_count_by_dept_title",
+        "dept_title",
+        (
+            "How many {title}s work in the {dept} department?",
+            "Count the {title}s in {dept}.",
+            "How many employees in {dept} have the title {title}?",
+            "Number of {title}s in the {dept} department?",
+            "How many people in {dept} work as {title}?",
+        ),
+        f"SELECT COUNT(*) {EMP_DEPT} WHERE d.name = '{{dept}}' AND e.title = '{{title}}';",
+    ),
+    Template(
+        "salary_of_emp",
+        "employee",
+        (
+            "What is the salary of {employee}?",
+            "How much does {employee} earn?",
+            "Show the salary of the employee named {employee}.",
+            "What is {employee} paid?",
+            "Find the salary for {employee}.",
+        ),
+        "SELECT salary FROM employees WHERE name = '{employee}';",
+    ),
+    Template(
+        "dept_of_emp",
+        "employee",
+        (
+            "Which department does {employee} work in?",
+            "What department is {employee} in?",
+            "In which department is {employee}?",
+            "Name the department of {employee}.",
+            "Find the department where {employee} works.",
+        ),
+        f"SELECT d.name {EMP_DEPT} WHERE e.name = '{{employee}}';",
+    ),
 ]
 
 
@@ -390,14 +563,14 @@ cities, titles, salary and budget thresholds, hire years and employee names.
 For each template, the valid slot fillings are shuffled (seed {args.seed}) and {args.eval_fraction:.0%} of them
 (at least one) are held out: all their paraphrases form the eval pool, the rest form the train pool.
 So every eval row is a (template, slot value) combination never seen in training. Every wording, department,
-city and title also appears in training (in other combinations); {counts['eval_with_new_value']} eval rows hold a number or an
+city and title also appears in training (in other combinations); {counts["eval_with_new_value"]} eval rows hold a number or an
 employee name that no training row uses, which the model has to copy from the question. Pools are capped at {args.max_train_per_template} train
 and {args.max_eval_per_template} eval rows per template. The build checks that no eval question or SQL string occurs in train.
 
 | template | train | eval |
 |---|---|---|
 {table}
-| **total** | **{counts['train']}** | **{counts['eval']}** |
+| **total** | **{counts["train"]}** | **{counts["eval"]}** |
 
 ## Files and SHA-256
 
@@ -437,7 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     candidates = slot_values(rows)
     train, eval_rows, per_template = [], [], {}
     for template in TEMPLATES:
-        template_train, template_eval = split_template(template, valid_combos(template, candidates[template.slot], conn), rng, args)
+        template_train, template_eval = split_template(
+            template, valid_combos(template, candidates[template.slot], conn), rng, args
+        )
         train += template_train
         eval_rows += template_eval
         per_template[template.name] = (len(template_train), len(template_eval))

@@ -51,8 +51,10 @@ def write_subset(split: str, out: Path, use_familiar: bool) -> Path:
     path = out / f"{split}.jsonl"
     with path.open("w") as handle:
         for row in kept:
-            messages = [{"role": m["role"], "content": familiar(m["content"]) if use_familiar else m["content"]}
-                        for m in row["messages"]]
+            messages = [
+                {"role": m["role"], "content": familiar(m["content"]) if use_familiar else m["content"]}
+                for m in row["messages"]
+            ]
             handle.write(json.dumps({"messages": messages}) + "\n")
     return path
 
@@ -69,8 +71,14 @@ def build_model(mode: str, recipe, models):
         from peft import LoraConfig, get_peft_model
 
         r = recipe.adapter.r
-        config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=r, lora_dropout=0.0, target_modules="all-linear",
-                            init_lora_weights="pissa")
+        config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=r,
+            lora_alpha=r,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            init_lora_weights="pissa",
+        )
         model = get_peft_model(model, config)
     return model
 
@@ -79,8 +87,8 @@ def main() -> None:
     import torch
 
     from sovtune import model as models
-    from sovtune.inputs import prepare_recipe_data as prepare_data
     from sovtune.config import load_recipe
+    from sovtune.inputs import prepare_recipe_data as prepare_data
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["full", "frozen-embeddings", "lora", "pissa"])
@@ -101,18 +109,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         train = write_subset("train", Path(scratch), args.familiar)
         held = write_subset("eval", Path(scratch), args.familiar)
-        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [*args.overrides, f"data.train={train}", f"data.eval={held}"])
+        recipe = load_recipe(
+            ROOT / "recipes" / "quickstart.yaml", [*args.overrides, f"data.train={train}", f"data.eval={held}"]
+        )
         tokenizer = models.load_tokenizer(recipe)
         items = prepare_data(recipe, tokenizer).train
     model = build_model(args.mode, recipe, models)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     rng, started = random.Random(0), time.time()
-    print(f"{args.mode}, lr {args.lr}, {args.steps} steps of 16 from {len(items)} closed-value training examples"
-          + (" (familiar values)" if args.familiar else ""))
+    print(
+        f"{args.mode}, lr {args.lr}, {args.steps} steps of 16 from {len(items)} closed-value training examples"
+        + (" (familiar values)" if args.familiar else "")
+    )
     for step in range(args.steps):
         batch = rng.sample(items, 16)
         width = max(len(item.input_ids) for item in batch)
-        ids = torch.tensor([item.input_ids + [tokenizer.pad_token_id] * (width - len(item.input_ids)) for item in batch])
+        ids = torch.tensor(
+            [item.input_ids + [tokenizer.pad_token_id] * (width - len(item.input_ids)) for item in batch]
+        )
         labels = torch.tensor([item.labels + [-100] * (width - len(item.labels)) for item in batch])
         mask = (torch.arange(width)[None, :] < torch.tensor([len(item.input_ids) for item in batch])[:, None]).long()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -126,12 +140,17 @@ def main() -> None:
     print("next token after `WHERE d.name = '` for 'Which employees belong to X?' (top 4):")
     for department in departments:
         asked = familiar(department) if args.familiar else department
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"Which employees belong to {asked}?"}],
-                                               tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Which employees belong to {asked}?"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         ids = tokenizer(prompt + PROBE_ANSWER, return_tensors="pt", add_special_tokens=False).input_ids
         with torch.no_grad():
             top = model(ids).logits[0, -1].softmax(-1).topk(4)
-        shown = ", ".join(f"{tokenizer.decode([i])!r} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        shown = ", ".join(
+            f"{tokenizer.decode([i])!r} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist())
+        )
         print(f"  {asked}: {shown}")
 
 

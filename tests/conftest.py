@@ -39,13 +39,22 @@ def build_tokenizer(path: Path, pad_token: str | None = "<pad>", unk_token: str 
     tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=pad_token, unk_token=unk_token,
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=512,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=pad_token,
+        unk_token=unk_token,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=512,
     )
     fast.chat_template = CHATML
     fast.save_pretrained(path)
@@ -58,9 +67,16 @@ def build_tiny_model(path: Path, tokenizer: Any, seed: int = 0, **overrides: Any
 
     torch.manual_seed(seed)
     settings = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     config = LlamaConfig(**{**settings, **overrides})
@@ -85,11 +101,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def qa_rows(n: int = 24) -> list[dict[str, Any]]:
     """Chat rows with a learnable mapping (question -> fixed answer)."""
-    pairs = [("How many employees?", "SELECT COUNT(*) FROM employees;"), ("List the names.", "SELECT name FROM employees;")]
+    pairs = [
+        ("How many employees?", "SELECT COUNT(*) FROM employees;"),
+        ("List the names.", "SELECT name FROM employees;"),
+    ]
     rows = []
     for i in range(n):
         question, answer = pairs[i % len(pairs)]
-        rows.append({"messages": [{"role": "user", "content": f"{question} #{i}"}, {"role": "assistant", "content": answer}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": f"{question} #{i}"}, {"role": "assistant", "content": answer}]}
+        )
     return rows
 
 
@@ -111,8 +132,15 @@ def write_recipe(
         "model": {"name_or_path": str(model_dir)},
         "adapter": {"r": 4, "dropout": 0.0},
         "data": {"train": str(data_file), "format": "messages", "max_length": 64, "eval_fraction": 0.25},
-        "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1,
-                  "save_steps": 2, "gradient_checkpointing": False, "seed": 0},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "gradient_checkpointing": False,
+            "seed": 0,
+        },
         "output": {"dir": str(folder / "runs" / name)},
     }
     for key, value in sections.items():

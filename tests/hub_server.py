@@ -170,7 +170,9 @@ class HubDouble:
         with self.lock:
             repo = Repo(repo_id=repo_id, private=private)
             self.repos[repo_id] = repo
-            self._new_commit(repo, "main", None, "initial commit", {".gitattributes": StoredFile(len(GITATTRIBUTES), GITATTRIBUTES)})
+            self._new_commit(
+                repo, "main", None, "initial commit", {".gitattributes": StoredFile(len(GITATTRIBUTES), GITATTRIBUTES)}
+            )
             return repo
 
     def _store(self, path: str, data: bytes) -> StoredFile:
@@ -183,9 +185,13 @@ class HubDouble:
     def wants_lfs(self, path: str, size: int) -> bool:
         return size > 0 and (size >= self.lfs_threshold or path.endswith(LFS_SUFFIXES))
 
-    def _new_commit(self, repo: Repo, branch: str, parent: str | None, message: str, files: dict[str, StoredFile]) -> str:
+    def _new_commit(
+        self, repo: Repo, branch: str, parent: str | None, message: str, files: dict[str, StoredFile]
+    ) -> str:
         listing = json.dumps(sorted((p, f.etag) for p, f in files.items())).encode()
-        oid = hashlib.sha1(b"%s\0%s\0%s\0%d" % ((parent or "").encode(), message.encode(), listing, len(repo.commits))).hexdigest()
+        oid = hashlib.sha1(
+            b"%s\0%s\0%s\0%d" % ((parent or "").encode(), message.encode(), listing, len(repo.commits))
+        ).hexdigest()
         repo.commits[oid] = Commit(oid=oid, parent=parent, message=message, files=files)
         repo.branches[branch] = oid
         return oid
@@ -242,7 +248,12 @@ class _Handler(BaseHTTPRequestHandler):
             if match:
                 route = name
                 break
-        record = {"method": method, "path": parts.path, "route": route, "authorized": "authorization" in {k.lower() for k in self.headers}}
+        record = {
+            "method": method,
+            "path": parts.path,
+            "route": route,
+            "authorized": "authorization" in {k.lower() for k in self.headers},
+        }
         self.state.requests.append(record)
         try:
             self._injected(route)
@@ -345,7 +356,11 @@ class _Handler(BaseHTTPRequestHandler):
         if who is None:
             raise HubError(401, "Unauthorized")
         user, role = who
-        return 200, {}, {"type": "user", "name": user, "orgs": [], "auth": {"type": "access_token", "accessToken": {"role": role}}}
+        return (
+            200,
+            {},
+            {"type": "user", "name": user, "orgs": [], "auth": {"type": "access_token", "accessToken": {"role": role}}},
+        )
 
     def r_create(self) -> tuple:
         self._require_write(self._token_role())
@@ -365,7 +380,18 @@ class _Handler(BaseHTTPRequestHandler):
         found = self._repo(repo)
         commit = self._commit(found, rev)
         siblings = [{"rfilename": path} for path in sorted(commit.files)]
-        return 200, {}, {"id": repo, "modelId": repo, "sha": commit.oid, "private": found.private, "siblings": siblings, "tags": []}
+        return (
+            200,
+            {},
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": commit.oid,
+                "private": found.private,
+                "siblings": siblings,
+                "tags": [],
+            },
+        )
 
     def r_branch(self, repo: str, rev: str) -> tuple:
         found = self._repo(repo, write=True)
@@ -410,7 +436,9 @@ class _Handler(BaseHTTPRequestHandler):
             existing = commit.files.get(item["path"])
             # sha256 for LFS files, git blob sha1 for regular ones: the client compares them to skip unchanged files.
             oid = None if existing is None else existing.lfs_oid if existing.lfs_oid else existing.blob_id
-            answers.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+            answers.append(
+                {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         return 200, {}, {"files": answers, "commitOid": commit.oid}
 
     def r_lfs_batch(self, repo: str) -> tuple:
@@ -460,7 +488,10 @@ class _Handler(BaseHTTPRequestHandler):
             head = found.branches[branch]
             parent = header.get("parentCommit")
             if parent and not head.startswith(parent):
-                raise HubError(412, f"A commit has happened since. Please refresh and try again. (parent {parent} is not the head {head} of {branch})")
+                raise HubError(
+                    412,
+                    f"A commit has happened since. Please refresh and try again. (parent {parent} is not the head {head} of {branch})",
+                )
             files = dict(found.commits[head].files)
             for line in lines[1:]:
                 key, value = line["key"], line["value"]
@@ -481,7 +512,16 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     raise HubError(400, f"unsupported commit operation {key!r}")
             oid = self.state._new_commit(found, branch, head, header.get("summary", ""), files)
-        return 200, {}, {"commitUrl": f"{self.state.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None, "success": True}
+        return (
+            200,
+            {},
+            {
+                "commitUrl": f"{self.state.url}/{repo}/commit/{oid}",
+                "commitOid": oid,
+                "pullRequestUrl": None,
+                "success": True,
+            },
+        )
 
     def r_resolve(self, repo: str, rev: str, path: str) -> tuple:
         found = self._repo(repo)
@@ -512,7 +552,11 @@ class _Handler(BaseHTTPRequestHandler):
             values = metadata.get(key)
             for value in [values] if isinstance(values, str) else values or []:
                 if not isinstance(value, str) or not HUB_ID.match(value):
-                    errors.append({"message": f'"{key}" with value "{value}" is not valid. Use a model id from https://hf.co/models.'})
+                    errors.append(
+                        {
+                            "message": f'"{key}" with value "{value}" is not valid. Use a model id from https://hf.co/models.'
+                        }
+                    )
         for index in metadata.get("model-index") or []:
             for result in index.get("results", []):
                 for metric in result.get("metrics", []):
@@ -524,4 +568,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def r_xet_token(self, repo: str, kind: str, rev: str) -> tuple:
         raise HubError(404, "Not Found")  # this hub has no Xet storage
-

@@ -13,11 +13,11 @@ def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
     import torch
 
     from sovtune import model as models
-    from sovtune.run import manifest
-    from sovtune.inputs import prepare_recipe_data as prepare_data
     from sovtune.config import load_recipe
     from sovtune.core.files import atomic_write_json as write_json_atomic
+    from sovtune.inputs import prepare_recipe_data as prepare_data
     from sovtune.licence import check_licence
+    from sovtune.run import manifest
     from sovtune.training import save_adapter
 
     torch.set_num_threads(1)

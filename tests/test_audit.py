@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sovtune import audit
-from sovtune.errors import GateFailed, SovtuneError
 from sovtune.config import load_recipe
+from sovtune.errors import GateFailed, SovtuneError
 
 PLANTED = "hf_" + "Zq8Wx7Ec6Rv5Tb4Yn3Um2Ik1OlPa0SdFgH"  # token-shaped, built at runtime
 
@@ -34,7 +34,9 @@ def test_events_are_appended_with_who_what_where(make_recipe, tmp_path: Path) ->
     data_file = Path(recipe.resolve(recipe.data.train[0].path))
     import hashlib
 
-    assert second["data"] == [{"path": str(data_file.resolve()), "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest()}]
+    assert second["data"] == [
+        {"path": str(data_file.resolve()), "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest()}
+    ]
     assert oct(log.stat().st_mode & 0o777) == "0o600"  # who did what is not for every local user
 
 
@@ -66,7 +68,11 @@ def test_audited_outcomes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ZeroDivisionError):
         with audit.audited("train"):
             1 / 0  # a bug: only its type is logged, its message could hold anything
-    assert [(e["event"], e["outcome"]) for e in lines(log)] == [("merge", "ok"), ("eval", "refused"), ("train", "failed")]
+    assert [(e["event"], e["outcome"]) for e in lines(log)] == [
+        ("merge", "ok"),
+        ("eval", "refused"),
+        ("train", "failed"),
+    ]
     assert lines(log)[2]["error"] == "ZeroDivisionError"
 
 
@@ -93,7 +99,9 @@ def test_concurrent_writers_never_interleave(tmp_path: Path) -> None:
     for worker in workers:
         worker.join()
     entries = lines(log)  # every line parses: no torn or interleaved writes
-    assert sorted((e["details"]["worker"], e["details"]["index"]) for e in entries) == [(w, i) for w in range(3) for i in range(40)]
+    assert sorted((e["details"]["worker"], e["details"]["index"]) for e in entries) == [
+        (w, i) for w in range(3) for i in range(40)
+    ]
 
 
 def test_unwritable_log_is_a_clear_error(tmp_path: Path) -> None:
@@ -105,7 +113,6 @@ def test_unwritable_log_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_cli_commands_write_events(make_recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from run_factory import make_run
-
     from sovtune.cli import app
 
     log = tmp_path / "cli.jsonl"
@@ -125,14 +132,16 @@ def test_cli_commands_write_events(make_recipe, tmp_path: Path, monkeypatch: pyt
     assert os.path.getsize(log) > 0
 
 
-def test_push_and_pull_are_audited_without_the_token(make_recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_and_pull_are_audited_without_the_token(
+    make_recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through the real huggingface_hub client against the hub double on 127.0.0.1 (tests/hub_server.py)."""
     from huggingface_hub import constants
+
     from hub_server import HubDouble
     from run_factory import make_run
-
-    from sovtune.publish import hub as hub_module
     from sovtune.cli import app
+    from sovtune.publish import hub as hub_module
 
     recipe = make_run(make_recipe("pushaudit"))
     double = HubDouble().start()
@@ -146,14 +155,20 @@ def test_push_and_pull_are_audited_without_the_token(make_recipe, tmp_path: Path
         runner = CliRunner()
         pushed = runner.invoke(app, ["push", str(recipe.run_dir), "--repo", "acme/audited", "--endpoint", double.url])
         assert pushed.exit_code == 0, pushed.output
-        pulled = runner.invoke(app, ["pull", "acme/audited", "--endpoint", double.url, "--out", str(tmp_path / "pulled")])
+        pulled = runner.invoke(
+            app, ["pull", "acme/audited", "--endpoint", double.url, "--out", str(tmp_path / "pulled")]
+        )
         assert pulled.exit_code == 0, pulled.output
-        refused = runner.invoke(app, ["push", str(recipe.run_dir), "--repo", "acme/other", "--endpoint", double.url + "/nope"])
+        refused = runner.invoke(
+            app, ["push", str(recipe.run_dir), "--repo", "acme/other", "--endpoint", double.url + "/nope"]
+        )
         assert refused.exit_code == 2
     finally:
         double.stop()
     entries = lines(log)
     assert [(e["event"], e["outcome"]) for e in entries] == [("push", "ok"), ("pull", "ok"), ("push", "failed")]
-    assert entries[0]["destination"].startswith(f"{double.url}/acme/audited@") and entries[0]["details"]["private"] is True
+    assert (
+        entries[0]["destination"].startswith(f"{double.url}/acme/audited@") and entries[0]["details"]["private"] is True
+    )
     assert entries[0]["recipe_sha256"] and entries[1]["destination"] == str(tmp_path / "pulled")
     assert token not in log.read_text()

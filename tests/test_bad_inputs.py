@@ -22,7 +22,9 @@ CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
 
 def params() -> list[Any]:
     return [
-        pytest.param(case, id=case["id"], marks=[pytest.mark.xfail(strict=True, reason=case["xfail"])] if "xfail" in case else [])
+        pytest.param(
+            case, id=case["id"], marks=[pytest.mark.xfail(strict=True, reason=case["xfail"])] if "xfail" in case else []
+        )
         for case in CASES
     ]
 
@@ -103,7 +105,11 @@ def test_a_real_process_prints_only_the_line(case_id: str, workspace: Path) -> N
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
         [sys.executable, "-m", "sovtune", *command(case, workspace / "corpus")],
-        cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stdout.strip() == ""

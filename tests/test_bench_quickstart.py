@@ -39,13 +39,21 @@ def test_bench_quickstart_reports_the_runs_own_figures(make_recipe: Any, tmp_pat
 def test_diagnose_quickstart_trains_and_probes_the_shipped_base(tmp_path: Path) -> None:
     """The script behind the quickstart diagnosis table runs (2 steps here) and probes every department."""
     script = str(ROOT / "scripts" / "diagnose_quickstart.py")
-    written = subprocess.run([sys.executable, script, "--write-data", str(tmp_path / "d"), "--familiar"],
-                             capture_output=True, text=True, timeout=120)
+    written = subprocess.run(
+        [sys.executable, script, "--write-data", str(tmp_path / "d"), "--familiar"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert written.returncode == 0, written.stderr
     train = [json.loads(line) for line in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
     assert len(train) == 445 and all("Legal" not in m["content"] for row in train for m in row["messages"])
-    done = subprocess.run([sys.executable, script, "--mode", "lora", "--lr", "4e-3", "--steps", "2"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, script, "--mode", "lora", "--lr", "4e-3", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     probes = [line.strip() for line in done.stdout.splitlines() if line.startswith("  ")]
     assert [line.split(":")[0] for line in probes] == ["Legal", "Sales", "Finance", "Support"]

@@ -8,13 +8,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from run_factory import make_run
 from typer.testing import CliRunner
 
-from sovtune.publish import bundle
+from run_factory import make_run
 from sovtune import pipeline
-from sovtune.run import verify as verification
 from sovtune.cli import app
+from sovtune.publish import bundle
+from sovtune.run import verify as verification
 
 
 @pytest.fixture
@@ -49,7 +49,10 @@ def test_export_verify_round_trip(run, tmp_path: Path) -> None:
     assert set(sums) == {name.removeprefix("bund/") for name in files} - {"SHA256SUMS"}
     for name, digest in sums.items():
         assert hashlib.sha256(files[f"bund/{name}"]).hexdigest() == digest
-    assert files["bund/adapter/adapter_model.safetensors"] == (run.run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (
+        files["bund/adapter/adapter_model.safetensors"]
+        == (run.run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    )
     assert b"library_name: peft" in files["bund/README.md"]  # the model card
     result = pipeline.verify(path)
     assert result.ok and "adapter/adapter_model.safetensors" in result.checked
@@ -61,7 +64,10 @@ def test_export_verify_round_trip(run, tmp_path: Path) -> None:
 def test_export_is_reproducible_and_leaves_no_temporary_files(run, tmp_path: Path) -> None:
     first, second = bundle.export(run.run_dir, tmp_path / "a.tar"), bundle.export(run.run_dir, tmp_path / "b.tar")
     assert first.read_bytes() == second.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tar" or p.name.endswith(".tmp")) == ["a.tar", "b.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tar" or p.name.endswith(".tmp")) == [
+        "a.tar",
+        "b.tar",
+    ]
 
 
 def test_tampered_member_fails_verify(run, tmp_path: Path) -> None:

@@ -26,7 +26,15 @@ def metric(dataset: str, name: str, base: float, tuned: float, low: float, high:
 def report_json(results: list[Any]) -> dict[str, Any]:
     from sovtune.report import GateResult, Report
 
-    gate = GateResult(gate="exact_match", dataset="eval", metric="exact_match", rule="min_gain", threshold=0.05, value=0.35, passed=True)
+    gate = GateResult(
+        gate="exact_match",
+        dataset="eval",
+        metric="exact_match",
+        rule="min_gain",
+        threshold=0.05,
+        value=0.35,
+        passed=True,
+    )
     return Report(run="support", base_model={}, adapter="adapter", settings={}, results=results, gates=[gate],
                   samples=[], notes={}, timing={}).to_json()  # fmt: skip
 
@@ -45,27 +53,47 @@ def manifest_json(local_base: bool, licence: list[str] | None = None) -> dict[st
         "run": {"name": "support", "started_at": "2026-11-20T10:00:00Z", "seed": 7},
         "recipe": {"sha256": "cd" * 32, "git": {"commit": "ef" * 20, "dirty": True}},
         "data": [
-            {"split": "train", "source": "/home/ana/private/tickets.jsonl",
-             "files": [{"path": "/home/ana/private/tickets.jsonl", "root": "absolute", "sha256": "12" * 32, "bytes": 5}]},
-            {"split": "train", "source": "acme/faq", "hub": {"id": "acme/faq", "revision": "v2", "commit": "34" * 20}, "files": []},
+            {
+                "split": "train",
+                "source": "/home/ana/private/tickets.jsonl",
+                "files": [
+                    {"path": "/home/ana/private/tickets.jsonl", "root": "absolute", "sha256": "12" * 32, "bytes": 5}
+                ],
+            },
+            {
+                "split": "train",
+                "source": "acme/faq",
+                "hub": {"id": "acme/faq", "revision": "v2", "commit": "34" * 20},
+                "files": [],
+            },
         ],  # fmt: skip
         "base_model": base,
         "tokenizer": {"chat_template_sha256": "56" * 32},
-        "environment": {"packages": {"peft": "0.21.0", "transformers": "5.23.0", "bitsandbytes": None},
-                        "hardware": {"cpu_count": 16, "accelerators": [{"name": "NVIDIA H100"}]}},  # fmt: skip
+        "environment": {
+            "packages": {"peft": "0.21.0", "transformers": "5.23.0", "bitsandbytes": None},
+            "hardware": {"cpu_count": 16, "accelerators": [{"name": "NVIDIA H100"}]},
+        },  # fmt: skip
         "stages": [{"stage": "train", "ended_at": "2026-11-20T11:00:00Z", "files": []}],
     }
 
 
-def write_run(tmp_path: Path, model: dict[str, Any], manifest: dict[str, Any] | None, report: dict[str, Any] | None) -> Path:
+def write_run(
+    tmp_path: Path, model: dict[str, Any], manifest: dict[str, Any] | None, report: dict[str, Any] | None
+) -> Path:
     from sovtune.config import validate_recipe
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
     recipe = validate_recipe(
-        {"name": "support", "description": "Answers support tickets.", "model": model,
-         "quantization": {"mode": "4bit"}, "adapter": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
-         "data": {"train": "tickets.jsonl"}, "train": {"learning_rate": 1e-4, "max_steps": 50}}  # fmt: skip
+        {
+            "name": "support",
+            "description": "Answers support tickets.",
+            "model": model,
+            "quantization": {"mode": "4bit"},
+            "adapter": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"train": "tickets.jsonl"},
+            "train": {"learning_rate": 1e-4, "max_steps": 50},
+        }  # fmt: skip
     )
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     for name, value in (("manifest.json", manifest), ("report.json", report)):
@@ -82,7 +110,12 @@ def test_hub_base_goes_into_metadata_with_adapter_tag_eval_results_and_hub_datas
 
     from sovtune.publish.card import build_card
 
-    run_dir = write_run(tmp_path, {"name_or_path": HUB_BASE, "revision": "main"}, manifest_json(False, ["llama3.1"]), report_json(REPORT))
+    run_dir = write_run(
+        tmp_path,
+        {"name_or_path": HUB_BASE, "revision": "main"},
+        manifest_json(False, ["llama3.1"]),
+        report_json(REPORT),
+    )
     card = ModelCard(str(build_card(run_dir, "acme/support-adapter")))  # parsed back as the hub would
     data = card.data
     assert data.base_model == HUB_BASE
@@ -94,7 +127,9 @@ def test_hub_base_goes_into_metadata_with_adapter_tag_eval_results_and_hub_datas
     assert values[("eval", "exact_match")] == 0.55
     assert values[("eval", "exact_match_base")] == 0.20
     assert values[("eval", "exact_match_gain")] == pytest.approx(0.35)
-    assert values[("general", "perplexity_base")] == 12.0 and values[("general", "perplexity_gain")] == pytest.approx(0.3)
+    assert values[("general", "perplexity_base")] == 12.0 and values[("general", "perplexity_gain")] == pytest.approx(
+        0.3
+    )
     gain = next(r for r in data.eval_results if r.metric_type == "exact_match_gain")
     assert gain.metric_args == {"ci_low": 0.30, "ci_high": 0.41}
     assert f"revision `{BASE_COMMIT}`" in card.text and f'"{HUB_BASE}", revision="{BASE_COMMIT}"' in card.text
@@ -122,7 +157,9 @@ def test_body_reports_base_adapter_gain_interval_gates_settings_and_provenance(t
     from sovtune.publish.card import build_card
 
     results = [*REPORT, metric("general", "loss", 2.0, 2.5, 0.3, 0.7)]
-    run_dir = write_run(tmp_path, {"name_or_path": HUB_BASE, "revision": "main"}, manifest_json(False), report_json(results))
+    run_dir = write_run(
+        tmp_path, {"name_or_path": HUB_BASE, "revision": "main"}, manifest_json(False), report_json(results)
+    )
     text = str(build_card(run_dir, "acme/support-adapter", revision="release"))
     assert "| general | loss | 40 | 2 | 2.5 | +0.5 | [+0.3, +0.7] | worse |" in text  # lower is better
     assert "| eval | exact_match | 40 | 0.2 | 0.55 | +0.35 | [+0.3, +0.41] | better |" in text

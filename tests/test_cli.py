@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real entry point (`python -m sovtune`) in a child process: what a user's shell sees."""
     return subprocess.run(
-        [sys.executable, "-m", "sovtune", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+        [sys.executable, "-m", "sovtune", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})},
     )
 
@@ -48,8 +52,13 @@ def test_help_is_fast_and_imports_no_ml_library() -> None:
         "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate') if m in sys.modules); "
         "print(heavy)"
     )
-    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    imported = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert imported.stdout.strip() == "[]", imported.stdout + imported.stderr
 
 
@@ -124,7 +133,10 @@ def test_bad_set_is_one_line_exit_2(tmp_path: Path, tiny_model_dir: Path) -> Non
 def test_missing_recipe_file(tmp_path: Path) -> None:
     result = invoke("train", str(tmp_path / "nope.yaml"))
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: recipe file not found; check the path (recipes live in recipes/)"
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'nope.yaml'}: recipe file not found; check the path (recipes live in recipes/)"
+    )
 
 
 def test_bad_data_on_train_writes_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:

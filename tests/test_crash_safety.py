@@ -22,12 +22,10 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import write_recipe
-from sovtune.core import files
-from sovtune.run import checkpoints
-from sovtune.run import fingerprint
-from sovtune.run import lock
 from sovtune.cli import app
+from sovtune.core import files
 from sovtune.core.files import atomic_write_json as write_json_atomic
+from sovtune.run import checkpoints, fingerprint, lock
 from sovtune.run.checkpoints import last_checkpoint
 from sovtune.training import save_adapter
 
@@ -67,10 +65,17 @@ def test_installed_trainer_saves_trainer_state_after_weights_optimizer_and_rng()
     from transformers import Trainer
 
     source = inspect.getsource(Trainer._save_checkpoint)
-    calls = ["self.save_model(", "self._save_optimizer_and_scheduler(", "self._save_rng_state(",
-             "self.state.save_to_json(", "rotate_checkpoints("]
+    calls = [
+        "self.save_model(",
+        "self._save_optimizer_and_scheduler(",
+        "self._save_rng_state(",
+        "self.state.save_to_json(",
+        "rotate_checkpoints(",
+    ]
     positions = [source.index(call) for call in calls]
-    assert positions == sorted(positions), "transformers changed its checkpoint write order; revisit checkpoint_is_complete"
+    assert positions == sorted(positions), (
+        "transformers changed its checkpoint write order; revisit checkpoint_is_complete"
+    )
 
 
 def test_every_checkpoint_file_exists_before_trainer_state_is_written(
@@ -115,7 +120,9 @@ def test_last_checkpoint_is_the_newest_complete_one(tmp_path: Path) -> None:
     removed = checkpoints.discard_incomplete_checkpoints(tmp_path)
     assert sorted(path.name for path in removed) == ["checkpoint-12", "checkpoint-14", "checkpoint-16"]
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == [
-        "checkpoint-10", "checkpoint-2", "checkpoint-x"
+        "checkpoint-10",
+        "checkpoint-2",
+        "checkpoint-x",
     ]
 
 
@@ -145,8 +152,12 @@ def test_sigkill_while_saving_a_checkpoint_then_resume(tmp_path: Path, tiny_mode
     run_dir = tmp_path / "runs" / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.run(
-        [sys.executable, "-c", KILL_WHILE_SAVING, "train", str(recipe)], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", KILL_WHILE_SAVING, "train", str(recipe)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert process.returncode == -signal.SIGKILL, process.stderr
     half_written = run_dir / "checkpoints" / "checkpoint-4"
@@ -245,7 +256,10 @@ def test_a_run_stopped_at_any_write_leaves_only_whole_files(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recipe = write_recipe(
-        tmp_path, tiny_model_dir, name="crash", train={"max_steps": 2, "save_steps": 2},
+        tmp_path,
+        tiny_model_dir,
+        name="crash",
+        train={"max_steps": 2, "save_steps": 2},
         eval={"samples": 1},
     )
     # A clean run lists every write (recipe, fingerprint, data stats, manifest, logs, adapter, metrics, report).
@@ -253,8 +267,17 @@ def test_a_run_stopped_at_any_write_leaves_only_whole_files(
         writes = crash_at_write(patch, tmp_path / "runs", target=0)
         assert invoke("run", recipe, "--set", f"output.dir={tmp_path / 'runs' / 'clean'}").exit_code == 0
     names = [Path(name).name for name in writes]
-    for expected in (".recipe.yaml", ".run_fingerprint.json", ".data_stats.json", ".manifest.json",
-                     ".train_metrics.json", ".report.json", ".report.md", "adapter_config.json", "train_log.jsonl"):
+    for expected in (
+        ".recipe.yaml",
+        ".run_fingerprint.json",
+        ".data_stats.json",
+        ".manifest.json",
+        ".train_metrics.json",
+        ".report.json",
+        ".report.md",
+        "adapter_config.json",
+        "train_log.jsonl",
+    ):
         assert any(name.startswith(expected) for name in names), (expected, names)
 
     for target in range(1, len(writes) + 1):
@@ -390,7 +413,9 @@ def test_checkpoint_estimate_covers_what_the_trainer_writes(make_recipe: Any, tm
     loaded = load_recipe(recipe)
     tokenizer = models.load_tokenizer(loaded)
     peft_model = models.attach_adapter(models.load_base_model(loaded, tokenizer), loaded)
-    estimate, adapter = checkpoints.checkpoint_size_estimate(peft_model, "adamw_torch", checkpoints.tokenizer_bytes(tokenizer))
+    estimate, adapter = checkpoints.checkpoint_size_estimate(
+        peft_model, "adamw_torch", checkpoints.tokenizer_bytes(tokenizer)
+    )
     assert written <= estimate <= written + 2 * checkpoints.CHECKPOINT_OVERHEAD_BYTES
     adapter_written = sum(path.stat().st_size for path in (tmp_path / "runs" / "recipe" / "adapter").iterdir())
     assert 0.5 * adapter_written <= adapter <= 2 * adapter_written
@@ -558,12 +583,18 @@ def test_eval_refuses_a_run_directory_another_process_is_writing(make_recipe: An
 
 def test_a_lock_naming_a_live_process_is_respected_without_flock(tmp_path: Path) -> None:
     """Where flock is a no-op (some network file systems), the pid and its start time decide."""
-    import psutil
     import socket
+
+    import psutil
 
     run_dir = tmp_path / "run"
     parent = psutil.Process(os.getppid())
-    owner = {"pid": parent.pid, "host": socket.gethostname(), "started_at": "earlier", "process_started": parent.create_time()}
+    owner = {
+        "pid": parent.pid,
+        "host": socket.gethostname(),
+        "started_at": "earlier",
+        "process_started": parent.create_time(),
+    }
     lock.lock_path(run_dir).write_text(json.dumps(owner))
     with pytest.raises(lock.RunLocked, match=f"pid {parent.pid}"):
         lock.RunLock(run_dir).acquire()

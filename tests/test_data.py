@@ -10,18 +10,17 @@ import pytest
 
 from conftest import CORPUS, build_tokenizer, write_jsonl
 from sovtune import model as models
+from sovtune.config import DataSource, Recipe, validate_recipe
 from sovtune.data import (
     IGNORE_INDEX,
     Row,
     read_rows,
-    render_chat,
     stop_token_ids,
     to_example,
     tokenize,
 )
 from sovtune.errors import DataError
 from sovtune.inputs import prepare_recipe_data as prepare_data
-from sovtune.config import DataSource, Recipe, validate_recipe
 
 SYSTEM_USER_ASSISTANT = [
     {"role": "system", "content": "Be brief."},
@@ -77,8 +76,11 @@ def test_messages_supervise_only_assistant_turns_and_their_terminator(tmp_path, 
     ids, labels = expected(
         tokenizer,
         [
-            ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow many?<|im_end|>\n"
-             "<|im_start|>assistant\n", False),
+            (
+                "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow many?<|im_end|>\n"
+                "<|im_start|>assistant\n",
+                False,
+            ),
             ("Twelve.<|im_end|>", True),
             ("\n<|im_start|>user\nNames?<|im_end|>\n<|im_start|>assistant\n", False),
             ("SELECT name<|im_end|>", True),
@@ -110,8 +112,9 @@ def test_messages_train_on_inputs_supervises_everything(tmp_path, tiny_model_dir
 def test_sharegpt_rows_are_read_as_messages(tmp_path, tiny_model_dir, tokenizer) -> None:
     sharegpt = [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "Twelve."}]
     chat = [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": "Twelve."}]
-    _, from_sharegpt = one(tmp_path, tiny_model_dir, tokenizer, {"conversations": sharegpt},
-                           columns={"messages": "conversations"})
+    _, from_sharegpt = one(
+        tmp_path, tiny_model_dir, tokenizer, {"conversations": sharegpt}, columns={"messages": "conversations"}
+    )
     _, from_chat = one(tmp_path, tiny_model_dir, tokenizer, {"messages": chat})
     assert from_sharegpt.input_ids == from_chat.input_ids and from_sharegpt.labels == from_chat.labels
     assert supervised_text(tokenizer, from_chat.input_ids, from_chat.labels) == "Twelve.<|im_end|>"
@@ -134,7 +137,10 @@ def test_recipe_chat_template_replaces_the_tokenizers(tmp_path, tiny_model_dir) 
 @pytest.mark.parametrize(
     ("row", "user"),
     [
-        ({"instruction": "Translate to English.", "input": "bonjour", "output": "hello"}, "Translate to English.\n\nbonjour"),
+        (
+            {"instruction": "Translate to English.", "input": "bonjour", "output": "hello"},
+            "Translate to English.\n\nbonjour",
+        ),
         ({"instruction": "Say hello.", "output": "hello"}, "Say hello."),
         ({"instruction": "Say hello.", "input": "  ", "output": "hello"}, "Say hello."),
     ],
@@ -144,7 +150,11 @@ def test_instruction_format(tmp_path, tiny_model_dir, tokenizer, row, user) -> N
     example, tokens = one(tmp_path, tiny_model_dir, tokenizer, row, format="instruction")
     ids, labels = expected(
         tokenizer,
-        [(f"<s><|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", False), ("hello<|im_end|>", True), ("\n", False)],
+        [
+            (f"<s><|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", False),
+            ("hello<|im_end|>", True),
+            ("\n", False),
+        ],
     )
     assert (tokens.input_ids, tokens.labels) == (ids, labels)
     assert example.reference == "hello"
@@ -152,12 +162,21 @@ def test_instruction_format(tmp_path, tiny_model_dir, tokenizer, row, user) -> N
 
 def test_instruction_with_system_and_mapped_columns(tmp_path, tiny_model_dir, tokenizer) -> None:
     row = {"task": "Say hello.", "answer": "hello", "persona": "Be brief."}
-    _, tokens = one(tmp_path, tiny_model_dir, tokenizer, row, format="instruction",
-                    columns={"instruction": "task", "output": "answer", "system": "persona"})
+    _, tokens = one(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        row,
+        format="instruction",
+        columns={"instruction": "task", "output": "answer", "system": "persona"},
+    )
     ids, labels = expected(
         tokenizer,
         [
-            ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n", False),
+            (
+                "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n",
+                False,
+            ),
             ("hello<|im_end|>", True),
             ("\n", False),
         ],
@@ -165,10 +184,18 @@ def test_instruction_with_system_and_mapped_columns(tmp_path, tiny_model_dir, to
     assert (tokens.input_ids, tokens.labels) == (ids, labels)
 
 
-def test_prompt_completion_masks_bos_and_prompt_and_trains_completion_and_eos(tmp_path, tiny_model_dir, tokenizer) -> None:
+def test_prompt_completion_masks_bos_and_prompt_and_trains_completion_and_eos(
+    tmp_path, tiny_model_dir, tokenizer
+) -> None:
     row = {"question": "What is the capital of France?", "answer": " Paris is the capital of France."}
-    example, tokens = one(tmp_path, tiny_model_dir, tokenizer, row, format="prompt_completion",
-                          columns={"prompt": "question", "completion": "answer"})
+    example, tokens = one(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        row,
+        format="prompt_completion",
+        columns={"prompt": "question", "completion": "answer"},
+    )
     prompt_ids = tokenizer("What is the capital of France?", add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(" Paris is the capital of France.", add_special_tokens=False)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -178,8 +205,14 @@ def test_prompt_completion_masks_bos_and_prompt_and_trains_completion_and_eos(tm
 
 
 def test_prompt_completion_train_on_inputs(tmp_path, tiny_model_dir, tokenizer) -> None:
-    _, tokens = one(tmp_path, tiny_model_dir, tokenizer, {"prompt": "Q?", "completion": "A."},
-                    format="prompt_completion", train_on_inputs=True)
+    _, tokens = one(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        {"prompt": "Q?", "completion": "A."},
+        format="prompt_completion",
+        train_on_inputs=True,
+    )
     assert tokens.labels == [IGNORE_INDEX] + tokens.input_ids[1:]  # BOS is never a target
 
 
@@ -197,7 +230,11 @@ def test_text_documents_become_fully_supervised_windows(tmp_path, tiny_model_dir
     (tmp_path / "docs" / "a.txt").write_text(document, encoding="utf-8")
     recipe = make(tmp_path, tiny_model_dir, train="docs", eval="docs/a.txt", format="text", max_length=16)
     prepared = prepare_data(recipe, tokenizer)
-    whole = [tokenizer.bos_token_id, *tokenizer(document, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    whole = [
+        tokenizer.bos_token_id,
+        *tokenizer(document, add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+    ]
     windows = prepared.train
     assert len(whole) > 3 * 16  # the document really is split
     assert [len(w.input_ids) for w in windows[:-1]] == [16] * (len(windows) - 1)
@@ -251,7 +288,9 @@ def test_no_spare_token_adds_a_pad_token(tmp_path: Path) -> None:
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id == 400 and len(tokenizer) == 401
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     # EOS labels stay trained.
-    data = validate_recipe({"model": {"name_or_path": "./m"}, "data": {"train": "t.jsonl", "format": "prompt_completion"}}).data
+    data = validate_recipe(
+        {"model": {"name_or_path": "./m"}, "data": {"train": "t.jsonl", "format": "prompt_completion"}}
+    ).data
     tokens = tokenize(to_example(Row({"prompt": "Q?", "completion": "A."}, "t:1"), data, tokenizer), tokenizer, 64)
     assert tokens.labels[-1] == tokenizer.eos_token_id
 
@@ -288,7 +327,10 @@ def write_all_formats(folder: Path, rows: list[dict[str, str]]) -> dict[str, Pat
 def test_every_reader_returns_the_same_rows(tmp_path, tiny_model_dir) -> None:
     paths = write_all_formats(tmp_path / "data", PC_ROWS)
     recipe = make(tmp_path, tiny_model_dir, format="prompt_completion")
-    rows = {suffix: read_rows(DataSource(path=str(path)), recipe.data.format, recipe.base_dir) for suffix, path in paths.items()}
+    rows = {
+        suffix: read_rows(DataSource(path=str(path)), recipe.data.format, recipe.base_dir)
+        for suffix, path in paths.items()
+    }
     for suffix, read in rows.items():
         assert [row.values for row in read] == PC_ROWS, suffix
     assert [row.origin for row in rows["jsonl"]] == [f"{paths['jsonl']}:{n}" for n in (1, 2, 3)]
@@ -373,9 +415,14 @@ def test_malformed_rows_stop_the_run_with_file_and_line(tmp_path, tiny_model_dir
     [
         (b'{"conversation": []}', "missing column 'messages' (row has ['conversation']); map it with data.columns"),
         (b'{"messages": [{"role": "user", "content": 5}]}', "message 0 content must be text, found int"),
-        (b'{"messages": [{"role": "robot", "content": "x"}]}',
-         "message 0 has role 'robot'; allowed: ['assistant', 'system', 'tool', 'user']"),
-        (b'{"messages": [{"role": "user", "content": "x"}]}', "conversation has no assistant message: nothing to learn from this row"),
+        (
+            b'{"messages": [{"role": "robot", "content": "x"}]}',
+            "message 0 has role 'robot'; allowed: ['assistant', 'system', 'tool', 'user']",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}]}',
+            "conversation has no assistant message: nothing to learn from this row",
+        ),
         (b'{"messages": "caf\xe9"}', "not valid UTF-8 (byte 17 of the line); re-encode the file as UTF-8"),
         (b'["a list"]', "expected a JSON object per line, found list"),
     ],
@@ -407,7 +454,10 @@ def test_csv_row_with_a_stray_comma(tmp_path, tiny_model_dir, tokenizer) -> None
 
 def test_on_bad_rows_skip_drops_and_counts_them(tmp_path, tiny_model_dir, tokenizer) -> None:
     bad_file(tmp_path / "train.jsonl")
-    write_jsonl(tmp_path / "eval.jsonl", [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}])
+    write_jsonl(
+        tmp_path / "eval.jsonl",
+        [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}],
+    )
     prepared = prepare_data(make(tmp_path, tiny_model_dir, eval="eval.jsonl", on_bad_rows="skip"), tokenizer)
     train = prepared.stats["train"]
     assert train["rows"] == 6 and train["kept"] == 2 and train["dropped"] == {"malformed row": 4}
@@ -458,7 +508,9 @@ def test_seeded_split_is_reproducible_and_disjoint(tmp_path, tiny_model_dir, tok
     assert len(first.eval) == 5 and len(first.train) == 15
     assert not {t.origin for t in first.eval} & {t.origin for t in first.train}
     assert first.stats["train"]["rows"] == 15 and first.stats["eval"]["rows"] == 5
-    other = prepare_data(validate_recipe({**recipe.model_dump(), "train": {"seed": 1}, "source_path": recipe.source_path}), tokenizer)
+    other = prepare_data(
+        validate_recipe({**recipe.model_dump(), "train": {"seed": 1}, "source_path": recipe.source_path}), tokenizer
+    )
     assert [t.origin for t in other.eval] != [t.origin for t in first.eval]
 
 

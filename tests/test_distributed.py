@@ -40,8 +40,17 @@ def _write_recipe(folder: Path, model_dir: Path, name: str, batch_size: int, **e
         "model": {"name_or_path": str(model_dir), **extra.get("model", {})},
         "adapter": {"r": 4, "dropout": 0.0},  # no dropout: the runs must be deterministic to be comparable
         "data": {"train": str(folder / "train.jsonl"), "format": "messages", "max_length": 64, "eval_fraction": 0.25},
-        "train": {"max_steps": 3, "batch_size": batch_size, "learning_rate": 1e-2, "logging_steps": 1, "save_steps": 100,
-                  "eval_steps": 3, "gradient_checkpointing": False, "seed": 0, **extra.get("train", {})},
+        "train": {
+            "max_steps": 3,
+            "batch_size": batch_size,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "eval_steps": 3,
+            "gradient_checkpointing": False,
+            "seed": 0,
+            **extra.get("train", {}),
+        },
         "output": {"dir": str(folder / "runs" / name)},
     }
     if "quantization" in extra:
@@ -87,12 +96,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict
     train(load_recipe(half))
     started = time.time()
     launched = _accelerate_launch(
-        "--multi_gpu", "--num_processes", "2", "--main_process_port", "0", "-m", "sovtune", "train", str(ddp),
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "-m",
+        "sovtune",
+        "train",
+        str(ddp),
         env=_env(CUDA_VISIBLE_DEVICES=""),
     )
     return {
-        "single": folder / "runs" / "single", "ddp": folder / "runs" / "ddp", "half": folder / "runs" / "half",
-        "launched": launched, "seconds": time.time() - started,
+        "single": folder / "runs" / "single",
+        "ddp": folder / "runs" / "ddp",
+        "half": folder / "runs" / "half",
+        "launched": launched,
+        "seconds": time.time() - started,
     }
 
 
@@ -104,7 +124,10 @@ def test_ddp_run_completes_with_one_writer(runs: dict):
     assert adapters == [run_dir / "adapter"]
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))]
     # Rank 1 writes nothing: the JSON-lines log holds exactly the lines of the single-process run.
-    lines = {name: (runs[name] / "logs" / "train_log.jsonl").read_text(encoding="utf-8").splitlines() for name in ("single", "ddp")}
+    lines = {
+        name: (runs[name] / "logs" / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
+        for name in ("single", "ddp")
+    }
     assert len(lines["ddp"]) == len(lines["single"]) > 0
 
 
@@ -125,7 +148,7 @@ def test_ddp_eval_loss_matches_single_process(runs: dict):
     assert evals["single"] and evals["ddp"] == pytest.approx(evals["single"], abs=1e-5)
 
 
-FAIL_ON_RANK_1 = '''
+FAIL_ON_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":  # injected by tests/test_distributed.py: rank 1 dies in its second step
     import transformers.trainer as _trainer
@@ -135,7 +158,7 @@ if os.environ.get("RANK") == "1":  # injected by tests/test_distributed.py: rank
             raise RuntimeError("injected failure on rank 1")
         return _step(self, *args, **kwargs)
     _trainer.Trainer.training_step = _failing
-'''
+"""
 
 
 def test_failing_rank_ends_the_job_with_a_clear_error(tmp_path: Path, tiny_model_dir: Path):
@@ -149,8 +172,12 @@ def test_failing_rank_ends_the_job_with_a_clear_error(tmp_path: Path, tiny_model
     started = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "sovtune", "launch", str(recipe), "--gpus", "2"],
-        cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(inject)), capture_output=True, text=True,
-        timeout=600, check=False,
+        cwd=ROOT,
+        env=_env(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(inject)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
@@ -166,7 +193,12 @@ def test_failing_rank_ends_the_job_with_a_clear_error(tmp_path: Path, tiny_model
 def _sovtune_launch(recipe: Path, strategy: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sovtune", "launch", str(recipe), "--gpus", "2", "--strategy", strategy],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900, check=False,
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
 
 
@@ -192,7 +224,9 @@ def test_sharded_training_matches_ddp_on_two_gpus(gpu_recipes, strategy: str):
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     run_dir = sharded_recipe.parent / "runs" / f"{strategy}-gpu"
-    assert [p.parent for p in run_dir.rglob("adapter_config.json") if "checkpoints" not in p.parts] == [run_dir / "adapter"]
+    assert [p.parent for p in run_dir.rglob("adapter_config.json") if "checkpoints" not in p.parts] == [
+        run_dir / "adapter"
+    ]
     # bf16 compute: 3 updates of lr 1e-2 agree to ~1e-3 between strategies; a wrong shard or a stale
     # (unsaved, zero-initialised B) adapter is off by the size of the update itself (~1e-2).
     assert _max_difference(_adapter(sharded_recipe.parent / "runs" / "ddp-gpu"), _adapter(run_dir)) < 5e-3

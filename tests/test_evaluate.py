@@ -19,9 +19,9 @@ from conftest import write_jsonl
 from sovtune import evaluation as ev
 from sovtune import model as models
 from sovtune.cli import app
+from sovtune.config import load_recipe
 from sovtune.data import IGNORE_INDEX
 from sovtune.errors import DataError, GateFailed, RecipeError
-from sovtune.config import load_recipe
 
 torch.set_num_threads(1)
 
@@ -140,8 +140,13 @@ def test_stop_strings_cut_answers_and_sampling_is_seeded(make_recipe: Any) -> No
     for name in ("base", "tuned"):
         for full, cut in zip(free[name], stopped[name]):
             assert "e" not in cut and full.startswith(cut)
-    assert ev.decode(tokenizer, tokenizer("SELECT name;\n\nmore", add_special_tokens=False)["input_ids"], ["\n\n"]) == "SELECT name;"
-    sampling = load_recipe(make_recipe(name="s", eval={"generation": {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5}}))
+    assert (
+        ev.decode(tokenizer, tokenizer("SELECT name;\n\nmore", add_special_tokens=False)["input_ids"], ["\n\n"])
+        == "SELECT name;"
+    )
+    sampling = load_recipe(
+        make_recipe(name="s", eval={"generation": {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5}})
+    )
     first = ev.generate_both(model, tokenizer, prompts, sampling)
     assert first == ev.generate_both(model, tokenizer, prompts, sampling)
 
@@ -178,9 +183,13 @@ def test_multiple_choice_picks_the_option_with_the_highest_likelihood(make_recip
 
 
 def sql_recipe(make_recipe: Any, tmp_path: Path, company_db: Path, gates: dict[str, Any] | None = None) -> Path:
-    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"The quick brown fox number {i} jumps."} for i in range(8)])
+    general = write_jsonl(
+        tmp_path / "general.jsonl", [{"text": f"The quick brown fox number {i} jumps."} for i in range(8)]
+    )
     metric_file = tmp_path / "length_metric.py"
-    metric_file.write_text("def shorter(prediction, reference, row):\n    return float(len(prediction) <= len(reference))\n")
+    metric_file.write_text(
+        "def shorter(prediction, reference, row):\n    return float(len(prediction) <= len(reference))\n"
+    )
     return make_recipe(
         eval={
             "datasets": [{
@@ -247,7 +256,9 @@ def test_eval_cli_passes_and_bad_input_exits_2(make_recipe: Any, tmp_path: Path,
     recipe_path = sql_recipe(make_recipe, tmp_path, company_db, gates={"sql_execution": {"min_gain": -1.0}})
     adapter = save_adapter(recipe_path)
     run_dir = adapter.parent
-    bad_gate = CliRunner().invoke(app, ["eval", str(run_dir), "--recipe", str(recipe_path), "--set", "eval.gates={sql_exec: {min_gain: 0}}"])
+    bad_gate = CliRunner().invoke(
+        app, ["eval", str(run_dir), "--recipe", str(recipe_path), "--set", "eval.gates={sql_exec: {min_gain: 0}}"]
+    )
     assert bad_gate.exit_code == 2 and "did you mean 'sql_execution'?" in bad_gate.output
     copied_base = shutil.copytree(load_recipe(recipe_path).model_location, tmp_path / "base-copy")
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--recipe", str(recipe_path), "--base", str(copied_base)])
@@ -259,7 +270,12 @@ def test_eval_cli_passes_and_bad_input_exits_2(make_recipe: Any, tmp_path: Path,
 
 
 def test_gate_failure_raises_from_the_api(make_recipe: Any, tmp_path: Path, company_db: Path) -> None:
-    recipe_path = sql_recipe(make_recipe, tmp_path, company_db, gates={"general_perplexity": {"max_increase": 0.0}, "loss": {"max_value": 0.001}})
+    recipe_path = sql_recipe(
+        make_recipe,
+        tmp_path,
+        company_db,
+        gates={"general_perplexity": {"max_increase": 0.0}, "loss": {"max_value": 0.001}},
+    )
     save_adapter(recipe_path)
     with pytest.raises(GateFailed, match=r"loss \(sql/loss\) max_value 0.001"):
         ev.evaluate(load_recipe(recipe_path))
@@ -267,7 +283,8 @@ def test_gate_failure_raises_from_the_api(make_recipe: Any, tmp_path: Path, comp
 
 def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: Any, tmp_path: Path) -> None:
     recipe_path = make_recipe(
-        train={"max_steps": 2}, eval={"generation": {"max_new_tokens": 4}, "gates": {"exact_match": {"min_value": 0.99}}}
+        train={"max_steps": 2},
+        eval={"generation": {"max_new_tokens": 4}, "gates": {"exact_match": {"min_value": 0.99}}},
     )
     result = CliRunner().invoke(app, ["run", str(recipe_path)])
     assert result.exit_code == 3, result.output
@@ -285,7 +302,9 @@ def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: An
     assert json.loads((run_dir / "report.json").read_text())["gates"] == []
 
 
-def test_check_eval_finds_bad_eval_data_before_any_model_loads(make_recipe: Any, tmp_path: Path, company_db: Path) -> None:
+def test_check_eval_finds_bad_eval_data_before_any_model_loads(
+    make_recipe: Any, tmp_path: Path, company_db: Path
+) -> None:
     good = sql_recipe(make_recipe, tmp_path, company_db)
     assert ev.check_eval(load_recipe(good)).examples == {"sql": 6, "general": 8}
     broken = write_jsonl(tmp_path / "broken.jsonl", [
@@ -327,7 +346,9 @@ def test_text_recipes_default_to_loss_metrics_and_gates_follow(make_recipe: Any,
     recipe = load_recipe(make_recipe(rows=None, data={"train": str(text), "format": "text"}))
     assert recipe.eval.datasets[0].metrics == ["loss", "perplexity", "token_accuracy"]
     with pytest.raises(RecipeError, match="gate 'exact_match' names a metric no eval dataset computes"):
-        load_recipe(make_recipe(data={"train": str(text), "format": "text"}, eval={"gates": {"exact_match": {"min_gain": 0}}}))
+        load_recipe(
+            make_recipe(data={"train": str(text), "format": "text"}, eval={"gates": {"exact_match": {"min_gain": 0}}})
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,13 +359,22 @@ def test_text_recipes_default_to_loss_metrics_and_gates_follow(make_recipe: Any,
     ("eval_section", "message"),
     [
         ({"datasets": [{"metrics": ["exact_mtch"]}]}, "allowed: 'loss', 'perplexity'.*did you mean 'exact_match'"),
-        ({"gates": {"sql_execution": {"min_gain": 0.1}}}, "gate 'sql_execution' names a metric no eval dataset computes"),
+        (
+            {"gates": {"sql_execution": {"min_gain": 0.1}}},
+            "gate 'sql_execution' names a metric no eval dataset computes",
+        ),
         ({"gates": {"general_perplexity": {"max_increase": 0.05}}}, "needs eval.general"),
-        ({"gates": {"exact_match": {"max_increase": 0.05}}}, "max_increase does not fit exact_match \\(higher is better\\)"),
+        (
+            {"gates": {"exact_match": {"max_increase": 0.05}}},
+            "max_increase does not fit exact_match \\(higher is better\\)",
+        ),
         ({"datasets": [{"metrics": ["sql_execution"]}]}, "sql_execution needs database"),
         ({"datasets": [{"metrics": ["sql_execution"], "database": "missing.db"}]}, "database: .*missing.db not found"),
         ({"datasets": [{"metrics": ["regex"], "regex": "(unclosed"}]}, "does not compile"),
-        ({"datasets": [{"format": "text", "source": "x.jsonl", "metrics": ["exact_match"]}]}, "format text has no prompt"),
+        (
+            {"datasets": [{"format": "text", "source": "x.jsonl", "metrics": ["exact_match"]}]},
+            "format text has no prompt",
+        ),
         ({"datasets": [{}, {"name": "second"}]}, "only one eval dataset can use the recipe's held-out split"),
         ({"bootstrap": {"resamples": 200}}, "greater than or equal to 1000"),
         ({"generation": {"top_p": 0.9}}, "top_p only apply with do_sample"),

@@ -25,10 +25,10 @@ def template_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from conftest import qa_rows, write_jsonl
-    from sovtune.run import manifest
-    from sovtune.metrics import paired_bootstrap, Scores
     from sovtune.config import load_recipe
+    from sovtune.metrics import Scores, paired_bootstrap
     from sovtune.report import MetricResult, Report
+    from sovtune.run import manifest
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("hub-run")
@@ -51,12 +51,18 @@ def template_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     manifest.start(recipe, run_dir, tokenizer=tokenizer)
     torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
     manifest.record_train(run_dir, recipe, {"train_loss": 2.0})
-    comparison = paired_bootstrap(Scores.mean([0, 0, 1, 0, 0, 1]), Scores.mean([1, 1, 1, 0, 1, 1]), resamples=1000, seed=0)
-    result = MetricResult(dataset="eval", metric="exact_match", higher_is_better=True, aggregate="mean", **comparison.to_json())
+    comparison = paired_bootstrap(
+        Scores.mean([0, 0, 1, 0, 0, 1]), Scores.mean([1, 1, 1, 0, 1, 1]), resamples=1000, seed=0
+    )
+    result = MetricResult(
+        dataset="eval", metric="exact_match", higher_is_better=True, aggregate="mean", **comparison.to_json()
+    )
     report = Report(run="support", base_model={"name_or_path": str(tiny_model_dir)}, adapter="adapter", settings={},
                     results=[result], gates=[], samples=[], notes={}, timing={})  # fmt: skip
     (run_dir / "report.json").write_text(json.dumps(report.to_json()), encoding="utf-8")
@@ -94,7 +100,11 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
 
 def published(run_dir: Path) -> dict[str, bytes]:
     """What a push must put in the repository: path in repo -> bytes."""
-    files = {p.relative_to(run_dir / "adapter").as_posix(): p.read_bytes() for p in (run_dir / "adapter").rglob("*") if p.is_file()}
+    files = {
+        p.relative_to(run_dir / "adapter").as_posix(): p.read_bytes()
+        for p in (run_dir / "adapter").rglob("*")
+        if p.is_file()
+    }
     files.pop("README.md", None)  # peft's placeholder card is replaced by ours
     files.update({name: (run_dir / name).read_bytes() for name in ("report.json", "manifest.json")})
     return files
@@ -174,7 +184,9 @@ def test_the_token_is_in_no_published_or_written_file_and_no_log(
     assert hub.write_token not in captured.out + captured.err + caplog.text + "\n".join(lines)
 
 
-def test_pulled_adapter_loads_with_peft_and_keeps_the_chat_template(run_dir: Path, hub: HubDouble, tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_pulled_adapter_loads_with_peft_and_keeps_the_chat_template(
+    run_dir: Path, hub: HubDouble, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -184,7 +196,10 @@ def test_pulled_adapter_loads_with_peft_and_keeps_the_chat_template(run_dir: Pat
     out = pull(REPO, endpoint=hub.url, out=tmp_path / "pulled").out_dir
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
     assert model.peft_config["default"].r == 4
-    assert AutoTokenizer.from_pretrained(out / "adapter").chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    assert (
+        AutoTokenizer.from_pretrained(out / "adapter").chat_template
+        == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    )
 
 
 def test_second_push_of_the_same_run_makes_no_new_commit(run_dir: Path, hub: HubDouble) -> None:
@@ -206,7 +221,9 @@ def test_push_to_a_branch_creates_it_and_leaves_main_alone(run_dir: Path, hub: H
     assert pull(REPO, endpoint=hub.url, revision="release", out=tmp_path / "pulled").commit == result.commit
 
 
-def test_public_only_when_asked_and_an_existing_public_repo_is_refused_for_a_private_push(run_dir: Path, hub: HubDouble) -> None:
+def test_public_only_when_asked_and_an_existing_public_repo_is_refused_for_a_private_push(
+    run_dir: Path, hub: HubDouble
+) -> None:
     from sovtune.publish.hub import push
 
     assert push(run_dir, REPO, endpoint=hub.url, private=False).private is False
@@ -215,7 +232,9 @@ def test_public_only_when_asked_and_an_existing_public_repo_is_refused_for_a_pri
     assert "exists on" in message and "is public" in message and "--public" in message
 
 
-def test_push_honours_hf_hub_disable_xet_set_after_import(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_honours_hf_hub_disable_xet_set_after_import(
+    run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub  # noqa: F401  (imported long before the variable is set)
     from huggingface_hub import constants
 
@@ -228,7 +247,9 @@ def test_push_honours_hf_hub_disable_xet_set_after_import(run_dir: Path, hub: Hu
     assert constants.HF_HUB_DISABLE_XET == before  # the client's switches are restored
 
 
-def test_push_works_while_the_hub_libraries_are_offline(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_works_while_the_hub_libraries_are_offline(
+    run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from huggingface_hub import constants
 
     from sovtune.publish.hub import push
@@ -251,7 +272,9 @@ def test_bad_token_is_a_clear_401(run_dir: Path, hub: HubDouble, monkeypatch: py
 
 
 @pytest.mark.parametrize("repo_exists", [False, True])
-def test_read_only_token_is_a_clear_403(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch, repo_exists: bool) -> None:
+def test_read_only_token_is_a_clear_403(
+    run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch, repo_exists: bool
+) -> None:
     if repo_exists:
         hub.create_repo(REPO, private=True)
     monkeypatch.setenv("HF_TOKEN", hub.read_token)
@@ -263,7 +286,9 @@ def test_read_only_token_is_a_clear_403(run_dir: Path, hub: HubDouble, monkeypat
 def test_conflict_is_a_clear_409(run_dir: Path, hub: HubDouble) -> None:
     hub.fail("commit", 409, "another commit to this branch is in progress", times=None)
     message = push_error(run_dir, hub)
-    assert message.startswith("upload: conflict on acme/support-adapter (409: another commit to this branch is in progress)")
+    assert message.startswith(
+        "upload: conflict on acme/support-adapter (409: another commit to this branch is in progress)"
+    )
 
 
 def test_branch_moved_under_the_push_is_a_clear_412_and_nothing_is_published(run_dir: Path, hub: HubDouble) -> None:
@@ -281,7 +306,9 @@ def test_metadata_rejected_by_validate_yaml_is_a_clear_400_before_any_upload(run
     assert not any(r["route"] in ("lfs_upload", "commit") for r in hub.requests)
 
 
-def test_the_hub_double_really_rejects_a_local_path_in_base_model(hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_hub_double_really_rejects_a_local_path_in_base_model(
+    hub: HubDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from huggingface_hub import HfApi, constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the client used directly, without hub.py
@@ -291,7 +318,9 @@ def test_the_hub_double_really_rejects_a_local_path_in_base_model(hub: HubDouble
     api._validate_yaml("---\nbase_model: meta-llama/Llama-3.1-8B\nlibrary_name: peft\n---\n")
 
 
-def test_xet_forced_on_a_hub_without_xet_explains_the_misleading_404(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_xet_forced_on_a_hub_without_xet_explains_the_misleading_404(
+    run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "0")
     message = push_error(run_dir, hub)
     assert "has no Xet storage" in message and "HF_HUB_DISABLE_XET=1" in message
@@ -335,7 +364,10 @@ def test_adapter_changed_after_training_is_refused_before_contacting_the_hub(run
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     (run_dir / "adapter" / "extra.txt").write_text("added later")
     message = push_error(run_dir, hub)
-    assert "hash mismatch: adapter/adapter_model.safetensors" in message and "not in the manifest: adapter/extra.txt" in message
+    assert (
+        "hash mismatch: adapter/adapter_model.safetensors" in message
+        and "not in the manifest: adapter/extra.txt" in message
+    )
     assert hub.requests == []
 
 
@@ -361,13 +393,17 @@ def test_settings_errors(run_dir: Path, hub: HubDouble, monkeypatch: pytest.Monk
 # Pull
 
 
-def test_pull_refuses_files_that_do_not_match_the_manifest_and_writes_nothing(run_dir: Path, hub: HubDouble, tmp_path: Path) -> None:
+def test_pull_refuses_files_that_do_not_match_the_manifest_and_writes_nothing(
+    run_dir: Path, hub: HubDouble, tmp_path: Path
+) -> None:
     from sovtune.publish.hub import HubError, pull, push
 
     push(run_dir, REPO, endpoint=hub.url)
     hub.commit_files(REPO, {"adapter_model.safetensors": b"not the trained weights"})
     out = tmp_path / "pulled"
-    with pytest.raises(HubError, match="files do not match manifest.json \\(hash mismatch: adapter/adapter_model.safetensors\\)"):
+    with pytest.raises(
+        HubError, match="files do not match manifest.json \\(hash mismatch: adapter/adapter_model.safetensors\\)"
+    ):
         pull(REPO, endpoint=hub.url, out=out)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -404,7 +440,9 @@ def test_pull_needs_a_manifest(hub: HubDouble, tmp_path: Path) -> None:
 # CLI
 
 
-def test_cli_push_and_pull_exit_codes(run_dir: Path, hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_push_and_pull_exit_codes(
+    run_dir: Path, hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from sovtune.cli import app
@@ -443,9 +481,11 @@ def test_cli_push_takes_repo_endpoint_and_visibility_from_the_runs_recipe(run_di
     assert hub.repos["acme/from-recipe"].private is False
 
 
-def test_preflight_of_push_settings_and_a_bad_hub_section_in_the_run(run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sovtune.publish.hub import HubError, check_push_settings, run_hub_settings
+def test_preflight_of_push_settings_and_a_bad_hub_section_in_the_run(
+    run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sovtune.config import HubSection
+    from sovtune.publish.hub import HubError, check_push_settings, run_hub_settings
 
     check_push_settings(HubSection())  # nothing to publish, nothing to check
     check_push_settings(HubSection(repo=REPO, endpoint=hub.url, push=True))

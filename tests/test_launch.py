@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sovtune.cli import app
-from sovtune.launch import LaunchError, build_command, check_strategy
 from sovtune.config import load_recipe
+from sovtune.launch import LaunchError, build_command, check_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
@@ -84,7 +84,9 @@ def test_fsdp_configs_build_an_fsdp2_plugin(name: str, monkeypatch: pytest.Monke
 
 
 def test_ddp_config_launches_one_process_per_gpu():
-    args, defaults = _launch_args(["--config_file", str(ROOT / "configs/accelerate/ddp.yaml"), "--num_processes", "4", "x.py"])
+    args, defaults = _launch_args(
+        ["--config_file", str(ROOT / "configs/accelerate/ddp.yaml"), "--num_processes", "4", "x.py"]
+    )
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
     assert args.num_processes == 4 and args.num_machines == 1
     env = _plugin_env(args)
@@ -97,7 +99,9 @@ def test_ddp_config_launches_one_process_per_gpu():
 def test_deepspeed_configs_and_json(name: str):
     from accelerate.utils.deepspeed import HfDeepSpeedConfig
 
-    args, defaults = _launch_args(["--config_file", str(ROOT / "configs/accelerate" / name), "--num_processes", "2", "x.py"])
+    args, defaults = _launch_args(
+        ["--config_file", str(ROOT / "configs/accelerate" / name), "--num_processes", "2", "x.py"]
+    )
     assert args.use_deepspeed
     json_path = ROOT / defaults.deepspeed_config["deepspeed_config_file"]
     assert json_path.is_file()
@@ -105,9 +109,15 @@ def test_deepspeed_configs_and_json(name: str):
     assert ds.is_zero3() == (name == "deepspeed-zero3.yaml")
     # Every "auto" must be one transformers fills from the trainer arguments (which come from the recipe).
     fillable = {
-        "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
-        "bf16.enabled", "fp16.enabled", "zero_optimization.reduce_bucket_size",
-        "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
+        "train_micro_batch_size_per_gpu",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+        "bf16.enabled",
+        "fp16.enabled",
+        "zero_optimization.reduce_bucket_size",
+        "zero_optimization.stage3_prefetch_bucket_size",
+        "zero_optimization.stage3_param_persistence_threshold",
     }
     autos = {key for key in _flatten(json.loads(json_path.read_text())) if ds.get_value(key) == "auto"}
     assert autos and autos <= fillable, autos - fillable
@@ -170,15 +180,27 @@ def test_fsdp_picks_the_qlora_config_for_4bit_float_storage(recipe_file):
 @pytest.mark.parametrize(
     ("strategy", "quant", "model_dtype", "message"),
     [
-        ("fsdp", {"mode": "4bit"}, None,
-         "--strategy fsdp with 4-bit weights: FSDP/ZeRO-3 shard only float tensors, but quantization.storage_dtype is "
-         "uint8; add --set quantization.storage_dtype=bfloat16 (and model.dtype: bfloat16), or use --strategy ddp"),
-        ("fsdp", {"mode": "4bit", "storage_dtype": "bfloat16"}, None,
-         "--strategy fsdp with 4-bit weights: model.dtype (auto) must equal quantization.storage_dtype (bfloat16) so "
-         "every sharded tensor has one dtype; set model.dtype: bfloat16"),
-        ("fsdp", {"mode": "8bit"}, None,
-         "--strategy fsdp: 8-bit (LLM.int8) weights cannot be sharded; use quantization.mode=4bit with "
-         "quantization.storage_dtype=bfloat16, or --strategy ddp"),
+        (
+            "fsdp",
+            {"mode": "4bit"},
+            None,
+            "--strategy fsdp with 4-bit weights: FSDP/ZeRO-3 shard only float tensors, but quantization.storage_dtype is "
+            "uint8; add --set quantization.storage_dtype=bfloat16 (and model.dtype: bfloat16), or use --strategy ddp",
+        ),
+        (
+            "fsdp",
+            {"mode": "4bit", "storage_dtype": "bfloat16"},
+            None,
+            "--strategy fsdp with 4-bit weights: model.dtype (auto) must equal quantization.storage_dtype (bfloat16) so "
+            "every sharded tensor has one dtype; set model.dtype: bfloat16",
+        ),
+        (
+            "fsdp",
+            {"mode": "8bit"},
+            None,
+            "--strategy fsdp: 8-bit (LLM.int8) weights cannot be sharded; use quantization.mode=4bit with "
+            "quantization.storage_dtype=bfloat16, or --strategy ddp",
+        ),
         ("ring", {}, None, "--strategy 'ring': choose one of ddp, fsdp, deepspeed, deepspeed-zero2"),
     ],
 )
@@ -214,7 +236,9 @@ def test_recipes_that_document_a_launch_are_consistent_with_it(monkeypatch: pyte
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     checked = 0
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
-        for strategy in re.findall(r"sovtune launch \S+ --gpus \d+ --strategy ([\w-]+)", path.read_text(encoding="utf-8")):
+        for strategy in re.findall(
+            r"sovtune launch \S+ --gpus \d+ --strategy ([\w-]+)", path.read_text(encoding="utf-8")
+        ):
             if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
                 continue
             check_strategy(load_recipe(path), strategy)
@@ -254,15 +278,27 @@ def test_a_failing_accelerate_launch_is_a_clear_error(recipe_file, tmp_path: Pat
 def test_slurm_script_builds_a_valid_multinode_launch(tmp_path: Path):
     script = ROOT / "scripts" / "slurm_multinode.sh"
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
-    env = {**os.environ, "DRY_RUN": "1", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu-a01",
-           "GPUS_PER_NODE": "8"}
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NODELIST": "gpu-a01",
+        "GPUS_PER_NODE": "8",
+    }
     out = subprocess.run(
         ["bash", str(script), "recipes/llama-3.1-8b-multi-gpu.yaml", "ddp", "--resume"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     argv = shlex.split(out)
     assert argv[:2] == ["accelerate", "launch"]
-    args, defaults = _launch_args([a.replace("configs/", f"{ROOT}/configs/", 1) if a.startswith("configs/") else a for a in argv[2:]])
+    args, defaults = _launch_args(
+        [a.replace("configs/", f"{ROOT}/configs/", 1) if a.startswith("configs/") else a for a in argv[2:]]
+    )
     assert (args.num_machines, args.num_processes, int(args.machine_rank)) == (2, 16, 1)
     assert args.main_process_ip == "gpu-a01" and args.multi_gpu
     assert args.training_script_args == ["train", "recipes/llama-3.1-8b-multi-gpu.yaml", "--resume"]

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sovtune.licence import LicenceRefused, check_licence
 from sovtune.config import load_recipe
+from sovtune.licence import LicenceRefused, check_licence
 
 
-def model_folder(tmp_path: Path, card: str | None = None, config: dict | None = None, source: Path | None = None) -> Path:
+def model_folder(
+    tmp_path: Path, card: str | None = None, config: dict | None = None, source: Path | None = None
+) -> Path:
     folder = tmp_path / "model"
     if source is not None:
         shutil.copytree(source, folder)
@@ -39,7 +41,9 @@ def test_card_licence_allowed(make_recipe, tmp_path: Path) -> None:
 
 def test_card_licence_not_allowed(make_recipe, tmp_path: Path) -> None:
     folder = model_folder(tmp_path, "---\nlicense: other\nlicense_name: llama3.1\n---\n")
-    with pytest.raises(LicenceRefused, match=r"licence llama3.1 \(from model card\) is not in sovereignty.allowed_licenses"):
+    with pytest.raises(
+        LicenceRefused, match=r"licence llama3.1 \(from model card\) is not in sovereignty.allowed_licenses"
+    ):
         check_licence(recipe_for(make_recipe, folder, ["apache-2.0"]))
 
 
@@ -73,7 +77,9 @@ def test_check_fails_and_train_stops_before_loading_weights(make_recipe, tiny_mo
     from sovtune.cli import app
 
     folder = model_folder(tmp_path, "---\nlicense: cc-by-nc-4.0\n---\n", source=tiny_model_dir)
-    recipe_path = make_recipe("gated", model={"name_or_path": str(folder)}, sovereignty={"allowed_licenses": ["apache-2.0"]})
+    recipe_path = make_recipe(
+        "gated", model={"name_or_path": str(folder)}, sovereignty={"allowed_licenses": ["apache-2.0"]}
+    )
     check = CliRunner().invoke(app, ["check", str(recipe_path)])
     assert check.exit_code == 2 and "cc-by-nc-4.0" in check.output and "FAIL" in check.output
     train = CliRunner().invoke(app, ["train", str(recipe_path)])

@@ -15,8 +15,8 @@ from conftest import write_jsonl
 from sovtune import model as models
 from sovtune import speed
 from sovtune import training as training
-from sovtune.inputs import prepare_recipe_data as prepare_data
 from sovtune.config import load_recipe
+from sovtune.inputs import prepare_recipe_data as prepare_data
 
 LEARNING_RATE = 0.5
 # Answers of very different lengths: micro-batches of 2 hold very different numbers of supervised tokens.
@@ -26,8 +26,12 @@ REPEATS = [1, 9, 1, 6, 1, 4, 2, 1]
 def rows() -> list[dict[str, Any]]:
     answer = "SELECT name FROM employees;"
     return [
-        {"messages": [{"role": "user", "content": f"List the names. #{i}"},
-                      {"role": "assistant", "content": " ".join([answer] * repeats)}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"List the names. #{i}"},
+                {"role": "assistant", "content": " ".join([answer] * repeats)},
+            ]
+        }
         for i, repeats in enumerate(REPEATS)
     ]
 
@@ -43,9 +47,18 @@ def recipe_for(
         "model": {"name_or_path": str(model_dir)},
         "adapter": {"r": 4, "dropout": 0.0},
         "data": {"train": str(train_file), "eval": str(eval_file), "max_length": max_length, "packing": packing},
-        "train": {"max_steps": 1, "batch_size": batch_size, "gradient_accumulation": accumulation,
-                  "optimizer": "sgd", "learning_rate": LEARNING_RATE, "scheduler": "constant", "warmup_steps": 0,
-                  "max_grad_norm": 1.0e6, "gradient_checkpointing": False, "seed": 0},
+        "train": {
+            "max_steps": 1,
+            "batch_size": batch_size,
+            "gradient_accumulation": accumulation,
+            "optimizer": "sgd",
+            "learning_rate": LEARNING_RATE,
+            "scheduler": "constant",
+            "warmup_steps": 0,
+            "max_grad_norm": 1.0e6,
+            "gradient_checkpointing": False,
+            "seed": 0,
+        },
         "output": {"dir": str(tmp_path / "runs" / name)},
     }
     path = tmp_path / f"{name}.yaml"

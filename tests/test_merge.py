@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_factory import make_run
 from safetensors.torch import load_file
 
+from run_factory import make_run
 from sovtune import merge as merging
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -34,7 +34,9 @@ def test_lora_merge_matches_adapter(make_recipe, tiny_model_dir: Path, tmp_path:
     assert check.max_abs_diff < check.tolerance < check.adapter_effect  # the check could see a broken merge
     merged = load_file(out / "model.safetensors")
     assert not any("lora" in key for key in merged)
-    torch.testing.assert_close(merged[Q_PROJ], _expected_weight(tiny_model_dir, recipe.run_dir / "adapter"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        merged[Q_PROJ], _expected_weight(tiny_model_dir, recipe.run_dir / "adapter"), rtol=0, atol=1e-6
+    )
     report = json.loads((out / merging.MERGE_REPORT).read_text())
     assert report["check"]["passed"] and report["adapter_files"]["adapter_model.safetensors"]
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from sovtune import metrics
+from sovtune.config import MetricName
 from sovtune.errors import DataError
 from sovtune.metrics import MetricError, Scores, paired_bootstrap
-from sovtune.config import MetricName
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text metrics
@@ -62,7 +61,14 @@ def test_rouge_l_and_chrf_on_known_cases() -> None:
 
 
 def test_metric_names_in_the_recipe_have_an_implementation() -> None:
-    implemented = set(metrics.TEXT_METRICS) | {"loss", "perplexity", "token_accuracy", "regex", "multiple_choice", "sql_execution"}
+    implemented = set(metrics.TEXT_METRICS) | {
+        "loss",
+        "perplexity",
+        "token_accuracy",
+        "regex",
+        "multiple_choice",
+        "sql_execution",
+    }
     assert set(MetricName.__args__) == implemented
 
 
@@ -93,7 +99,10 @@ def test_sql_results_compare_as_multisets_unless_the_reference_orders(company_db
     assert executor.score("SELECT name FROM employees", reference, rows) == 0.0
     # Duplicates matter: a multiset, not a set.
     salaries = "SELECT salary FROM employees WHERE dept = 'Sales'"
-    assert executor.score("SELECT DISTINCT salary FROM employees WHERE dept = 'Sales'", salaries, executor.run(salaries)) == 0.0
+    assert (
+        executor.score("SELECT DISTINCT salary FROM employees WHERE dept = 'Sales'", salaries, executor.run(salaries))
+        == 0.0
+    )
     ordered = "SELECT name FROM employees ORDER BY salary DESC, name"
     ordered_rows = executor.run(ordered)
     assert executor.score("SELECT name FROM employees ORDER BY salary DESC, name", ordered, ordered_rows) == 1.0
@@ -212,7 +221,9 @@ def test_perplexity_interval_recomputes_the_corpus_ratio_per_resample() -> None:
     tokens = rng.integers(5, 50, size=60).astype(float)
     base_nll = tokens * rng.uniform(1.5, 2.5, size=60)
     tuned_nll = base_nll * 0.9  # 10% less NLL everywhere: perplexity ratio exp(-0.1 * mean loss)
-    comparison = paired_bootstrap(Scores(base_nll, tokens, "exp_ratio"), Scores(tuned_nll, tokens, "exp_ratio"), 1000, 0)
+    comparison = paired_bootstrap(
+        Scores(base_nll, tokens, "exp_ratio"), Scores(tuned_nll, tokens, "exp_ratio"), 1000, 0
+    )
     assert comparison.base == pytest.approx(np.exp(base_nll.sum() / tokens.sum()))
     assert comparison.tuned == pytest.approx(np.exp(tuned_nll.sum() / tokens.sum()))
     assert comparison.relative_change == pytest.approx(comparison.tuned / comparison.base - 1)

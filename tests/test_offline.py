@@ -68,7 +68,10 @@ def test_refuses_non_loopback_address(guard: Any) -> None:
     with pytest.raises(offline.NetworkBlocked, match="8.8.8.8"):
         udp.sendto(b"dns?", ("8.8.8.8", 53))
     udp.close()
-    assert [(a.call, a.host) for a in guard.refused_attempts()][:2] == [("create_connection", TEST_NET), ("connect", TEST_NET)]
+    assert [(a.call, a.host) for a in guard.refused_attempts()][:2] == [
+        ("create_connection", TEST_NET),
+        ("connect", TEST_NET),
+    ]
 
 
 def test_refuses_hub_hostname_before_resolving(guard: Any) -> None:
@@ -161,7 +164,9 @@ def test_attempts_a_library_swallows_are_still_counted(guard: Any) -> None:
 
 
 @pytest.mark.slow
-def test_full_run_in_offline_mode_attempts_no_connection(guard: Any, make_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_run_in_offline_mode_attempts_no_connection(
+    guard: Any, make_recipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`sovtune run --offline`: data, model, training, evaluation and manifest with zero outbound attempts."""
     import json
 
@@ -213,20 +218,28 @@ def test_online_recipe_installs_nothing(guard: Any, make_recipe) -> None:
 
 
 def test_endpoints_are_validated_at_load(make_recipe) -> None:
-    from sovtune.errors import RecipeError
     from sovtune.config import load_recipe
+    from sovtune.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=r"sovereignty.allowed_endpoints: \['ftp://files', 'bad host'\] are not http\(s\)"):
-        load_recipe(make_recipe("badend", sovereignty={"allowed_endpoints": ["ftp://files", "bad host", "https://ok.example"]}))
+    with pytest.raises(
+        RecipeError, match=r"sovereignty.allowed_endpoints: \['ftp://files', 'bad host'\] are not http\(s\)"
+    ):
+        load_recipe(
+            make_recipe("badend", sovereignty={"allowed_endpoints": ["ftp://files", "bad host", "https://ok.example"]})
+        )
 
 
 def test_offline_push_needs_a_private_endpoint(make_recipe) -> None:
-    from sovtune.errors import RecipeError
     from sovtune.config import load_recipe
+    from sovtune.errors import RecipeError
 
     with pytest.raises(RecipeError, match="sovereignty.offline with hub.push needs hub.endpoint"):
         load_recipe(make_recipe("offpush", sovereignty={"offline": True}, hub={"repo": "acme/x", "push": True}))
     ok = load_recipe(
-        make_recipe("offpush2", sovereignty={"offline": True}, hub={"repo": "acme/x", "push": True, "endpoint": "https://hub.internal.example"})
+        make_recipe(
+            "offpush2",
+            sovereignty={"offline": True},
+            hub={"repo": "acme/x", "push": True, "endpoint": "https://hub.internal.example"},
+        )
     )
     assert ok.hub.endpoint == "https://hub.internal.example"

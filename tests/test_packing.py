@@ -118,9 +118,10 @@ def test_changing_one_example_leaves_the_others_in_the_row_unchanged(tiny_model_
 
 
 def test_trainer_batches_are_padding_free_with_restarting_positions(make_recipe: Any, tmp_path: Path) -> None:
+    from trl import SFTTrainer
+
     from sovtune import model as models
     from sovtune.inputs import prepare_recipe_data as prepare_data
-    from trl import SFTTrainer
 
     recipe = load_recipe(make_recipe(data={"packing": True}))
     tokenizer = models.load_tokenizer(recipe)
@@ -179,16 +180,24 @@ def test_cpu_plan_caps_rows_with_kernels_off_and_reasons(make_recipe: Any, tmp_p
 
 @pytest.mark.parametrize(
     ("max_length", "batch", "expected"),
-    [(512, 8, (speed.ROWS, 2, 4 * 3)), (400, 6, (speed.ROWS, 2, 3 * 3)), (1024, 4, (speed.ONE_BY_ONE, 1, 4 * 3)),
-     (700, 5, (speed.ONE_BY_ONE, 1, 5 * 3))],
+    [
+        (512, 8, (speed.ROWS, 2, 4 * 3)),
+        (400, 6, (speed.ROWS, 2, 3 * 3)),
+        (1024, 4, (speed.ONE_BY_ONE, 1, 4 * 3)),
+        (700, 5, (speed.ONE_BY_ONE, 1, 5 * 3)),
+    ],
 )
 def test_cpu_rows_hold_at_most_1024_tokens(make_recipe: Any, max_length: int, batch: int, expected: tuple) -> None:
-    recipe = load_recipe(make_recipe(data={"max_length": max_length}, train={"batch_size": batch, "gradient_accumulation": 3}))
+    recipe = load_recipe(
+        make_recipe(data={"max_length": max_length}, train={"batch_size": batch, "gradient_accumulation": 3})
+    )
     plan = speed.plan_speed(recipe, loaded(recipe), cuda=False)
     assert (plan.batching, plan.micro_batch_size, plan.accumulation) == expected
     assert "a row holds at most 1024 tokens" in plan.lines()[0]
     if plan.batching == speed.ONE_BY_ONE:
-        assert plan.lines()[0].startswith(f"batching: padding-free, one example per micro-batch, {batch * 3} accumulated")
+        assert plan.lines()[0].startswith(
+            f"batching: padding-free, one example per micro-batch, {batch * 3} accumulated"
+        )
         assert not plan.sft_kwargs(max_length)["padding_free"]  # a single example needs no flattening
     # On CUDA the rows keep the whole batch.
     assert speed.plan_speed(recipe, loaded(recipe), cuda=True).micro_batch_size == batch

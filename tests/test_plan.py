@@ -20,9 +20,22 @@ MB = 10**6
 
 def _settings(**overrides) -> planner.Settings:
     base = dict(
-        batch_size=1, seq_len=512, gradient_accumulation=1, quant_mode="none", double_quant=True, dtype_bytes=2, r=16,
-        targets="all-linear", lora_dropout=0.0, dora=False, bias="none", modules_to_save=(), optimizer="adamw_torch",
-        gradient_checkpointing=True, padding_free=False, attention="sdpa",
+        batch_size=1,
+        seq_len=512,
+        gradient_accumulation=1,
+        quant_mode="none",
+        double_quant=True,
+        dtype_bytes=2,
+        r=16,
+        targets="all-linear",
+        lora_dropout=0.0,
+        dora=False,
+        bias="none",
+        modules_to_save=(),
+        optimizer="adamw_torch",
+        gradient_checkpointing=True,
+        padding_free=False,
+        attention="sdpa",
     )
     return planner.Settings(**{**base, **overrides})
 
@@ -53,7 +66,12 @@ def test_variants_resolve_to_their_base():
 
 @pytest.mark.parametrize(
     ("targets", "dora", "modules_to_save"),
-    [("all-linear", False, ()), (("q_proj", "v_proj"), False, ()), ("all-linear", True, ()), (("o_proj",), False, ("lm_head",))],
+    [
+        ("all-linear", False, ()),
+        (("q_proj", "v_proj"), False, ()),
+        ("all-linear", True, ()),
+        (("o_proj",), False, ("lm_head",)),
+    ],
 )
 def test_lora_parameters_equal_peft(tiny_model_dir: Path, targets, dora, modules_to_save):
     """r·(in + out) per targeted linear (+ out for DoRA, + saved modules) is exactly what peft makes trainable."""
@@ -65,8 +83,13 @@ def test_lora_parameters_equal_peft(tiny_model_dir: Path, targets, dora, modules
     settings = _settings(r=8, targets=targets, dora=dora, modules_to_save=modules_to_save)
     model = get_peft_model(
         AutoModelForCausalLM.from_config(config),
-        LoraConfig(r=8, target_modules=list(targets) if isinstance(targets, tuple) else targets, use_dora=dora,
-                   modules_to_save=list(modules_to_save) or None, task_type="CAUSAL_LM"),
+        LoraConfig(
+            r=8,
+            target_modules=list(targets) if isinstance(targets, tuple) else targets,
+            use_dora=dora,
+            modules_to_save=list(modules_to_save) or None,
+            task_type="CAUSAL_LM",
+        ),
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert planner.estimate(arch, settings).trainable_parameters == trainable
@@ -123,7 +146,9 @@ def test_bytes_per_parameter_anchor():
     assert trainable / lora.trainable_parameters == 16
     assert lora.component("base weights") / arch.total_params == 2
     quantised = arch.quantisable()
-    nf4 = sum(planner.nf4_bytes(lin.weight_params, True) for lin in quantised) / sum(lin.weight_params for lin in quantised)
+    nf4 = sum(planner.nf4_bytes(lin.weight_params, True) for lin in quantised) / sum(
+        lin.weight_params for lin in quantised
+    )
     assert nf4 == pytest.approx(0.52, abs=0.005)
 
 
@@ -148,9 +173,17 @@ def measured_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = build_tokenizer(path)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -179,15 +212,19 @@ def _measured_peak(recipe) -> tuple[int, int]:
     data = prepare_data(recipe, tokenizer)
     peft_model = models.attach_adapter(models.load_base_model(recipe, tokenizer), recipe)
     trainer = SFTTrainer(
-        model=peft_model, args=sft_config(recipe, recipe.run_dir, has_eval=False),
-        train_dataset=to_dataset(data.train), processing_class=tokenizer,
+        model=peft_model,
+        args=sft_config(recipe, recipe.run_dir, has_eval=False),
+        train_dataset=to_dataset(data.train),
+        processing_class=tokenizer,
     )
     storages: dict[int, int] = {}
     tensors = list(peft_model.parameters()) + list(peft_model.buffers())
     for module in peft_model.modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
-            tensors += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset] if state.nested else [])
+            tensors += [state.absmax, state.code] + (
+                [state.state2.absmax, state.state2.code, state.offset] if state.nested else []
+            )
     for tensor in tensors:
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -214,11 +251,22 @@ def _measured_peak(recipe) -> tuple[int, int]:
 def test_estimate_within_25_percent_of_measured_cpu_peak(make_recipe, measured_model_dir: Path, sections):
     torch.set_num_threads(1)
     sections = {key: dict(value) for key, value in sections.items()}  # the parameters are shared between runs
-    train = {"max_steps": 2, "batch_size": 2, "gradient_checkpointing": False, "save_steps": 100, **sections.pop("train", {})}
+    train = {
+        "max_steps": 2,
+        "batch_size": 2,
+        "gradient_checkpointing": False,
+        "save_steps": 100,
+        **sections.pop("train", {}),
+    }
     data = {"format": "text", "max_length": 128, "eval_fraction": 0.1, **sections.pop("data", {})}
     path = make_recipe(
-        "measured", rows=_long_text_rows(), model={"name_or_path": str(measured_model_dir)},
-        data=data, train=train, adapter={"r": 8, "dropout": 0.0}, **sections,
+        "measured",
+        rows=_long_text_rows(),
+        model={"name_or_path": str(measured_model_dir)},
+        data=data,
+        train=train,
+        adapter={"r": 8, "dropout": 0.0},
+        **sections,
     )
     recipe = load_recipe(path)
     measured, longest = _measured_peak(recipe)
@@ -238,8 +286,11 @@ def test_activation_formula_against_saved_tensors(make_recipe, measured_model_di
     from sovtune import model as models
 
     path = make_recipe(
-        "saved", rows=_long_text_rows(), model={"name_or_path": str(measured_model_dir)},
-        data={"format": "text", "max_length": 128, "packing": False}, adapter={"r": 8, "dropout": 0.0},
+        "saved",
+        rows=_long_text_rows(),
+        model={"name_or_path": str(measured_model_dir)},
+        data={"format": "text", "max_length": 128, "packing": False},
+        adapter={"r": 8, "dropout": 0.0},
         train={"batch_size": 2, "gradient_checkpointing": checkpointing},
     )
     recipe = load_recipe(path)
@@ -279,8 +330,14 @@ def llama8b_recipe(make_recipe, monkeypatch: pytest.MonkeyPatch):
     """A hub recipe whose config is not reachable here: the planner falls back to the built-in table."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return make_recipe(
-        "big", model={"name_or_path": "meta-llama/Llama-3.1-8B", "revision": "d04e592bb4f6aa9cfee91e2e20afa771667e1d4b", "dtype": "bfloat16"},
-        data={"max_length": 2048}, train={"batch_size": 8, "gradient_accumulation": 2, "gradient_checkpointing": False},
+        "big",
+        model={
+            "name_or_path": "meta-llama/Llama-3.1-8B",
+            "revision": "d04e592bb4f6aa9cfee91e2e20afa771667e1d4b",
+            "dtype": "bfloat16",
+        },
+        data={"max_length": 2048},
+        train={"batch_size": 8, "gradient_accumulation": 2, "gradient_checkpointing": False},
         adapter={"r": 16},
     )
 
@@ -293,8 +350,11 @@ def test_offline_hub_model_uses_the_builtin_table(llama8b_recipe):
 def test_unknown_offline_model_is_a_clear_error(make_recipe, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = make_recipe("unknown", model={"name_or_path": "someone/secret-model", "revision": "abc"})
-    with pytest.raises(planner.PlanError, match=r"^model.name_or_path: cannot read the config of 'someone/secret-model' .*"
-                       r"and it is not in the built-in table; download its config.json, or pass --arch with one of: "):
+    with pytest.raises(
+        planner.PlanError,
+        match=r"^model.name_or_path: cannot read the config of 'someone/secret-model' .*"
+        r"and it is not in the built-in table; download its config.json, or pass --arch with one of: ",
+    ):
         planner.load_architecture(load_recipe(path))
 
 

@@ -21,7 +21,15 @@ PARAMETERS = 2 * VOCAB * HIDDEN + LAYERS * PER_LAYER + HIDDEN
 
 def lora_parameters(r: int) -> int:
     """LoRA A (r x in) + B (out x r) on every linear layer of the blocks."""
-    shapes = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, MLP), (HIDDEN, MLP), (MLP, HIDDEN)]
+    shapes = [
+        (HIDDEN, HIDDEN),
+        (HIDDEN, KV),
+        (HIDDEN, KV),
+        (HIDDEN, HIDDEN),
+        (HIDDEN, MLP),
+        (HIDDEN, MLP),
+        (MLP, HIDDEN),
+    ]
     return LAYERS * sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes)
 
 
@@ -47,8 +55,16 @@ def good_recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
 def test_check_prints_a_table_and_exits_0(good_recipe: Path) -> None:
     result = invoke("check", str(good_recipe))
     assert result.exit_code == 0, result.output
-    for expected in ("good: train data", "good: eval data", "rows read", "token length p50/p90/p99/max",
-                     "supervised-token share", "pad != eos", "chat template round trip", "target modules"):
+    for expected in (
+        "good: train data",
+        "good: eval data",
+        "rows read",
+        "token length p50/p90/p99/max",
+        "supervised-token share",
+        "pad != eos",
+        "chat template round trip",
+        "target modules",
+    ):
         assert expected in result.stdout, expected
     assert "FAIL" not in result.stdout
     assert f"{PARAMETERS:,} parameters, adapter trains {lora_parameters(4):,}" in result.stdout
@@ -72,15 +88,23 @@ def test_check_json_is_parseable_and_complete(good_recipe: Path) -> None:
     assert arch["trainable_parameters"] == lora_parameters(4)
     assert arch["targeted_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     checks = {check["check"]: check for check in report["checks"]}
-    for name in ("supervised tokens", "truncation", "EOS supervised", "pad != eos", "chat template round trip",
-                 "target modules"):
+    for name in (
+        "supervised tokens",
+        "truncation",
+        "EOS supervised",
+        "pad != eos",
+        "chat template round trip",
+        "target modules",
+    ):
         assert checks[name]["ok"] is True, checks[name]
     assert checks["pad != eos"]["detail"] == "pad='<pad>' (3), eos='</s>' (2)"
     assert checks["EOS supervised"]["detail"] == "100.0% of rows train a stop token (</s>, <|im_end|>)"
 
 
 def test_set_overrides_reach_the_check(good_recipe: Path) -> None:
-    result = invoke("check", str(good_recipe), "--json", "--set", "adapter.r=2", "--set", "adapter.target_modules=[q_proj]")
+    result = invoke(
+        "check", str(good_recipe), "--json", "--set", "adapter.r=2", "--set", "adapter.target_modules=[q_proj]"
+    )
     assert result.exit_code == 0, result.output
     arch = json.loads(result.stdout)["architecture"]
     assert arch["targeted_modules"] == ["q_proj"]
@@ -91,9 +115,9 @@ def test_tied_embeddings_are_counted_once() -> None:
     """The shipped base ties lm_head to the embeddings: the count must equal the tensors in its weight file."""
     from safetensors import safe_open
 
+    from sovtune.config import load_recipe
     from sovtune.model import load_tokenizer
     from sovtune.preflight import architecture_summary
-    from sovtune.config import load_recipe
 
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
     with safe_open(str(Path(recipe.model_location) / "model.safetensors"), framework="pt") as weights:
@@ -131,8 +155,8 @@ def test_adapter_size_without_peft_equals_peft(
     from transformers import AutoModelForCausalLM
 
     from sovtune import model as models
-    from sovtune.preflight import adapter_size
     from sovtune.config import load_recipe
+    from sovtune.preflight import adapter_size
 
     model_dir = biased_model_dir if biased else tiny_model_dir
     recipe = load_recipe(write_recipe(tmp_path, model_dir, "count", qa_rows(), adapter=adapter))
@@ -143,7 +167,9 @@ def test_adapter_size_without_peft_equals_peft(
     counted, targeted = adapter_size(meta, recipe)
     adapted = get_peft_model(base, models.lora_config(recipe))
     assert counted == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
-    assert targeted == sorted({name.rsplit(".", 2)[-2] for name, _ in adapted.named_modules() if name.endswith("lora_A")})
+    assert targeted == sorted(
+        {name.rsplit(".", 2)[-2] for name, _ in adapted.named_modules() if name.endswith("lora_A")}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +178,9 @@ def test_adapter_size_without_peft_equals_peft(
 
 def test_no_supervised_tokens(tmp_path: Path, tiny_model_dir: Path) -> None:
     # The user turn alone fills max_length, so no assistant token survives truncation.
-    rows = [{"messages": [{"role": "user", "content": " ".join(CORPUS[:4])}, {"role": "assistant", "content": "A."}]}] * 4
+    rows = [
+        {"messages": [{"role": "user", "content": " ".join(CORPUS[:4])}, {"role": "assistant", "content": "A."}]}
+    ] * 4
     recipe = write_recipe(tmp_path, tiny_model_dir, "unsupervised", rows=rows, data={"max_length": 16})
     assert one_line_error(invoke("check", str(recipe))) == (
         f"{tmp_path / 'unsupervised-train.jsonl'}: no usable training rows "
@@ -162,8 +190,9 @@ def test_no_supervised_tokens(tmp_path: Path, tiny_model_dir: Path) -> None:
 
 def test_every_row_truncated(tmp_path: Path, tiny_model_dir: Path) -> None:
     rows = [{"prompt": "Q?", "completion": " ".join(CORPUS[:4])}] * 4
-    recipe = write_recipe(tmp_path, tiny_model_dir, "truncated", rows=rows,
-                          data={"format": "prompt_completion", "max_length": 12})
+    recipe = write_recipe(
+        tmp_path, tiny_model_dir, "truncated", rows=rows, data={"format": "prompt_completion", "max_length": 12}
+    )
     assert one_line_error(invoke("check", str(recipe))) == (
         f"{tmp_path / 'truncated-train.jsonl'}: every row is longer than data.max_length=12 and was truncated; "
         "raise data.max_length"
@@ -171,7 +200,9 @@ def test_every_row_truncated(tmp_path: Path, tiny_model_dir: Path) -> None:
 
 
 def test_target_modules_missing(tmp_path: Path, tiny_model_dir: Path) -> None:
-    recipe = write_recipe(tmp_path, tiny_model_dir, "targets", adapter={"target_modules": ["q_proj", "query_key_value"]})
+    recipe = write_recipe(
+        tmp_path, tiny_model_dir, "targets", adapter={"target_modules": ["q_proj", "query_key_value"]}
+    )
     assert one_line_error(invoke("check", str(recipe))) == (
         "check failed: target modules: ['query_key_value'] not in LlamaForCausalLM; linear layers: "
         "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import qa_rows, write_jsonl
-from sovtune.data import Example, Row, RowError, Tokenized, _read_file, to_example, tokenize
-from sovtune.errors import DataError, RecipeError
 from sovtune.config import DataSection, Recipe, load_recipe
 from sovtune.config.loader import _model_in_annotation
+from sovtune.data import Example, Row, RowError, Tokenized, _read_file, to_example, tokenize
+from sovtune.errors import DataError, RecipeError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -37,10 +37,16 @@ def field_paths(model: Any = Recipe, prefix: tuple[str, ...] = ()) -> list[tuple
 FIELD_PATHS = field_paths()
 KEY = st.sampled_from(sorted({part for path in FIELD_PATHS for part in path})) | st.text(max_size=12)
 SCALAR = (
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
     | st.sampled_from(["${HOME}", "${SOVTUNE_UNSET}", "${SOVTUNE_UNSET:-x}", "all-linear", "4bit", "../x", "/", ""])
 )
-VALUE = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEY, inner, max_size=3), max_leaves=10)
+VALUE = st.recursive(
+    SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEY, inner, max_size=3), max_leaves=10
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,11 @@ def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 @SETTINGS
-@given(changes=st.lists(st.tuples(st.sampled_from(FIELD_PATHS) | st.lists(KEY, min_size=1, max_size=3).map(tuple), VALUE), max_size=4))
+@given(
+    changes=st.lists(
+        st.tuples(st.sampled_from(FIELD_PATHS) | st.lists(KEY, min_size=1, max_size=3).map(tuple), VALUE), max_size=4
+    )
+)
 def test_a_recipe_with_any_values_loads_or_is_refused(
     valid_recipe: dict[str, Any], recipe_file: Path, changes: list[tuple[tuple[str, ...], Any]]
 ) -> None:
@@ -87,13 +97,45 @@ def test_a_recipe_with_any_values_loads_or_is_refused(
 
 # Recipe-shaped YAML, line by line, with the constructs that trip hand-written loaders: tags, anchors and aliases
 # (also self-referencing), complex keys, merge keys, flow collections, block scalars, unterminated quotes.
-YAML_KEY = KEY | st.sampled_from(["? [a, b]", "[1, 2]", "{a: 1}", "&k model", "*k", "<<", "!foo model", "'quoted'", "1"])
-YAML_VALUE = st.sampled_from([
-    "!foo bar", "!!python/object:os.system ''", "!!int abc", "!!float x", "!!binary ***", "!!timestamp 2001-99-99",
-    "&a [*a]", "&b {x: *b}", "*a", "*undefined", "&c x", "[", "{", "{[1]: 2}", "{? {a: 1}: b}", "|", ">", "'unterminated",
-    '"\\x"', "1e400", "0x1F", ".nan", "~", "2001-12-14", "${HOME}", "${SOVTUNE_UNSET}", "-", "- x", "[a, [b, [c]]]",
-]) | SCALAR.map(lambda value: yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip())
-YAML_LINE = st.tuples(st.sampled_from(["", "  ", "    ", "\t", "- ", "  - "]), YAML_KEY, st.sampled_from([": ", ":", " "]), YAML_VALUE)
+YAML_KEY = KEY | st.sampled_from(
+    ["? [a, b]", "[1, 2]", "{a: 1}", "&k model", "*k", "<<", "!foo model", "'quoted'", "1"]
+)
+YAML_VALUE = st.sampled_from(
+    [
+        "!foo bar",
+        "!!python/object:os.system ''",
+        "!!int abc",
+        "!!float x",
+        "!!binary ***",
+        "!!timestamp 2001-99-99",
+        "&a [*a]",
+        "&b {x: *b}",
+        "*a",
+        "*undefined",
+        "&c x",
+        "[",
+        "{",
+        "{[1]: 2}",
+        "{? {a: 1}: b}",
+        "|",
+        ">",
+        "'unterminated",
+        '"\\x"',
+        "1e400",
+        "0x1F",
+        ".nan",
+        "~",
+        "2001-12-14",
+        "${HOME}",
+        "${SOVTUNE_UNSET}",
+        "-",
+        "- x",
+        "[a, [b, [c]]]",
+    ]
+) | SCALAR.map(lambda value: yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip())
+YAML_LINE = st.tuples(
+    st.sampled_from(["", "  ", "    ", "\t", "- ", "  - "]), YAML_KEY, st.sampled_from([": ", ":", " "]), YAML_VALUE
+)
 YAML_TEXT = st.lists(YAML_LINE.map("".join), max_size=12).map("\n".join)
 
 
@@ -142,13 +184,18 @@ JSON_VALUE = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-MESSAGE = st.fixed_dictionaries({"role": ROLE, "content": ANY_TEXT | JSON_VALUE}) | st.fixed_dictionaries(
-    {"from": ROLE, "value": ANY_TEXT | JSON_VALUE}
-) | JSON_VALUE
+MESSAGE = (
+    st.fixed_dictionaries({"role": ROLE, "content": ANY_TEXT | JSON_VALUE})
+    | st.fixed_dictionaries({"from": ROLE, "value": ANY_TEXT | JSON_VALUE})
+    | JSON_VALUE
+)
 COLUMN = st.sampled_from(["messages", "instruction", "input", "output", "system", "prompt", "completion", "text", "q"])
 ROW = st.dictionaries(COLUMN, ANY_TEXT | JSON_VALUE | st.lists(MESSAGE, max_size=4), max_size=5)
 SECTION = st.fixed_dictionaries(
-    {"format": st.sampled_from(["messages", "instruction", "prompt_completion", "text"]), "max_length": st.integers(9, 64)},
+    {
+        "format": st.sampled_from(["messages", "instruction", "prompt_completion", "text"]),
+        "max_length": st.integers(9, 64),
+    },
     optional={"train_on_inputs": st.booleans()},
 )
 
@@ -173,7 +220,9 @@ def format_or_refuse(row: Row, section: DataSection, tokenizer: Any) -> None:
 
 @SETTINGS
 @given(values=ROW, spec=SECTION)
-def test_any_row_becomes_an_example_or_a_row_error(tokenizer: Any, values: dict[str, Any], spec: dict[str, Any]) -> None:
+def test_any_row_becomes_an_example_or_a_row_error(
+    tokenizer: Any, values: dict[str, Any], spec: dict[str, Any]
+) -> None:
     format_or_refuse(Row(values, "rows.jsonl:1"), data_section(spec), tokenizer)
 
 
@@ -182,7 +231,9 @@ def test_any_row_becomes_an_example_or_a_row_error(tokenizer: Any, values: dict[
 def test_any_conversation_becomes_an_example_or_a_row_error(
     tokenizer: Any, messages: list[Any], spec: dict[str, Any]
 ) -> None:
-    format_or_refuse(Row({"messages": messages}, "rows.jsonl:1"), data_section({**spec, "format": "messages"}), tokenizer)
+    format_or_refuse(
+        Row({"messages": messages}, "rows.jsonl:1"), data_section({**spec, "format": "messages"}), tokenizer
+    )
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from run_factory import make_run
 from typer.testing import CliRunner
 
+from run_factory import make_run
 from sovtune import data as data_module
 from sovtune import pipeline
+from sovtune.cli import app
 from sovtune.run import manifest as manifests
 from sovtune.run import verify as verification
-from sovtune.cli import app
 
 
 def sha(path: Path) -> str:
@@ -46,11 +46,20 @@ def test_manifest_records_inputs_environment_and_outputs(run, tiny_model_dir: Pa
     manifest = manifests.read_manifest(run.run_dir)
     recipe_file = run.run_dir / "recipe.yaml"
     assert manifest["recipe"]["sha256"] == sha(recipe_file) == manifest["recipe"]["file"]["sha256"]
-    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     assert manifest["recipe"]["git"]["commit"] == head
     [data] = manifest["data"]
     data_file = Path(run.resolve(run.data.train[0].path))
-    assert data["files"] == [{"path": str(data_file.resolve()), "root": "absolute", "sha256": sha(data_file), "bytes": data_file.stat().st_size}]
+    assert data["files"] == [
+        {
+            "path": str(data_file.resolve()),
+            "root": "absolute",
+            "sha256": sha(data_file),
+            "bytes": data_file.stat().st_size,
+        }
+    ]
     base = manifest["base_model"]
     weights = {Path(e["path"]).name: e["sha256"] for e in base["files"]}
     assert base["local"] and weights["model.safetensors"] == sha(tiny_model_dir / "model.safetensors")
@@ -95,7 +104,10 @@ def test_tampered_data_and_deleted_adapter_file_are_listed(run) -> None:
     (run.run_dir / "adapter" / "adapter_config.json").unlink()
     cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
     assert cli.exit_code == 2
-    assert str(data_file.resolve()) in cli.output.replace("\n", "") and "missing: adapter/adapter_config.json" in cli.output
+    assert (
+        str(data_file.resolve()) in cli.output.replace("\n", "")
+        and "missing: adapter/adapter_config.json" in cli.output
+    )
 
 
 def test_absent_external_file_is_reported_not_checked_unless_strict(run) -> None:
@@ -175,7 +187,11 @@ def test_hub_model_and_dataset_record_revision_and_resolved_commit(make_recipe, 
     from sovtune.config import load_recipe
 
     recipe = load_recipe(
-        make_recipe("hubids", model={"name_or_path": "org/tiny", "revision": "v1"}, data={"train": {"path": "org/sql", "revision": "v1"}})
+        make_recipe(
+            "hubids",
+            model={"name_or_path": "org/tiny", "revision": "v1"},
+            data={"train": {"path": "org/sql", "revision": "v1"}},
+        )
     )
     base = manifests.base_model_record(recipe)
     assert (base["revision"], base["commit"], base["local"]) == ("v1", commit, False)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sovtune.errors import RecipeError
 from sovtune.config import load_recipe
+from sovtune.errors import RecipeError
 
 MINIMAL = """\
 model:
@@ -352,7 +352,9 @@ def test_unset_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     )
 
 
-def test_env_value_never_reaches_error_unless_it_is_the_bad_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_value_never_reaches_error_unless_it_is_the_bad_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A secret in the environment referenced by an unrelated field must not leak into an error about another field."""
     monkeypatch.setenv("SOVTUNE_TEST_SECRET", "hf_supersecret")
     path = write(tmp_path, "r.yaml", MINIMAL + "description: ${SOVTUNE_TEST_SECRET}\ntrain:\n  seed: x\n")
@@ -390,8 +392,13 @@ def test_env_value_never_reaches_error_unless_it_is_the_bad_value(tmp_path: Path
             "{path}:5: quantization: compute_dtype only applies to a quantised model; set mode: 4bit or 8bit, or remove it",
         ),
     ],
-    ids=["warmup", "epochs-and-max-steps", "4bit-setting-with-mode-none", "4bit-settings-with-8bit",
-         "compute-dtype-without-quantization"],
+    ids=[
+        "warmup",
+        "epochs-and-max-steps",
+        "4bit-setting-with-mode-none",
+        "4bit-settings-with-8bit",
+        "compute-dtype-without-quantization",
+    ],
 )
 def test_combination_errors(tmp_path: Path, extra: str, expected: str) -> None:
     path = write(tmp_path, "r.yaml", MINIMAL + extra)

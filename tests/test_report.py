@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from sovtune import report as reports
 from sovtune.cli import app
+from sovtune.config import Recipe, load_recipe
 from sovtune.evaluation import PairedScores, SuiteOutcome
 from sovtune.metrics import Scores
-from sovtune.config import Recipe, load_recipe
 
 
 def write_recipe(tmp_path: Path, name: str = "demo", model: str = "/models/base", **eval_section: Any) -> Recipe:
@@ -35,7 +35,11 @@ def outcome(name: str, shift: float = 0.3, n: int = 40, seed: int = 0, general: 
     tuned = np.maximum(base, (rng.random(n) < shift / 0.7).astype(float))
     tokens = rng.integers(5, 30, n).astype(float)
     nll = tokens * rng.uniform(1.0, 2.0, n)
-    scores = {"perplexity": PairedScores(Scores(nll, tokens, "exp_ratio"), Scores(nll * (1.05 if general else 0.9), tokens, "exp_ratio"))}
+    scores = {
+        "perplexity": PairedScores(
+            Scores(nll, tokens, "exp_ratio"), Scores(nll * (1.05 if general else 0.9), tokens, "exp_ratio")
+        )
+    }
     higher = {"perplexity": False}
     examples: list[dict[str, Any]] = [{"origin": f"eval.jsonl:{i}", "prompt": "q", "reference": "a"} for i in range(n)]
     if not general:
@@ -44,7 +48,9 @@ def outcome(name: str, shift: float = 0.3, n: int = 40, seed: int = 0, general: 
         for i, example in enumerate(examples):
             example["predictions"] = {"base": "b" if base[i] == 0 else "a", "tuned": "a" if tuned[i] else "b | x\nline"}
             example["scores"] = {"exact_match": {"base": base[i], "tuned": tuned[i]}}
-    return SuiteOutcome(name, scores, higher, examples, ["2 rows dropped: malformed row"] if not general else [], {"loss": 0.5})
+    return SuiteOutcome(
+        name, scores, higher, examples, ["2 rows dropped: malformed row"] if not general else [], {"loss": 0.5}
+    )
 
 
 def build(tmp_path: Path, gates: dict[str, Any] | None = None, **kwargs: Any) -> reports.Report:
@@ -61,7 +67,18 @@ def test_report_files_are_written_and_parseable(tmp_path: Path) -> None:
     assert sorted(path.name for path in run_dir.iterdir()) == sorted(path.name for path in written)  # no temp files
     data = json.loads((run_dir / "report.json").read_text())
     assert (data["schema_version"], data["kind"], data["passed"]) == (1, "sovtune.eval-report", True)
-    fields = {"dataset", "metric", "base", "tuned", "difference", "ci_low", "ci_high", "significant", "n", "relative_change"}
+    fields = {
+        "dataset",
+        "metric",
+        "base",
+        "tuned",
+        "difference",
+        "ci_low",
+        "ci_high",
+        "significant",
+        "n",
+        "relative_change",
+    }
     for result in data["results"]:
         assert fields <= set(result)
     exact = next(r for r in data["results"] if r["metric"] == "exact_match")
@@ -71,7 +88,9 @@ def test_report_files_are_written_and_parseable(tmp_path: Path) -> None:
     assert [gate["passed"] for gate in data["gates"]] == [True, True]
     assert data["notes"] == {"eval": ["2 rows dropped: malformed row"]}
     markdown = (run_dir / "report.md").read_text()
-    assert "| eval | exact_match ↑ |" in markdown and "## Forgetting check" in markdown and "**Gates: PASSED**" in markdown
+    assert (
+        "| eval | exact_match ↑ |" in markdown and "## Forgetting check" in markdown and "**Gates: PASSED**" in markdown
+    )
     assert "b \\| x<br>line" in markdown  # a pipe or newline in a generation cannot break the table
     assert markdown.count("### ") == 3  # report.samples side-by-side generations
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -114,7 +133,10 @@ def test_gates_follow_the_metric_direction(tmp_path: Path) -> None:
     assert [g.dataset for g in report.gates if g.gate == "perplexity"] == ["eval", "eval"]
     assert not report.passed
     forgetting = by_rule[("general", "perplexity", "max_increase")]
-    assert forgetting.describe() == f"general_perplexity (general/perplexity) max_increase 0.01: got {forgetting.value:.4g}"
+    assert (
+        forgetting.describe()
+        == f"general_perplexity (general/perplexity) max_increase 0.01: got {forgetting.value:.4g}"
+    )
 
 
 def run_with_report(tmp_path: Path, name: str, seed: int, model: str = "/models/base") -> Path:

@@ -18,10 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_recipe
-from sovtune.run import checkpoints
-from sovtune.run import fingerprint
-from sovtune.run import lock
 from sovtune.cli import app
+from sovtune.run import checkpoints, fingerprint, lock
 
 MAX_STEPS = 6
 STEP_DELAY_S = 0.2  # per forward/backward (micro-batch); a step on the CPU is several
@@ -268,7 +266,9 @@ def copy_of_run(stopped_run: tuple[Path, Path], tmp_path: Path) -> tuple[Path, P
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def refused(result: Any) -> str:

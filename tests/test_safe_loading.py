@@ -63,7 +63,9 @@ def test_pickle_weights_are_refused_by_default(pickle_model_dir: Path, tmp_path:
     assert snapshot(tmp_path) == before
 
 
-def test_pickle_weights_load_when_the_recipe_opts_in(pickle_model_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_pickle_weights_load_when_the_recipe_opts_in(
+    pickle_model_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     recipe = write_recipe(tmp_path, pickle_model_dir, model={"allow_pickle_weights": True}, train={"max_steps": 1})
     result = invoke("train", recipe)
     assert result.exit_code == 0, result.output
@@ -79,7 +81,9 @@ def test_pickle_weights_load_when_the_recipe_opts_in(pickle_model_dir: Path, tin
     assert all((loaded[name] == original[name]).all() for name in loaded)
 
 
-def test_safetensors_beside_pickle_weights_are_used(pickle_model_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_safetensors_beside_pickle_weights_are_used(
+    pickle_model_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     both = tmp_path / "both"
     shutil.copytree(pickle_model_dir, both)
     shutil.copy(tiny_model_dir / "model.safetensors", both / "model.safetensors")
@@ -129,7 +133,10 @@ def remote_code_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
     config.update(
         model_type="sovtune_tiny",
         architectures=["TinyForCausalLM"],
-        auto_map={"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"},
+        auto_map={
+            "AutoConfig": "configuration_tiny.TinyConfig",
+            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+        },
     )
     (folder / "config.json").write_text(json.dumps(config))
     return folder
@@ -140,7 +147,10 @@ def train_in_child(recipe: Path, tmp_path: Path, *args: str) -> tuple[subprocess
     marker = tmp_path / "marker"
     done = subprocess.run(
         [sys.executable, "-m", "sovtune", "train", str(recipe), *args],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=child_env(SOVTUNE_REMOTE_CODE_MARKER=str(marker), HF_MODULES_CACHE=str(tmp_path / "modules")),
     )
     return done, marker
@@ -206,7 +216,8 @@ def files_containing(folder: Path, secrets: list[str]) -> list[str]:
 @pytest.mark.slow
 def test_a_planted_token_reaches_no_file_and_no_output(tiny_model_dir: Path, tmp_path: Path) -> None:
     recipe = write_recipe(
-        tmp_path, tiny_model_dir,
+        tmp_path,
+        tiny_model_dir,
         description="pushes with ${HF_TOKEN}; database ${SOVTUNE_TEST_DB_PASSWORD}",
         train={"max_steps": 2, "save_steps": 1},
         eval={"samples": 1},
@@ -217,8 +228,9 @@ def test_a_planted_token_reaches_no_file_and_no_output(tiny_model_dir: Path, tmp
         ["run", str(recipe), "--set", f"hub.revision={TOKEN}"],  # typed on the command line, too
         ["train", str(recipe), "--set", "train.batch_size=${HF_TOKEN}", "--set", "output.dir=runs/failed"],  # an error
     ):
-        done = subprocess.run([sys.executable, "-m", "sovtune", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "sovtune", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         outputs.append(done)
     assert outputs[0].returncode == 0, outputs[0].stderr
     assert outputs[1].returncode == 2 and "train.batch_size" in outputs[1].stderr, outputs[1].stderr

@@ -62,7 +62,10 @@ def test_luhn_and_mod97() -> None:
 def rows_with_plants() -> list[Row]:
     rows = []
     for index, (kind, value) in enumerate(sorted(PLANTED.items())):
-        messages = [{"role": "user", "content": f"question {index}"}, {"role": "assistant", "content": f"use {value} here"}]
+        messages = [
+            {"role": "user", "content": f"question {index}"},
+            {"role": "assistant", "content": f"use {value} here"},
+        ]
         rows.append(Row(values={"messages": messages}, origin=f"train.jsonl:{index + 1}"))
     rows.append(Row(values={"messages": [{"role": "user", "content": "clean"}]}, origin="train.jsonl:99"))
     return rows
@@ -131,8 +134,8 @@ def test_check_reports_counts_never_values(make_recipe) -> None:
 
 def test_redact_happens_before_tokenising(make_recipe) -> None:
     from sovtune import model as models
-    from sovtune.inputs import prepare_recipe_data as prepare_data
     from sovtune.config import load_recipe
+    from sovtune.inputs import prepare_recipe_data as prepare_data
 
     recipe = load_recipe(make_recipe("scanredact", rows=planted_rows(), sovereignty={"data_scan": "redact"}))
     tokenizer = models.load_tokenizer(recipe)
@@ -148,15 +151,17 @@ def test_block_stops_check_with_exit_2(make_recipe) -> None:
 
     from sovtune.cli import app
 
-    result = CliRunner().invoke(app, ["check", str(make_recipe("scanblock", rows=planted_rows(), sovereignty={"data_scan": "block"}))])
+    result = CliRunner().invoke(
+        app, ["check", str(make_recipe("scanblock", rows=planted_rows(), sovereignty={"data_scan": "block"}))]
+    )
     assert result.exit_code == 2
     assert "2 of 24 rows flagged" in result.output and "scanblock-train.jsonl:1" in result.output.replace("\n", "")
     assert EMAIL not in result.output and HF not in result.output
 
 
 def test_policy_is_validated(make_recipe) -> None:
-    from sovtune.errors import RecipeError
     from sovtune.config import load_recipe
+    from sovtune.errors import RecipeError
 
     with pytest.raises(RecipeError, match="sovereignty.data_scan: found 'redcat'.*did you mean 'redact'"):
         load_recipe(make_recipe("badpolicy", sovereignty={"data_scan": "redcat"}))

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sovtune.data import Row, read_rows, to_example
 from sovtune.config import DataSource, Recipe, load_recipe, looks_like_local_path
+from sovtune.data import Row, read_rows, to_example
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))

@@ -18,9 +18,9 @@ import torch
 from conftest import build_tiny_model, qa_rows, write_recipe
 from sovtune import model as models
 from sovtune import training as training
+from sovtune.config import Recipe, load_recipe
 from sovtune.run.checkpoints import last_checkpoint
 from sovtune.run.directory import RunDirError
-from sovtune.config import Recipe, load_recipe
 
 STEPS = 20
 TRAIN = {"max_steps": STEPS, "save_steps": 10, "save_total_limit": 2, "learning_rate": 1e-2, "warmup_steps": 0}
@@ -91,8 +91,13 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, learnable_model_dir: Path
 def qlora_run(tmp_path_factory: pytest.TempPathFactory, learnable_model_dir: Path) -> TrainedRun:
     folder = tmp_path_factory.mktemp("qlora")
     path = write_recipe(
-        folder, learnable_model_dir, "qlora", rows=qa_rows(32), adapter={"r": 8},
-        quantization={"mode": "4bit", "quant_type": "nf4", "double_quant": True}, train={**TRAIN, "save_steps": 100},
+        folder,
+        learnable_model_dir,
+        "qlora",
+        rows=qa_rows(32),
+        adapter={"r": 8},
+        quantization={"mode": "4bit", "quant_type": "nf4", "double_quant": True},
+        train={**TRAIN, "save_steps": 100},
     )
     return train_and_probe(load_recipe(path), folder / "audit.jsonl")
 
@@ -141,7 +146,9 @@ def test_lora_run_directory(lora_run: TrainedRun) -> None:
     again = load_recipe(run_dir / "recipe.yaml")
     assert again.model_dump(exclude={"source_path"}) == lora_run.recipe.model_dump(exclude={"source_path"})
     metrics = json.loads((run_dir / "train_metrics.json").read_text())
-    assert metrics["global_step"] == STEPS and [e["loss"] for e in metrics["log_history"] if "loss" in e] == losses(lora_run)
+    assert metrics["global_step"] == STEPS and [e["loss"] for e in metrics["log_history"] if "loss" in e] == losses(
+        lora_run
+    )
     stats = json.loads((run_dir / "data_stats.json").read_text())
     assert stats["train"]["kept"] == 24 and stats["eval"]["kept"] == 8
     assert list((run_dir / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
@@ -239,9 +246,14 @@ def test_saved_qlora_adapter_reloads_on_a_4bit_base_with_identical_logits(qlora_
     config = json.loads((qlora_run.result.adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 8
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
     )
-    reloaded = plain_peft(Path(qlora_run.recipe.model_location), qlora_run.result.adapter_dir, quantization_config=quantization)
+    reloaded = plain_peft(
+        Path(qlora_run.recipe.model_location), qlora_run.result.adapter_dir, quantization_config=quantization
+    )
     # The tiny model's 32-wide layers are below bitsandbytes' CPU repacking block (a crash on AVX512-BF16 CPUs that
     # real model widths never meet); sovtune's loader does the same.
     models.keep_unpackable_4bit_layers_unpacked(reloaded)
@@ -284,7 +296,9 @@ def test_lora_alpha_defaults_to_twice_the_rank(tmp_path: Path, tiny_model_dir: P
 # Batching changes memory, not the maths
 
 
-def test_accumulation_checkpointing_and_packing_leave_the_step_unchanged(tmp_path: Path, learnable_model_dir: Path) -> None:
+def test_accumulation_checkpointing_and_packing_leave_the_step_unchanged(
+    tmp_path: Path, learnable_model_dir: Path
+) -> None:
     """One optimizer step over the same 6 rows of different lengths, three ways: one batch; two micro-batches of 3
     with gradient checkpointing; packed padding-free rows. Loss, gradient norm and the updated adapter must agree:
     a per-micro-batch mean (the classic accumulation bug) or attention leaking across packed rows would not.
@@ -301,8 +315,15 @@ def test_accumulation_checkpointing_and_packing_leave_the_step_unchanged(tmp_pat
     }
     results = {}
     for name, (data, train) in ways.items():
-        path = write_recipe(tmp_path, learnable_model_dir, name, rows=rows, adapter={"r": 8},
-                            data={"max_length": 128, **data}, train={**TRAIN, "max_steps": 1, "save_steps": 100, "optimizer": "sgd", **train})
+        path = write_recipe(
+            tmp_path,
+            learnable_model_dir,
+            name,
+            rows=rows,
+            adapter={"r": 8},
+            data={"max_length": 128, **data},
+            train={**TRAIN, "max_steps": 1, "save_steps": 100, "optimizer": "sgd", **train},
+        )
         result = training.train(load_recipe(path))
         assert json.loads((result.run_dir / "data_stats.json").read_text())["train"]["kept"] == 6
         first = result.metrics["log_history"][0]
@@ -365,9 +386,16 @@ def test_4bit_layers_bitsandbytes_cannot_repack_for_the_cpu_keep_the_unpacked_pa
 
     def layer(out_features: int, in_features: int, blocksize: int = 64) -> Any:
         weight = SimpleNamespace(quant_state=SimpleNamespace(blocksize=blocksize))
-        return SimpleNamespace(support_avx512bf16_for_cpu=True, out_features=out_features, in_features=in_features, weight=weight)
+        return SimpleNamespace(
+            support_avx512bf16_for_cpu=True, out_features=out_features, in_features=in_features, weight=weight
+        )
 
-    wide_out, wide_in, small_blocks, fine = layer(688, 256), layer(256, 688), layer(256, 96, blocksize=32), layer(256, 256)
+    wide_out, wide_in, small_blocks, fine = (
+        layer(688, 256),
+        layer(256, 688),
+        layer(256, 96, blocksize=32),
+        layer(256, 256),
+    )
     plain = SimpleNamespace(out_features=7, in_features=7)  # not a bitsandbytes layer: no such switch
     assert models.keep_unpackable_4bit_layers_unpacked(Model([wide_out, wide_in, small_blocks, fine, plain])) == 2
     assert not wide_out.support_avx512bf16_for_cpu and not wide_in.support_avx512bf16_for_cpu
@@ -377,12 +405,15 @@ def test_4bit_layers_bitsandbytes_cannot_repack_for_the_cpu_keep_the_unpacked_pa
 def test_qlora_base_with_a_688_wide_mlp_evaluates_on_the_cpu(tmp_path: Path) -> None:
     """The quickstart base's MLP is 688 wide: on CPUs with AVX512-BF16 its eval forward crashed inside bitsandbytes."""
     import bitsandbytes as bnb
+
     from conftest import build_tiny_model, build_tokenizer
 
     model_dir = build_tiny_model(tmp_path / "m", build_tokenizer(tmp_path / "m"), hidden_size=64, intermediate_size=688)
     recipe = load_recipe(write_recipe(tmp_path, model_dir, "q", quantization={"mode": "4bit", "quant_type": "nf4"}))
     model = models.load_base_model(recipe).eval()
-    wide = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and (m.out_features % 32 or m.in_features % 64)]
+    wide = [
+        m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and (m.out_features % 32 or m.in_features % 64)
+    ]
     assert wide and not any(m.support_avx512bf16_for_cpu for m in wide)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits

@@ -42,12 +42,15 @@ def log_path(recipe: Recipe | None = None) -> Path:
 
 def scrub(value: Any) -> Any:
     """The value with secrets replaced: scanner matches, token-like env values, and fields named like secrets."""
+
     def walk(node: Any) -> Any:
         if isinstance(node, str):
             return redact_secrets(node)
         if isinstance(node, dict):
             return {
-                key: "[REDACTED]" if any(word in str(key).lower() for word in _SECRET_KEYS) and node[key] else walk(item)
+                key: "[REDACTED]"
+                if any(word in str(key).lower() for word in _SECRET_KEYS) and node[key]
+                else walk(item)
                 for key, item in node.items()
             }
         if isinstance(node, (list, tuple)):
@@ -97,7 +100,9 @@ def event_record(
     return scrub(record)
 
 
-def record(event: str, outcome: str, recipe: Recipe | None = None, path: Path | None = None, **fields: Any) -> dict[str, Any]:
+def record(
+    event: str, outcome: str, recipe: Recipe | None = None, path: Path | None = None, **fields: Any
+) -> dict[str, Any]:
     """Append one event line; `AuditError` if the log cannot be written. In a multi-process launch only rank 0 writes."""
     entry = event_record(event, outcome, recipe, **fields)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -113,9 +118,13 @@ def record(event: str, outcome: str, recipe: Recipe | None = None, path: Path | 
         finally:
             os.close(fd)
     except OSError as exc:
-        raise AuditError(f"{target}: cannot append to the audit log ({exc.strerror}); fix its permissions or set {ENV_PATH}") from None
+        raise AuditError(
+            f"{target}: cannot append to the audit log ({exc.strerror}); fix its permissions or set {ENV_PATH}"
+        ) from None
     if written != len(line):
-        raise AuditError(f"{target}: short write to the audit log ({written} of {len(line)} bytes); check free disk space")
+        raise AuditError(
+            f"{target}: short write to the audit log ({written} of {len(line)} bytes); check free disk space"
+        )
     return entry
 
 
@@ -134,7 +143,14 @@ def audited(
     extra: dict[str, Any] = {"recipe": recipe, "destination": destination, "details": dict(details or {})}
 
     def write(outcome: str, error: str | None = None) -> None:
-        record(event, outcome, extra["recipe"], destination=extra["destination"], error=error, details=extra["details"] or None)
+        record(
+            event,
+            outcome,
+            extra["recipe"],
+            destination=extra["destination"],
+            error=error,
+            details=extra["details"] or None,
+        )
 
     try:
         yield extra
@@ -143,6 +159,9 @@ def audited(
         raise
     except Exception as exc:
         # A SovtuneError's message is written for users (and scrubbed); a bug's message may hold anything.
-        write("refused" if isinstance(exc, REFUSALS) else "failed", str(exc) if isinstance(exc, SovtuneError) else type(exc).__name__)
+        write(
+            "refused" if isinstance(exc, REFUSALS) else "failed",
+            str(exc) if isinstance(exc, SovtuneError) else type(exc).__name__,
+        )
         raise
     write("ok")

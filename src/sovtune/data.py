@@ -159,7 +159,9 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte offset {exc.start}); re-encode the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte offset {exc.start}); re-encode the file as UTF-8"
+        ) from None
 
 
 def _read_jsonl(path: Path) -> Iterable[Row]:
@@ -275,7 +277,9 @@ def to_example(row: Row, data: DataSection, tokenizer: Any) -> Example:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:  # JSON may escape half a UTF-16 pair ("\ud800"); no tokenizer encodes it
-            raise RowError(f"text holds an unpaired surrogate {text[exc.start]!r}; fix the escape in the source") from None
+            raise RowError(
+                f"text holds an unpaired surrogate {text[exc.start]!r}; fix the escape in the source"
+            ) from None
     example.origin, example.row = row.origin, values
     return example
 
@@ -549,7 +553,9 @@ def split_train_eval(examples: list[Example], eval_fraction: float, seed: int) -
     random.Random(seed).shuffle(shuffled)
     n_eval = max(1, round(len(shuffled) * eval_fraction))
     if len(shuffled) - n_eval < 1:
-        raise DataError(f"only {len(shuffled)} usable rows: too few to hold out eval_fraction; add data or give data.eval")
+        raise DataError(
+            f"only {len(shuffled)} usable rows: too few to hold out eval_fraction; add data or give data.eval"
+        )
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
@@ -581,8 +587,12 @@ def prepare_data(
     evaluation = tokenize_split(eval_examples, data, tokenizer, eval_stats)
     kept_origins = {item.origin.split("@")[0] for item in evaluation}
     eval_examples = [example for example in eval_examples if example.origin in kept_origins]
-    stats = {"train": train_stats.summary(), "eval": eval_stats.summary(), "eval_duplicates_removed": duplicates,
-             "data_scan": scanned.summary()}
+    stats = {
+        "train": train_stats.summary(),
+        "eval": eval_stats.summary(),
+        "eval_duplicates_removed": duplicates,
+        "data_scan": scanned.summary(),
+    }
     _refuse_ruinous(train, train_stats, data)
     return PreparedData(train=train, eval=evaluation, eval_examples=eval_examples, stats=stats)
 
@@ -596,7 +606,9 @@ def load_held_out(
     sources = [data.eval] if data.eval is not None else data.train
     wanted = set(origins)
     scanned = ScanReport(policy=scan_policy)
-    found = {example.origin: example for example in load_examples(sources, data, tokenizer, stats, base_dir, scanned, wanted)}
+    found = {
+        example.origin: example for example in load_examples(sources, data, tokenizer, stats, base_dir, scanned, wanted)
+    }
     missing = [origin for origin in origins if origin not in found]
     if missing:
         raise DataError(

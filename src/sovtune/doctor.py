@@ -30,12 +30,24 @@ def _version(package: str) -> str | None:
 
 
 def diagnose(run_root: Path = Path("runs")) -> list[Row]:
-    rows = [Row("python", platform.python_version(), "ok" if sys.version_info >= (3, 10) else "missing",
-                "" if sys.version_info >= (3, 10) else "install Python 3.10 or newer")]
+    rows = [
+        Row(
+            "python",
+            platform.python_version(),
+            "ok" if sys.version_info >= (3, 10) else "missing",
+            "" if sys.version_info >= (3, 10) else "install Python 3.10 or newer",
+        )
+    ]
     for package in REQUIRED_PACKAGES:
         version = _version(package)
-        rows.append(Row(package, version or "not installed", "ok" if version else "missing",
-                        "" if version else 'pip install -e ".[dev]"'))
+        rows.append(
+            Row(
+                package,
+                version or "not installed",
+                "ok" if version else "missing",
+                "" if version else 'pip install -e ".[dev]"',
+            )
+        )
     rows += _torch_rows()
     rows += _optional_rows()
     rows.append(_disk_row(run_root))
@@ -49,11 +61,23 @@ def _torch_rows() -> list[Row]:
     except ImportError:
         return []
     cuda_build = torch.version.cuda
-    rows = [Row("torch build", f"CUDA {cuda_build}" if cuda_build else "CPU only", "ok" if cuda_build else "warn",
-                "" if cuda_build else "for GPUs: pip install torch (the default Linux wheel is a CUDA build)")]
+    rows = [
+        Row(
+            "torch build",
+            f"CUDA {cuda_build}" if cuda_build else "CPU only",
+            "ok" if cuda_build else "warn",
+            "" if cuda_build else "for GPUs: pip install torch (the default Linux wheel is a CUDA build)",
+        )
+    ]
     if not torch.cuda.is_available():
-        rows.append(Row("GPUs", "none visible (training runs on the CPU: tiny models only)", "warn",
-                        "check nvidia-smi and CUDA_VISIBLE_DEVICES" if cuda_build else ""))
+        rows.append(
+            Row(
+                "GPUs",
+                "none visible (training runs on the CPU: tiny models only)",
+                "warn",
+                "check nvidia-smi and CUDA_VISIBLE_DEVICES" if cuda_build else "",
+            )
+        )
         return rows
     for index in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(index)
@@ -73,11 +97,23 @@ def _optional_rows() -> list[Row]:
     else:
         rows.append(Row("bitsandbytes", "not installed: no QLoRA", "warn", "pip install bitsandbytes"))
     flash = _version("flash-attn") or _version("flash_attn")
-    rows.append(Row("flash-attention", flash or "not installed (SDPA is used)", "ok" if flash else "warn",
-                    "" if flash or not _cuda_available() else 'pip install -e ".[flash-attn]"'))
+    rows.append(
+        Row(
+            "flash-attention",
+            flash or "not installed (SDPA is used)",
+            "ok" if flash else "warn",
+            "" if flash or not _cuda_available() else 'pip install -e ".[flash-attn]"',
+        )
+    )
     liger = _version("liger-kernel")
-    rows.append(Row("liger-kernel", liger or "not installed (fused kernels off)", "ok" if liger else "warn",
-                    "" if liger or not _cuda_available() else 'pip install -e ".[liger]"'))
+    rows.append(
+        Row(
+            "liger-kernel",
+            liger or "not installed (fused kernels off)",
+            "ok" if liger else "warn",
+            "" if liger or not _cuda_available() else 'pip install -e ".[liger]"',
+        )
+    )
     return rows
 
 
@@ -94,8 +130,12 @@ def _disk_row(run_root: Path) -> Row:
     probe = run_root if run_root.exists() else Path.cwd()
     free_gb = shutil.disk_usage(probe).free / 1e9
     ok = free_gb >= MIN_FREE_DISK_GB
-    return Row(f"free disk under {run_root}", f"{free_gb:.1f} GB", "ok" if ok else "missing",
-               "" if ok else f"free at least {MIN_FREE_DISK_GB:.0f} GB or set output.dir elsewhere")
+    return Row(
+        f"free disk under {run_root}",
+        f"{free_gb:.1f} GB",
+        "ok" if ok else "missing",
+        "" if ok else f"free at least {MIN_FREE_DISK_GB:.0f} GB or set output.dir elsewhere",
+    )
 
 
 def _hub_rows() -> list[Row]:
@@ -109,8 +149,12 @@ def _hub_rows() -> list[Row]:
         has_token = bool(os.environ.get("HF_TOKEN"))
     return [
         Row("hub endpoint", endpoint, "ok"),
-        Row("hub token", "set" if has_token else "not set (push/private pulls need one)", "ok" if has_token else "warn",
-            "" if has_token else "export HF_TOKEN=... or huggingface-cli login"),
+        Row(
+            "hub token",
+            "set" if has_token else "not set (push/private pulls need one)",
+            "ok" if has_token else "warn",
+            "" if has_token else "export HF_TOKEN=... or huggingface-cli login",
+        ),
         Row("offline mode", "on (HF_HUB_OFFLINE=1)" if offline else "off", "ok"),
     ]
 

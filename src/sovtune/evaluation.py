@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-
 from sovtune import metrics as scoring
 from sovtune import model as models
 from sovtune import report as reports
@@ -249,7 +248,9 @@ def prepare_dataset(recipe: Recipe, tokenizer: Any, dataset: EvalDataset, held_o
     view = eval_view(recipe.data, data_format, columns)
     policy = recipe.sovereignty.data_scan
     if dataset.source is None and held_out is not None:
-        examples, tokenized, stats = load_held_out(view, tokenizer, held_out.origins, base_dir=recipe.base_dir, scan_policy=policy)
+        examples, tokenized, stats = load_held_out(
+            view, tokenizer, held_out.origins, base_dir=recipe.base_dir, scan_policy=policy
+        )
         dropped = {**held_out.dropped, **stats.dropped}
         notes = [f"{count} rows dropped: {reason}" for reason, count in dropped.items()]
         source_name = "held-out split of data" if recipe.data.eval is None else recipe.data.eval.path
@@ -263,7 +264,9 @@ def prepare_dataset(recipe: Recipe, tokenizer: Any, dataset: EvalDataset, held_o
         tokenized = tokenize_split(examples, view, tokenizer, stats)
         notes, source_name = _drop_notes(stats.summary()), dataset.source.path
     if not tokenized:
-        raise DataError(f"eval dataset {dataset.name!r} ({source_name}): no usable rows; check its path, format and columns")
+        raise DataError(
+            f"eval dataset {dataset.name!r} ({source_name}): no usable rows; check its path, format and columns"
+        )
     # Text windows have no prompt: they get loss metrics only (the recipe check forbids the others).
     by_origin = {example.origin: example for example in examples} if data_format != "text" else {}
     items = [
@@ -299,8 +302,10 @@ def generation_cut_off(items: list[EvalItem], tokenizer: Any, max_new_tokens: in
     over = [count for count in needed if count > max_new_tokens]
     if not over:
         return ""
-    return (f"{len(over)} of {len(needed)} references need more than eval.generation.max_new_tokens={max_new_tokens} "
-            f"tokens (longest {max(over)} with its stop token) and cannot match; raise it to at least {max(over)}")
+    return (
+        f"{len(over)} of {len(needed)} references need more than eval.generation.max_new_tokens={max_new_tokens} "
+        f"tokens (longest {max(over)} with its stop token) and cannot match; raise it to at least {max(over)}"
+    )
 
 
 def prepare_general(recipe: Recipe, tokenizer: Any) -> Suite:
@@ -316,7 +321,9 @@ def prepare_general(recipe: Recipe, tokenizer: Any) -> Suite:
     notes = _drop_notes(stats.summary())
     items = [EvalItem(origin=row.origin, tokens=row) for row in tokenized]
     items = _sample(items, general.max_examples or recipe.eval.max_examples, recipe.eval.bootstrap.seed, notes)
-    return Suite(name=GENERAL_DATASET, items=items, metrics=["perplexity"], higher_is_better={"perplexity": False}, notes=notes)
+    return Suite(
+        name=GENERAL_DATASET, items=items, metrics=["perplexity"], higher_is_better={"perplexity": False}, notes=notes
+    )
 
 
 def _drop_notes(summary: dict[str, Any]) -> list[str]:
@@ -377,9 +384,13 @@ def _add_scorers(suite: Suite, dataset: EvalDataset, recipe: Recipe) -> None:
         suite.closers.append(executor.close)
         for item in suite.items:
             item.sql_rows = executor.reference_result(item.reference, item.origin)
-        suite.scorers["sql_execution"] = lambda prediction, item: executor.score(prediction, item.reference, item.sql_rows or [])
+        suite.scorers["sql_execution"] = lambda prediction, item: executor.score(
+            prediction, item.reference, item.sql_rows or []
+        )
     for user in dataset.user_metrics:
-        function = scoring.load_user_function(recipe.resolve(user.module), user.function, f"eval.user_metrics.{user.name}")
+        function = scoring.load_user_function(
+            recipe.resolve(user.module), user.function, f"eval.user_metrics.{user.name}"
+        )
         suite.scorers[user.name] = _user_scorer(function, f"{user.module}:{user.function}")
 
 
@@ -388,7 +399,9 @@ def _text_scorer(function: Callable[[str, str], float]) -> Callable[[str, EvalIt
 
 
 def _user_scorer(function: Callable[..., Any], where: str) -> Callable[[str, EvalItem], float]:
-    return lambda prediction, item: scoring.call_user_metric(function, prediction, item.reference, item.row, f"{where} on {item.origin}")
+    return lambda prediction, item: scoring.call_user_metric(
+        function, prediction, item.reference, item.row, f"{where} on {item.origin}"
+    )
 
 
 def _attach_choices(item: EvalItem, dataset: EvalDataset, tokenizer: Any) -> None:
@@ -407,7 +420,9 @@ def _attach_choices(item: EvalItem, dataset: EvalDataset, tokenizer: Any) -> Non
         stripped = [choice.strip() for choice in choices]
         index = stripped.index(answer.strip()) if answer.strip() in stripped else -1
     if not 0 <= index < len(choices):
-        raise DataError(f"{item.origin}: answer {answer!r} is not one of the {len(choices)} options in {dataset.choices_column!r}")
+        raise DataError(
+            f"{item.origin}: answer {answer!r} is not one of the {len(choices)} options in {dataset.choices_column!r}"
+        )
     item.choices = [tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in choices]
     item.answer = index
 
@@ -427,7 +442,10 @@ def run_suite(model: Any, tokenizer: Any, suite: Suite, recipe: Recipe) -> Suite
     if loss_metrics:
         started = time.perf_counter()
         sequences = [item.tokens for item in suite.items]
-        sums = {name: teacher_forced_sums(model, sequences, settings.batch_size, context) for name, context in both_models(model)}
+        sums = {
+            name: teacher_forced_sums(model, sequences, settings.batch_size, context)
+            for name, context in both_models(model)
+        }
         seconds["loss"] = time.perf_counter() - started
         for name, totals in sums.items():
             if not bool(torch.isfinite(totals.nll).all()):
@@ -492,7 +510,11 @@ def teacher_forced_sums(model: Any, sequences: Sequence[Tokenized], batch_size: 
 
     device = model_device(model)
     n = len(sequences)
-    nll, tokens, correct = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    nll, tokens, correct = (
+        torch.zeros(n, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.float64),
+    )
     pad_id = _pad_id(model)
     slicing = supports_logits_to_keep(model)
     with context if context is not None else nullcontext():
@@ -514,7 +536,9 @@ def teacher_forced_sums(model: Any, sequences: Sequence[Tokenized], batch_size: 
                     input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep.to(device)
                 ).logits
             else:
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[keep.to(device)]
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[
+                    keep.to(device)
+                ]
             gold = targets[keep[:, :-1]].to(device)
             logits = logits.reshape(-1, logits.shape[-1]).float()
             token_nll = torch.nn.functional.cross_entropy(logits, gold, reduction="none").double().cpu()
@@ -549,7 +573,9 @@ def multiple_choice_scores(model: Any, items: Sequence[EvalItem], batch_size: in
     sequences, owners = [], []
     for index, item in enumerate(items):
         for option in item.choices:
-            sequences.append(Tokenized(item.prompt_ids + option, [IGNORE_INDEX] * len(item.prompt_ids) + option, item.origin))
+            sequences.append(
+                Tokenized(item.prompt_ids + option, [IGNORE_INDEX] * len(item.prompt_ids) + option, item.origin)
+            )
             owners.append(index)
     result = {}
     for name, context in both_models(model):
@@ -575,7 +601,9 @@ def generation_config(tokenizer: Any, recipe: Recipe) -> Any:
     from transformers import GenerationConfig
 
     settings = recipe.eval.generation
-    sampling = {"temperature": settings.temperature or 1.0, "top_p": settings.top_p or 1.0} if settings.do_sample else {}
+    sampling = (
+        {"temperature": settings.temperature or 1.0, "top_p": settings.top_p or 1.0} if settings.do_sample else {}
+    )
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
@@ -610,7 +638,9 @@ def generate_ids_both(
 
 
 @inference_mode
-def generate_batch(model: Any, prompts: Sequence[list[int]], config: Any, tokenizer: Any = None, seed: int = 0) -> list[list[int]]:
+def generate_batch(
+    model: Any, prompts: Sequence[list[int]], config: Any, tokenizer: Any = None, seed: int = 0
+) -> list[list[int]]:
     """New token ids per prompt: left padding (so every prompt ends where generation starts), KV cache, trimmed at
     the first stop token."""
     import torch

@@ -11,5 +11,9 @@ from sovtune.data import PreparedData, prepare_data
 
 def prepare_recipe_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
     return prepare_data(
-        recipe.data, tokenizer, base_dir=recipe.base_dir, seed=recipe.train.seed, scan_policy=recipe.sovereignty.data_scan
+        recipe.data,
+        tokenizer,
+        base_dir=recipe.base_dir,
+        seed=recipe.train.seed,
+        scan_policy=recipe.sovereignty.data_scan,
     )

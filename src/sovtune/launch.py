@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from sovtune.config import Recipe
 from sovtune.errors import SovtuneError
@@ -71,11 +71,15 @@ def check_strategy(recipe: Recipe, strategy: str) -> None:
                 f"set model.dtype: {quant.storage_dtype}"
             )
     if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise LaunchError(f"--strategy {strategy}: the deepspeed package is not installed; pip install -e '.[deepspeed]'")
+        raise LaunchError(
+            f"--strategy {strategy}: the deepspeed package is not installed; pip install -e '.[deepspeed]'"
+        )
 
 
 def config_file_for(recipe: Recipe, strategy: str) -> Path:
-    name = FSDP_QLORA_CONFIG if strategy == "fsdp" and recipe.quantization.mode == "4bit" else STRATEGY_CONFIGS[strategy]
+    name = (
+        FSDP_QLORA_CONFIG if strategy == "fsdp" and recipe.quantization.mode == "4bit" else STRATEGY_CONFIGS[strategy]
+    )
     return configs_dir() / "accelerate" / name
 
 

@@ -106,7 +106,9 @@ def check_licence(recipe: Recipe) -> LicenceCheck:
             f"model.license is {recipe.model.license!r} but the base model's {source} declares {', '.join(declared)}; "
             "remove model.license (the model's own declaration counts) or check you have the right model"
         )
-    licences, source = (declared, source) if declared else (stated, "recipe (model.license)") if stated else ([], "unknown")
+    licences, source = (
+        (declared, source) if declared else (stated, "recipe (model.license)") if stated else ([], "unknown")
+    )
     if not allowed:
         return LicenceCheck(licences, source, allowed, passed=True)
     where = recipe.model.name_or_path

@@ -113,7 +113,9 @@ def paired_bootstrap(
 
     n = len(base)
     if n != len(tuned) or base.aggregate != tuned.aggregate:
-        raise ValueError(f"paired scores must match: {n} vs {len(tuned)} examples, {base.aggregate} vs {tuned.aggregate}")
+        raise ValueError(
+            f"paired scores must match: {n} vs {len(tuned)} examples, {base.aggregate} vs {tuned.aggregate}"
+        )
     if n == 0:
         raise ValueError("no examples to compare")
     if resamples < 1:
@@ -261,7 +263,9 @@ class SqlExecutor:
             self.connection.execute("PRAGMA query_only = ON")
             self.connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as exc:
-            raise MetricError(f"{database}: cannot open as a SQLite database ({exc}); check eval.datasets[].database") from None
+            raise MetricError(
+                f"{database}: cannot open as a SQLite database ({exc}); check eval.datasets[].database"
+            ) from None
         self.connection.set_authorizer(_refuse_attach)
         self._deadline = math.inf
         # Called every 1000 VM instructions: cheap, and frequent enough to stop within milliseconds.
@@ -349,7 +353,9 @@ def load_user_function(path: Path, function: str, field: str) -> Callable[..., A
     return found
 
 
-def call_user_metric(func: Callable[..., Any], prediction: str, reference: str, row: dict[str, Any], where: str) -> float:
+def call_user_metric(
+    func: Callable[..., Any], prediction: str, reference: str, row: dict[str, Any], where: str
+) -> float:
     """Call `func(prediction, reference, row)` and insist on a finite number (a bool counts as 0/1)."""
     import numpy as np
 

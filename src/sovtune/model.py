@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sovtune.core.rundir import RunDir
 from sovtune.config import Recipe
+from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import device, local_rank, sharded_training
 from sovtune.data import stop_token_ids  # noqa: F401  (re-exported: generation stops there)
 from sovtune.errors import SovtuneError
@@ -41,7 +41,10 @@ def check_device_support(recipe: Recipe) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    for field, name in (("model.dtype", recipe.model.dtype), ("quantization.compute_dtype", recipe.quantization.compute_dtype)):
+    for field, name in (
+        ("model.dtype", recipe.model.dtype),
+        ("quantization.compute_dtype", recipe.quantization.compute_dtype),
+    ):
         if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
             raise ModelError(f"{field}: bfloat16 is not supported by this GPU; use float16 or auto")
         if name == "float16" and not cuda and recipe.quantization.mode == "none":
@@ -191,7 +194,6 @@ def check_weight_files(recipe: Recipe) -> None:
 def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool = True) -> Any:
     """The base causal LM: pinned revision, safetensors only unless allowed, the recipe's dtype and kernel."""
     import torch
-
     from transformers import AutoModelForCausalLM
 
     check_weight_files(recipe)  # train, eval, merge and chat all refuse pickle-only weights
@@ -241,7 +243,6 @@ def keep_unpackable_4bit_layers_unpacked(model: Any) -> int:
 def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
     """The causal LM of a config on the meta device: every module and shape, no memory, no weights."""
     import torch
-
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

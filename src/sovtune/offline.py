@@ -37,7 +37,9 @@ class _Guard:
     allowed_hosts: set[str] = field(default_factory=set)
     allowed_addresses: set[str] = field(default_factory=set)
     refused: list[Attempt] = field(default_factory=list)
-    originals: dict[str, Any] = field(default_factory=dict)  # what the wrappers call (tests may stand in for the network)
+    originals: dict[str, Any] = field(
+        default_factory=dict
+    )  # what the wrappers call (tests may stand in for the network)
     restore: dict[str, Any] = field(default_factory=dict)  # what `disable` puts back, whatever `originals` became
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -66,7 +68,9 @@ def enable(allowed_endpoints: Iterable[str] = ()) -> None:
     for endpoint in allowed_endpoints:
         host = endpoint_host(endpoint)
         if host is None:
-            raise SovtuneError(f"allowed endpoint {endpoint!r} is not an http(s) URL or host name; e.g. https://hub.internal")
+            raise SovtuneError(
+                f"allowed endpoint {endpoint!r} is not an http(s) URL or host name; e.g. https://hub.internal"
+            )
         hosts.add(host)
     global _guard
     if _guard is None:

@@ -100,11 +100,19 @@ def parse_gpu(spec: str) -> Gpu:
 
 # Config numbers of popular bases, for when even the config cannot be read (offline, gated repo). Each entry is
 # handed to `AutoConfig.for_model`, so parameters are still counted exactly on the meta device.
-def _llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, tied: bool = False, **extra: Any) -> dict[str, Any]:
+def _llama(
+    vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, tied: bool = False, **extra: Any
+) -> dict[str, Any]:
     return {
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "tie_word_embeddings": tied, **extra,
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "tie_word_embeddings": tied,
+        **extra,
     }
 
 
@@ -191,13 +199,17 @@ class Architecture:
     embedding_params: int  # input embeddings (and any other nn.Embedding)
     total_params: int
     module_params: dict[str, int] = field(default_factory=dict)  # leaf module name -> parameters (modules_to_save)
-    embeddings: list[LinearLayer] = field(default_factory=list)  # nn.Embedding as (num_embeddings -> dim): LoRA-able too
+    embeddings: list[LinearLayer] = field(
+        default_factory=list
+    )  # nn.Embedding as (num_embeddings -> dim): LoRA-able too
     layer_params: int = 0  # parameters of one decoder layer
 
     @property
     def head_params(self) -> int:
         head = next((lin for lin in self.linears if lin.name == self.output_head), None)
-        return 0 if head is None or self.tied_embeddings else head.weight_params + (head.out_features if head.bias else 0)
+        return (
+            0 if head is None or self.tied_embeddings else head.weight_params + (head.out_features if head.bias else 0)
+        )
 
     def quantisable(self) -> list[LinearLayer]:
         """Linears bitsandbytes replaces: all but the output head (transformers keeps it in 16 bit)."""
@@ -226,7 +238,9 @@ def architecture_from_config(config: Any, name: str, source: str) -> Architectur
     try:
         model = models.meta_model(config, trust_remote_code=getattr(config, "_trust_remote_code", False))
     except (ValueError, KeyError, TypeError) as exc:
-        raise PlanError(f"model {name!r}: cannot build a causal LM from its config ({str(exc).splitlines()[0][:200]})") from None
+        raise PlanError(
+            f"model {name!r}: cannot build a causal LM from its config ({str(exc).splitlines()[0][:200]})"
+        ) from None
     return architecture_from_model(model, config, name, source)
 
 
@@ -252,7 +266,9 @@ def architecture_from_model(model: Any, config: Any, name: str, source: str) -> 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size
     heads = text.num_attention_heads
-    layer_modules = [m for m in model.modules() if type(m).__name__ in set(getattr(model, "_no_split_modules", None) or ())]
+    layer_modules = [
+        m for m in model.modules() if type(m).__name__ in set(getattr(model, "_no_split_modules", None) or ())
+    ]
     return Architecture(
         name=name,
         source=source,
@@ -328,7 +344,18 @@ def _from_table(name: str) -> Architecture:
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Linears that read the same input, so a LoRA layer on any of them keeps that input alive once.
-ATTENTION_INPUT = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "query", "key", "value"}
+ATTENTION_INPUT = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "query_key_value",
+    "c_attn",
+    "Wqkv",
+    "query",
+    "key",
+    "value",
+}
 ATTENTION_OUTPUT = {"o_proj", "out_proj", "dense", "c_proj"}
 MLP_INPUT = {"gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "w1", "w3", "dense_h_to_4h"}
 MLP_OUTPUT = {"down_proj", "fc2", "w2", "dense_4h_to_h"}
@@ -496,9 +523,16 @@ def layer_activation_bytes(arch: Architecture, settings: Settings) -> int:
     leaves = {lin.leaf for lin in targeted}
     unknown = leaves - ATTENTION_INPUT - ATTENTION_OUTPUT - MLP_INPUT - MLP_OUTPUT
     norm_inputs = 2 * 4 * tokens * h
-    normed = e * tokens * h * ((bool(leaves & ATTENTION_INPUT) or bool(unknown)) + (bool(leaves & MLP_INPUT) or bool(unknown)))
+    normed = (
+        e
+        * tokens
+        * h
+        * ((bool(leaves & ATTENTION_INPUT) or bool(unknown)) + (bool(leaves & MLP_INPUT) or bool(unknown)))
+    )
     # SDPA repeats k/v to all heads when it gets a mask; eager always does; flash-attention 2 never.
-    repeated = kv < heads and (settings.attention == "eager" or (mask > 0 and settings.attention != "flash_attention_2"))
+    repeated = kv < heads and (
+        settings.attention == "eager" or (mask > 0 and settings.attention != "flash_attention_2")
+    )
     kv_heads_kept = heads if repeated else kv
     attention = e * tokens * (heads * d + 2 * kv_heads_kept * d + heads * d) + 4 * tokens * heads
     if settings.attention == "eager":  # the fp32 softmax and its cast: one score per query-key pair that can attend
@@ -565,13 +599,24 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
     lora_params = sum(settings.r * (lin.in_features + lin.out_features) for lin in adapted_layers(arch, settings))
     trainable_bytes = sum(elements * size for elements, size in tensors)
     weights = base_weight_bytes(arch, settings)
-    quant = {"none": f"{8 * settings.dtype_bytes}-bit", "4bit": "NF4" + (" + double quant" if settings.double_quant else ""), "8bit": "int8"}[settings.quant_mode]
+    quant = {
+        "none": f"{8 * settings.dtype_bytes}-bit",
+        "4bit": "NF4" + (" + double quant" if settings.double_quant else ""),
+        "8bit": "int8",
+    }[settings.quant_mode]
     shard_note = f", sharded over {n} GPUs" if n > 1 else ""
     parts = [
         Component("base weights", weights // n, f"{arch.total_params:,} params, {quant}{shard_note}"),
-        Component("adapter weights", trainable_bytes // n, f"{sum(e for e, _ in tensors):,} trainable params (LoRA r={settings.r}, fp32)"),
-        Component("gradients", trainable_bytes // n * (2 if settings.gpus > 1 and not settings.sharded else 1),
-                  "trainable params only" + (" + DDP gradient buckets" if settings.gpus > 1 and not settings.sharded else "")),
+        Component(
+            "adapter weights",
+            trainable_bytes // n,
+            f"{sum(e for e, _ in tensors):,} trainable params (LoRA r={settings.r}, fp32)",
+        ),
+        Component(
+            "gradients",
+            trainable_bytes // n * (2 if settings.gpus > 1 and not settings.sharded else 1),
+            "trainable params only" + (" + DDP gradient buckets" if settings.gpus > 1 and not settings.sharded else ""),
+        ),
         Component("optimizer state", optimizer_state_bytes(tensors, settings.optimizer) // n, settings.optimizer),
         Component(
             "activations",
@@ -579,18 +624,29 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
             f"batch {settings.batch_size} x {settings.seq_len} tokens, "
             + ("gradient checkpointing" if settings.gradient_checkpointing else "no checkpointing"),
         ),
-        Component("backward + LM head", backward_working_bytes(arch, settings), "activation gradients / fused LM head tiles"),
+        Component(
+            "backward + LM head", backward_working_bytes(arch, settings), "activation gradients / fused LM head tiles"
+        ),
     ]
     if settings.quant_mode != "none":
         widest = max((lin.weight_params for lin in arch.quantisable()), default=0)
-        parts.append(Component("dequantisation", 2 * widest * settings.dtype_bytes, "largest quantised weight, dequantised"))
+        parts.append(
+            Component("dequantisation", 2 * widest * settings.dtype_bytes, "largest quantised weight, dequantised")
+        )
     if n > 1:
         layer_bytes = weights * arch.layer_params // max(arch.total_params, 1)
-        parts.append(Component("all-gather buffers", 2 * layer_bytes, "two unsharded decoder layers (current + prefetch)"))
+        parts.append(
+            Component("all-gather buffers", 2 * layer_bytes, "two unsharded decoder layers (current + prefetch)")
+        )
     if settings.device == "cuda":
         tensors_total = sum(c.bytes for c in parts)
-        parts.append(Component("framework overhead", CUDA_CONTEXT_BYTES + int(FRAGMENTATION * tensors_total),
-                               "CUDA context, kernels, allocator fragmentation"))
+        parts.append(
+            Component(
+                "framework overhead",
+                CUDA_CONTEXT_BYTES + int(FRAGMENTATION * tensors_total),
+                "CUDA context, kernels, allocator fragmentation",
+            )
+        )
     return Estimate(arch, settings, parts, lora_params, sum(e for e, _ in tensors), full_logits_bytes(arch, settings))
 
 
@@ -612,31 +668,72 @@ def _ladder(settings: Settings) -> list[Change]:
     steps: list[Change] = []
     s = settings
     if not s.gradient_checkpointing:
-        steps.append(Change("checkpointing", "recompute activations in the backward pass",
-                            (("gradient_checkpointing", True),), ("train.gradient_checkpointing=true",)))
+        steps.append(
+            Change(
+                "checkpointing",
+                "recompute activations in the backward pass",
+                (("gradient_checkpointing", True),),
+                ("train.gradient_checkpointing=true",),
+            )
+        )
     if s.quant_mode != "4bit":
-        steps.append(Change("quantization", "QLoRA: 4-bit NF4 base weights",
-                            (("quant_mode", "4bit"), ("double_quant", True)), ("quantization.mode=4bit",)))
+        steps.append(
+            Change(
+                "quantization",
+                "QLoRA: 4-bit NF4 base weights",
+                (("quant_mode", "4bit"), ("double_quant", True)),
+                ("quantization.mode=4bit",),
+            )
+        )
     if s.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
-        steps.append(Change("optimizer", "8-bit paged AdamW", (("optimizer", "paged_adamw_8bit"),),
-                            ("train.optimizer=paged_adamw_8bit",)))
+        steps.append(
+            Change(
+                "optimizer",
+                "8-bit paged AdamW",
+                (("optimizer", "paged_adamw_8bit"),),
+                ("train.optimizer=paged_adamw_8bit",),
+            )
+        )
     if s.gpus > 1 and not s.sharded:
-        steps.append(Change("sharding", "shard weights and optimizer state over the GPUs (FSDP)",
-                            (("strategy", "fsdp"),), launch="--strategy fsdp"))
+        steps.append(
+            Change(
+                "sharding",
+                "shard weights and optimizer state over the GPUs (FSDP)",
+                (("strategy", "fsdp"),),
+                launch="--strategy fsdp",
+            )
+        )
     if s.attention == "sdpa" and s.device == "cuda":
-        steps.append(Change("attention", "flash-attention 2: no per-layer attention mask (needs the flash-attn package)",
-                            (("attention", "flash_attention_2"),), ("model.attn_implementation=flash_attention_2",)))
+        steps.append(
+            Change(
+                "attention",
+                "flash-attention 2: no per-layer attention mask (needs the flash-attn package)",
+                (("attention", "flash_attention_2"),),
+                ("model.attn_implementation=flash_attention_2",),
+            )
+        )
     batch, accumulation = s.batch_size, s.gradient_accumulation
     while batch > 1:
         batch, accumulation = batch // 2, accumulation * 2
-        steps.append(Change("batch", f"micro-batch {batch} x {accumulation} accumulation (same effective batch)",
-                            (("batch_size", batch), ("gradient_accumulation", accumulation)),
-                            (f"train.batch_size={batch}", f"train.gradient_accumulation={accumulation}")))
+        steps.append(
+            Change(
+                "batch",
+                f"micro-batch {batch} x {accumulation} accumulation (same effective batch)",
+                (("batch_size", batch), ("gradient_accumulation", accumulation)),
+                (f"train.batch_size={batch}", f"train.gradient_accumulation={accumulation}"),
+            )
+        )
     length = s.seq_len
     while length > 256:
         length = max(256, length // 2)
-        steps.append(Change("length", f"max_length {length}: longer examples get truncated (see sovtune check)",
-                            (("seq_len", length),), (f"data.max_length={length}",)))
+        steps.append(
+            Change(
+                "length",
+                f"max_length {length}: longer examples get truncated (see sovtune check)",
+                (("seq_len", length),),
+                (f"data.max_length={length}",),
+            )
+        )
     return steps
 
 
@@ -688,8 +785,14 @@ def _sharded_fit(est: Estimate, gpu: Gpu, ladder: list[Change]) -> Fit:
     changes = _latest_per_kind([c for c in ladder if c.kind not in ("length", "sharding")])
     if est.settings.quant_mode == "4bit" or any(c.kind == "quantization" for c in changes):
         # FSDP shards only float tensors: the packed 4-bit weights must be stored as bf16 (sovtune launch checks it).
-        changes.append(Change("storage", "4-bit weights stored as bf16 so FSDP can shard them", (),
-                              ("quantization.storage_dtype=bfloat16", "model.dtype=bfloat16")))
+        changes.append(
+            Change(
+                "storage",
+                "4-bit weights stored as bf16 so FSDP can shard them",
+                (),
+                ("quantization.storage_dtype=bfloat16", "model.dtype=bfloat16"),
+            )
+        )
     settings = apply_changes(est.settings, changes)
     for gpus in (2, 4, 8, 16, 32, 64):
         total = estimate(est.architecture, replace(settings, gpus=gpus, strategy="fsdp")).total_bytes
@@ -721,10 +824,17 @@ class Plan:
                 "vocab_size": arch.vocab_size,
             },
             "settings": {
-                "batch_size": s.batch_size, "max_length": s.seq_len, "gradient_accumulation": s.gradient_accumulation,
-                "gpus": s.gpus, "strategy": s.strategy, "effective_batch": s.effective_batch,
-                "quantization": s.quant_mode, "gradient_checkpointing": s.gradient_checkpointing,
-                "optimizer": s.optimizer, "attention": s.attention, "dtype_bytes": s.dtype_bytes,
+                "batch_size": s.batch_size,
+                "max_length": s.seq_len,
+                "gradient_accumulation": s.gradient_accumulation,
+                "gpus": s.gpus,
+                "strategy": s.strategy,
+                "effective_batch": s.effective_batch,
+                "quantization": s.quant_mode,
+                "gradient_checkpointing": s.gradient_checkpointing,
+                "optimizer": s.optimizer,
+                "attention": s.attention,
+                "dtype_bytes": s.dtype_bytes,
             },
             "components": [{"name": c.name, "bytes": c.bytes, "note": c.note} for c in est.components],
             "total_bytes": est.total_bytes,

@@ -72,16 +72,37 @@ def check(recipe: Recipe) -> PreflightReport:
     report = PreflightReport(recipe=recipe.name, stats=data.stats, architecture=architecture_summary(recipe, tokenizer))
     add = report.findings.append
     train = data.stats["train"]
-    add(Finding("supervised tokens", train["supervised_tokens"] > 0,
-                f"{train['supervised_token_fraction']:.1%} of {train['total_tokens']:,} training tokens carry loss"))
-    add(Finding("truncation", train["truncation_rate"] < 1.0 or recipe.data.format == "text",
-                f"{train['truncation_rate']:.1%} of rows longer than max_length={recipe.data.max_length}",
-                fatal=train["truncation_rate"] >= 1.0))
+    add(
+        Finding(
+            "supervised tokens",
+            train["supervised_tokens"] > 0,
+            f"{train['supervised_token_fraction']:.1%} of {train['total_tokens']:,} training tokens carry loss",
+        )
+    )
+    add(
+        Finding(
+            "truncation",
+            train["truncation_rate"] < 1.0 or recipe.data.format == "text",
+            f"{train['truncation_rate']:.1%} of rows longer than max_length={recipe.data.max_length}",
+            fatal=train["truncation_rate"] >= 1.0,
+        )
+    )
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
-    add(Finding("EOS supervised", train["eos_supervised_fraction"] > 0.99,
-                f"{train['eos_supervised_fraction']:.1%} of rows train a stop token ({', '.join(stops)})", fatal=False))
-    add(Finding("pad != eos", tokenizer.pad_token_id != tokenizer.eos_token_id,
-                f"pad={tokenizer.pad_token!r} ({tokenizer.pad_token_id}), eos={tokenizer.eos_token!r} ({tokenizer.eos_token_id})"))
+    add(
+        Finding(
+            "EOS supervised",
+            train["eos_supervised_fraction"] > 0.99,
+            f"{train['eos_supervised_fraction']:.1%} of rows train a stop token ({', '.join(stops)})",
+            fatal=False,
+        )
+    )
+    add(
+        Finding(
+            "pad != eos",
+            tokenizer.pad_token_id != tokenizer.eos_token_id,
+            f"pad={tokenizer.pad_token!r} ({tokenizer.pad_token_id}), eos={tokenizer.eos_token!r} ({tokenizer.eos_token_id})",
+        )
+    )
     if recipe.data.format in ("messages", "instruction"):
         add(template_round_trip(data.train[:ROUND_TRIP_SAMPLE], tokenizer))
     arch = report.architecture
@@ -92,9 +113,15 @@ def check(recipe: Recipe) -> PreflightReport:
     add(Finding("target modules", not arch.get("missing_modules"), detail))
     add(Finding("eval split", bool(data.eval), f"{len(data.eval)} held-out examples", fatal=False))
     if recipe.eval.enabled:
-        add(Finding("generation budget", not eval_warnings,
-                    "; ".join(eval_warnings) or f"every reference fits in eval.generation.max_new_tokens="
-                    f"{recipe.eval.generation.max_new_tokens}", fatal=False))
+        add(
+            Finding(
+                "generation budget",
+                not eval_warnings,
+                "; ".join(eval_warnings)
+                or f"every reference fits in eval.generation.max_new_tokens={recipe.eval.generation.max_new_tokens}",
+                fatal=False,
+            )
+        )
     add(data_scan_finding(data.stats["data_scan"]))
     add(licence_finding(recipe))
     return report

@@ -20,7 +20,6 @@ from sovtune.core.rundir import ReportError, RunDir, read_report
 from sovtune.metrics import paired_bootstrap
 
 
-
 @dataclass
 class MetricResult:
     """One metric on one dataset, base vs tuned; the interval fields are those of metrics.Comparison."""
@@ -151,15 +150,27 @@ class Report:
         ]
         if self.gates:
             failed = [gate for gate in self.gates if not gate.passed]
-            lines += [f"**Gates: {'PASSED' if not failed else 'FAILED'}**" + (
-                " (" + "; ".join(gate.describe() for gate in failed) + ")" if failed else f" ({len(self.gates)} checks)"
-            ), ""]
+            lines += [
+                f"**Gates: {'PASSED' if not failed else 'FAILED'}**"
+                + (
+                    " (" + "; ".join(gate.describe() for gate in failed) + ")"
+                    if failed
+                    else f" ({len(self.gates)} checks)"
+                ),
+                "",
+            ]
         lines += _markdown_table(self.results)
         forgetting = self.forgetting
         if forgetting is not None:
             lines += ["", "## Forgetting check", "", forgetting_sentence(forgetting)]
         if self.gates:
-            lines += ["", "## Gates", "", "| gate | on | rule | threshold | value | result |", "|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                "## Gates",
+                "",
+                "| gate | on | rule | threshold | value | result |",
+                "|---|---|---|---|---|---|",
+            ]
             for gate in self.gates:
                 value = "undefined" if gate.value is None else _plain(gate.value)
                 lines.append(
@@ -262,7 +273,9 @@ def _gate_rules(key: str, gate: Gate, result: MetricResult) -> list[GateResult]:
         checks.append(("min_gain", gate.min_gain, gain, gain >= gate.min_gain))
     if gate.max_increase is not None:
         relative = result.relative_change
-        checks.append(("max_increase", gate.max_increase, relative, relative is not None and relative <= gate.max_increase))
+        checks.append(
+            ("max_increase", gate.max_increase, relative, relative is not None and relative <= gate.max_increase)
+        )
     if gate.min_value is not None:
         checks.append(("min_value", gate.min_value, result.tuned, result.tuned >= gate.min_value))
     if gate.max_value is not None:
@@ -270,7 +283,15 @@ def _gate_rules(key: str, gate: Gate, result: MetricResult) -> list[GateResult]:
     if gate.significant:
         checks.append(("significant", True, result.improved, result.improved))
     return [
-        GateResult(gate=key, dataset=result.dataset, metric=result.metric, rule=rule, threshold=threshold, value=value, passed=ok)
+        GateResult(
+            gate=key,
+            dataset=result.dataset,
+            metric=result.metric,
+            rule=rule,
+            threshold=threshold,
+            value=value,
+            passed=ok,
+        )
         for rule, threshold, value, ok in checks
     ]
 
@@ -306,7 +327,9 @@ def _percent(value: float) -> str:
 def difference_text(result: MetricResult) -> tuple[str, str]:
     """Δ and its interval; perplexity reads best as a relative change."""
     if result.aggregate == "exp_ratio" and result.relative_change is not None:
-        return _percent(result.relative_change), f"[{_percent(result.relative_ci_low)}, {_percent(result.relative_ci_high)}]"  # type: ignore[arg-type]
+        return _percent(
+            result.relative_change
+        ), f"[{_percent(result.relative_ci_low)}, {_percent(result.relative_ci_high)}]"  # type: ignore[arg-type]
     return _signed(result.difference), f"[{_signed(result.ci_low)}, {_signed(result.ci_high)}]"
 
 
@@ -349,7 +372,9 @@ def forgetting_sentence(result: MetricResult) -> str:
     change = _percent(result.relative_change or 0.0)
     interval = f"[{_percent(result.relative_ci_low or 0.0)}, {_percent(result.relative_ci_high or 0.0)}]"
     meaning = (
-        "no significant change" if not result.significant else ("the adapter forgot some general text" if result.difference > 0 else "general text got easier")
+        "no significant change"
+        if not result.significant
+        else ("the adapter forgot some general text" if result.difference > 0 else "general text got easier")
     )
     return (
         f"General-text perplexity {number_text(result.base)} → {number_text(result.tuned)}: **{change}** "
@@ -372,7 +397,11 @@ def _markdown_sample(number: int, sample: dict[str, Any]) -> list[str]:
     lines.append(f"| reference | {_cell(sample.get('reference', ''))} |" + " |" * len(metrics))
     for name in ("base", "tuned"):
         scores = " | ".join(_plain(sample["scores"][metric][name]) for metric in metrics)
-        lines.append(f"| {name} | {_cell(sample['predictions'][name])} | {scores} |" if metrics else f"| {name} | {_cell(sample['predictions'][name])} |")
+        lines.append(
+            f"| {name} | {_cell(sample['predictions'][name])} | {scores} |"
+            if metrics
+            else f"| {name} | {_cell(sample['predictions'][name])} |"
+        )
     lines.append("")
     return lines
 
@@ -392,7 +421,9 @@ def plot_results(results: Sequence[MetricResult], path: Path, title: str) -> Non
     )  # fmt: skip
 
 
-def plot_groups(groups: Sequence[tuple[str, list[tuple[str, float, float, float]], str]], path: Path, title: str) -> None:
+def plot_groups(
+    groups: Sequence[tuple[str, list[tuple[str, float, float, float]], str]], path: Path, title: str
+) -> None:
     """Small multiples: each group is (panel title, [(bar label, value, low, high)], subtitle)."""
     from matplotlib.figure import Figure  # the Agg canvas: no display, no global pyplot state
 
@@ -406,7 +437,10 @@ def plot_groups(groups: Sequence[tuple[str, list[tuple[str, float, float, float]
     for index, (name, values, subtitle) in enumerate(groups):
         axis = figure.add_subplot(rows, columns, index + 1)
         heights = [value for _, value, _, _ in values]
-        errors = [[max(0.0, value - low) for _, value, low, _ in values], [max(0.0, high - value) for _, value, _, high in values]]
+        errors = [
+            [max(0.0, value - low) for _, value, low, _ in values],
+            [max(0.0, high - value) for _, value, _, high in values],
+        ]
         axis.bar(range(len(values)), heights, yerr=errors, capsize=4, color=palette[: len(values)] or None)
         axis.set_xticks(range(len(values)), [label for label, *_ in values], rotation=20 if len(values) > 2 else 0)
         axis.set_title(f"{name}\n{subtitle}", fontsize=9)
@@ -496,7 +530,10 @@ def _write_comparison(comparison: dict[str, Any], labels: list[str], out_dir: Pa
         arrow = "↑" if row["higher_is_better"] else "↓"
         cells = " | ".join(run_cell(row, label) for label in labels)
         lines.append(f"| {row['dataset']} | {row['metric']} {arrow} | {base} | {cells} |")
-    gates = ", ".join(f"{label}: {'-' if passed is None else ('pass' if passed else 'FAIL')}" for label, passed in comparison["passed"].items())
+    gates = ", ".join(
+        f"{label}: {'-' if passed is None else ('pass' if passed else 'FAIL')}"
+        for label, passed in comparison["passed"].items()
+    )
     lines += ["", f"Gates: {gates}", "", "![comparison](compare.png)", ""]
     names = ("compare.json", "compare.md", "compare.png")
     with atomic_writers([out_dir / name for name in names]) as staged:

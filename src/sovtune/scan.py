@@ -15,6 +15,7 @@ from sovtune.core import secrets
 from sovtune.core.secrets import PII, SECRET, SECRET_DETECTORS, Detector, Finding, placeholder
 from sovtune.errors import DataError
 
+
 def luhn_valid(digits: str) -> bool:
     total = 0
     for position, char in enumerate(reversed(digits)):
@@ -27,7 +28,9 @@ def luhn_valid(digits: str) -> bool:
 
 # Issuer prefixes (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro): Luhn alone passes 1 in 10
 # random digit strings, the prefix keeps order numbers and ids out.
-_CARD_PREFIX = re.compile(r"^(4|5[1-5]|2(2[2-9]|[3-6]\d|7[01]|720)|3[47]|6011|65|64[4-9]|35|30[0-5]|36|38|62|5[06-9]|6\d)")
+_CARD_PREFIX = re.compile(
+    r"^(4|5[1-5]|2(2[2-9]|[3-6]\d|7[01]|720)|3[47]|6011|65|64[4-9]|35|30[0-5]|36|38|62|5[06-9]|6\d)"
+)
 
 
 def _card_valid(match: str) -> bool:
@@ -37,13 +40,83 @@ def _card_valid(match: str) -> bool:
 
 # ISO 13616 registry lengths; a country missing here is accepted on the checksum alone.
 IBAN_LENGTHS = {
-    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29, "BY": 28,
-    "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
-    "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22,
-    "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20,
-    "LU": 20, "LV": 21, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15,
-    "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24, "SC": 31, "SE": 24, "SI": 19,
-    "SK": 24, "SM": 27, "ST": 25, "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+    "AD": 24,
+    "AE": 23,
+    "AL": 28,
+    "AT": 20,
+    "AZ": 28,
+    "BA": 20,
+    "BE": 16,
+    "BG": 22,
+    "BH": 22,
+    "BR": 29,
+    "BY": 28,
+    "CH": 21,
+    "CR": 22,
+    "CY": 28,
+    "CZ": 24,
+    "DE": 22,
+    "DK": 18,
+    "DO": 28,
+    "EE": 20,
+    "EG": 29,
+    "ES": 24,
+    "FI": 18,
+    "FO": 18,
+    "FR": 27,
+    "GB": 22,
+    "GE": 22,
+    "GI": 23,
+    "GL": 18,
+    "GR": 27,
+    "GT": 28,
+    "HR": 21,
+    "HU": 28,
+    "IE": 22,
+    "IL": 23,
+    "IQ": 23,
+    "IS": 26,
+    "IT": 27,
+    "JO": 30,
+    "KW": 30,
+    "KZ": 20,
+    "LB": 28,
+    "LC": 32,
+    "LI": 21,
+    "LT": 20,
+    "LU": 20,
+    "LV": 21,
+    "MC": 27,
+    "MD": 24,
+    "ME": 22,
+    "MK": 19,
+    "MR": 27,
+    "MT": 31,
+    "MU": 30,
+    "NL": 18,
+    "NO": 15,
+    "PK": 24,
+    "PL": 28,
+    "PS": 29,
+    "PT": 25,
+    "QA": 29,
+    "RO": 24,
+    "RS": 22,
+    "SA": 24,
+    "SC": 31,
+    "SE": 24,
+    "SI": 19,
+    "SK": 24,
+    "SM": 27,
+    "ST": 25,
+    "SV": 28,
+    "TL": 23,
+    "TN": 24,
+    "TR": 26,
+    "UA": 29,
+    "VA": 22,
+    "VG": 24,
+    "XK": 20,
 }
 
 
@@ -163,11 +236,17 @@ def describe(summary: dict[str, Any]) -> str:
     if not summary["findings"]:
         return f"{summary['rows_scanned']} rows, no secrets or PII found"
     kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["findings"].items()))
-    action = {"warn": "left in (policy warn)", "redact": "redacted before tokenising", "block": "refused (policy block)"}
+    action = {
+        "warn": "left in (policy warn)",
+        "redact": "redacted before tokenising",
+        "block": "refused (policy block)",
+    }
     return f"{summary['rows_flagged']} of {summary['rows_scanned']} rows flagged ({kinds}): {action[summary['policy']]}"
 
 
-def scan_rows(rows: Iterable[Any], policy: str = "warn", report: ScanReport | None = None) -> tuple[list[Any], ScanReport]:
+def scan_rows(
+    rows: Iterable[Any], policy: str = "warn", report: ScanReport | None = None
+) -> tuple[list[Any], ScanReport]:
     """Scan rows (objects with `.values` and `.origin`, as `sovtune.data.Row`) under a policy.
 
     warn: rows unchanged; redact: matches replaced by placeholders in new rows; block: `DataError` when any found.

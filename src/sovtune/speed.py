@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from sovtune import model as models
 from sovtune.config import Recipe
 from sovtune.errors import SovtuneError
@@ -157,10 +156,15 @@ def _batching(recipe: Recipe, model: Any | None, attention: str, cuda: bool) -> 
         )
     passes = batch // micro * accumulation
     if micro == 1:
-        return ONE_BY_ONE, 1, passes, Decision(
-            "batching",
-            f"padding-free, {ONE_BY_ONE}, {passes} accumulated per optimizer step",
-            f"{why_smaller}: one example per pass needs neither padding nor a mask",
+        return (
+            ONE_BY_ONE,
+            1,
+            passes,
+            Decision(
+                "batching",
+                f"padding-free, {ONE_BY_ONE}, {passes} accumulated per optimizer step",
+                f"{why_smaller}: one example per pass needs neither padding nor a mask",
+            ),
         )
     blocker = padding_free_blocker(model, attention)
     if blocker is None:
@@ -193,7 +197,9 @@ def _attention_decision(attention: str, cuda: bool) -> Decision:
 
     if is_flash_attn_2_available():
         return Decision("attention", attention, "set by model.attn_implementation")
-    return Decision("attention", attention, "flash-attn is not installed: pip install 'sovtune[flash-attn]' for varlen kernels")
+    return Decision(
+        "attention", attention, "flash-attn is not installed: pip install 'sovtune[flash-attn]' for varlen kernels"
+    )
 
 
 def _precision_decision(recipe: Recipe, cuda: bool) -> Decision:
@@ -237,16 +243,22 @@ def _liger(recipe: Recipe, model: Any | None, cuda: bool) -> tuple[bool, Decisio
     if choice is False:
         return False, Decision("liger kernels", "off", "train.liger_kernel: false")
     if not cuda:
-        return False, Decision("liger kernels", "off", "Liger's kernels are Triton GPU kernels and there is no CUDA device")
+        return False, Decision(
+            "liger kernels", "off", "Liger's kernels are Triton GPU kernels and there is no CUDA device"
+        )
     supported = liger_model_types()
     if supported is None:
         if choice is True:
-            raise SpeedError("train.liger_kernel: true, but liger-kernel is not installed; pip install 'sovtune[liger]' or set auto")
+            raise SpeedError(
+                "train.liger_kernel: true, but liger-kernel is not installed; pip install 'sovtune[liger]' or set auto"
+            )
         return False, Decision("liger kernels", "off", "liger-kernel is not installed: pip install 'sovtune[liger]'")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is not None and model_type not in supported:
         if choice is True:
-            raise SpeedError(f"train.liger_kernel: true, but Liger has no kernels for model type {model_type!r}; set auto")
+            raise SpeedError(
+                f"train.liger_kernel: true, but Liger has no kernels for model type {model_type!r}; set auto"
+            )
         return False, Decision("liger kernels", "off", f"Liger has no kernels for model type {model_type!r}")
     # TRL's fused, chunked LM head already computes the loss without the full logits, so Liger's fused linear
     # cross-entropy stays off (TRL refuses it) and Liger contributes RMSNorm, RoPE and SwiGLU.
@@ -260,4 +272,6 @@ def _compile(recipe: Recipe, cuda: bool) -> tuple[bool, Decision]:
         return False, Decision(
             "torch.compile", "off", "no CUDA device: compiling on the CPU takes minutes and is set aside here"
         )
-    return True, Decision("torch.compile", "on", "train.torch_compile: true (the first steps are slow while it compiles)")
+    return True, Decision(
+        "torch.compile", "on", "train.torch_compile: true (the first steps are slow while it compiles)"
+    )

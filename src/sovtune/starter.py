@@ -58,10 +58,19 @@ def starter_recipe(path: Path, model: str, data: str, data_format: str, gpu: str
     quant, batch, accumulation, max_length, optimizer, comment = GPU_PRESETS[gpu]
     name = path.stem
     text = TEMPLATE.format(
-        name=name, model=model, data=data, gpu_comment=comment, path=path, quant=quant,
+        name=name,
+        model=model,
+        data=data,
+        gpu_comment=comment,
+        path=path,
+        quant=quant,
         revision_line=f"  revision: {revision}    # pinned: the run is reproducible" if revision else "",
-        format=data_format, max_length=max_length, batch=batch, accumulation=accumulation,
-        optimizer=optimizer, checkpointing="true" if gpu != "cpu" else "false",
+        format=data_format,
+        max_length=max_length,
+        batch=batch,
+        accumulation=accumulation,
+        optimizer=optimizer,
+        checkpointing="true" if gpu != "cpu" else "false",
     )
     data_dict = yaml.safe_load(text)
     data_dict["source_path"] = str(path.resolve())

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from sovtune import model as models
 from sovtune.config import Recipe
 from sovtune.core.files import fsync_tree, replace_dir
@@ -37,7 +36,6 @@ class TrainResult:
 
 def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, plan: SpeedPlan | None = None) -> Any:
     import torch
-
     from trl import SFTConfig
 
     plan = plan or plan_speed(recipe)
@@ -96,7 +94,9 @@ def save_adapter(peft_model: Any, tokenizer: Any, run_dir: Path, state_dict: dic
     run = RunDir(run_dir)
     staged = run / ".adapter.tmp"
     # "auto": peft also saves the embeddings when the vocabulary grew (a pad token was added).
-    peft_model.save_pretrained(str(staged), safe_serialization=True, save_embedding_layers="auto", state_dict=state_dict)
+    peft_model.save_pretrained(
+        str(staged), safe_serialization=True, save_embedding_layers="auto", state_dict=state_dict
+    )
     tokenizer.save_pretrained(str(staged))
     fsync_tree(staged)  # on disk before the rename makes it the adapter
     replace_dir(staged, run.adapter_dir)
@@ -157,7 +157,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.eval) if data.eval and recipe.train.eval_steps else None,
         processing_class=tokenizer,
-        callbacks=([_tensorboard(run.logs_dir), _jsonl_log(run.train_log)] if is_main_process() else []) + [stop.callback()],
+        callbacks=([_tensorboard(run.logs_dir), _jsonl_log(run.train_log)] if is_main_process() else [])
+        + [stop.callback()],
     )
     _adapter_in_compute_dtype(trainer.model, recipe)
     # SIGINT/SIGTERM until the adapter is written: a checkpoint and a clean stop, never a half-saved run.
@@ -187,7 +188,9 @@ def _jsonl_log(path: Path) -> Any:
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state.global_step, **(logs or {})}, default=str) + "\n")

@@ -67,7 +67,9 @@ def guarded(func: Callable[[], Any]) -> Any:
         err_console.print(redact_secrets(str(exc)), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/] without saving; if the run had saved a checkpoint, continue it with --resume")
+        err_console.print(
+            "[bold red]interrupted[/] without saving; if the run had saved a checkpoint, continue it with --resume"
+        )
         raise typer.Exit(130) from None
 
 
@@ -80,7 +82,10 @@ def _close_progress_bars() -> None:
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="With --resume: continue although the recipe or the data changed since the run started.")
+    bool,
+    typer.Option(
+        "--force", help="With --resume: continue although the recipe or the data changed since the run started."
+    ),
 ]
 OfflineOpt = Annotated[
     bool,
@@ -101,6 +106,7 @@ def check(
     """Validate the recipe and the data without training or downloading weights."""
     guarded(lambda: bodies().check(recipe, overrides, as_json, offline))
 
+
 @app.command()
 def train(
     recipe: RecipeArg,
@@ -112,6 +118,7 @@ def train(
 ) -> None:
     """Train the adapter into the run directory."""
     guarded(lambda: bodies().train(recipe, overrides, resume, overwrite, force, offline))
+
 
 @app.command()
 def run(
@@ -125,13 +132,17 @@ def run(
     """Train, evaluate against the base model and (if the recipe says so) publish."""
     guarded(lambda: bodies().run(recipe, overrides, resume, overwrite, force, offline))
 
+
 @app.command()
 def doctor(
-    run_root: Annotated[Path, typer.Option("--runs", help="Where run directories go (for the free-disk check).")] = Path("runs"),
+    run_root: Annotated[
+        Path, typer.Option("--runs", help="Where run directories go (for the free-disk check).")
+    ] = Path("runs"),
 ) -> None:
     """One table of what matters for training here: Python, torch/CUDA, GPUs, bf16, bitsandbytes, disk, hub."""
     if not guarded(lambda: bodies().doctor(run_root)):
         raise typer.Exit(1)
+
 
 @app.command()
 def init(
@@ -139,12 +150,17 @@ def init(
     model: Annotated[str, typer.Option("--model", help="Base model: hub id or local folder.")] = "data/base-model",
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub commit sha to pin (hub ids).")] = None,
     data_path: Annotated[str, typer.Option("--data", help="Training data file or folder.")] = "data/sql/train.jsonl",
-    data_format: Annotated[str, typer.Option("--format", help="messages | instruction | prompt_completion | text.")] = "messages",
-    gpu: Annotated[str, typer.Option("--gpu", help="cpu | rtx4090-24gb | l4-24gb | a100-40gb | a100-80gb | h100-80gb.")] = "cpu",
+    data_format: Annotated[
+        str, typer.Option("--format", help="messages | instruction | prompt_completion | text.")
+    ] = "messages",
+    gpu: Annotated[
+        str, typer.Option("--gpu", help="cpu | rtx4090-24gb | l4-24gb | a100-40gb | a100-80gb | h100-80gb.")
+    ] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a commented starter recipe (validated before it is written)."""
     guarded(lambda: bodies().init(path, model, revision, data_path, data_format, gpu, overwrite))
+
 
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory (runs/<name>).", show_default=False)]
 
@@ -159,6 +175,7 @@ def generate(
     """Generate one answer with the trained adapter (greedy)."""
     guarded(lambda: bodies().generate(run_dir, prompt, base, max_new_tokens))
 
+
 @app.command()
 def chat(
     run_dir: RunDirArg,
@@ -168,17 +185,23 @@ def chat(
     """Interactive chat with the adapter, using the chat template it was trained with. Empty line or Ctrl-D ends."""
     guarded(lambda: bodies().chat(run_dir, base, max_new_tokens))
 
+
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory; the report is written here.", show_default=False)],
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter folder (default RUN_DIR/adapter).")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model hub id or folder (default: the recipe's).")] = None,
+    adapter: Annotated[
+        Optional[Path], typer.Option("--adapter", help="Adapter folder (default RUN_DIR/adapter).")
+    ] = None,
+    base: Annotated[
+        Optional[str], typer.Option("--base", help="Base model hub id or folder (default: the recipe's).")
+    ] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe (default RUN_DIR/recipe.yaml).")] = None,
     overrides: SetOpt = None,
     offline: OfflineOpt = False,
 ) -> None:
     """Evaluate base vs adapter on the held-out data: report.json/md/png in RUN_DIR; exit 3 if a gate fails."""
     guarded(lambda: bodies().evaluate_run(run_dir, adapter, base, recipe, overrides, offline))
+
 
 @app.command()
 def compare(
@@ -188,23 +211,32 @@ def compare(
     """Put several runs side by side against their common base model (table and chart)."""
     guarded(lambda: bodies().compare(run_dirs, out))
 
+
 EndpointOpt = Annotated[
     Optional[str],
-    typer.Option("--endpoint", help="Hub URL, e.g. https://hub.internal.example; default: the recipe's hub.endpoint, then $HF_ENDPOINT."),
+    typer.Option(
+        "--endpoint",
+        help="Hub URL, e.g. https://hub.internal.example; default: the recipe's hub.endpoint, then $HF_ENDPOINT.",
+    ),
 ]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch (push; created when missing) or revision (pull).")]
+RevisionOpt = Annotated[
+    Optional[str], typer.Option("--revision", help="Branch (push; created when missing) or revision (pull).")
+]
 
 
 @app.command()
 def push(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with adapter/ and manifest.json.", show_default=False)],
-    repo: Annotated[Optional[str], typer.Option("--repo", help="Repository ORG/NAME; default: the recipe's hub.repo.")] = None,
+    repo: Annotated[
+        Optional[str], typer.Option("--repo", help="Repository ORG/NAME; default: the recipe's hub.repo.")
+    ] = None,
     endpoint: EndpointOpt = None,
     revision: RevisionOpt = None,
     public: Annotated[bool, typer.Option("--public", help="Create the repository public (default: private).")] = False,
 ) -> None:
     """Publish the adapter, tokenizer, chat template, report, manifest and model card in one commit (token: $HF_TOKEN or `hf auth login`)."""
     guarded(lambda: bodies().push(run_dir, repo, endpoint, revision, public))
+
 
 @app.command()
 def pull(
@@ -216,9 +248,12 @@ def pull(
     """Download a published adapter and check every file against its manifest (mismatch: exit 2, nothing written)."""
     guarded(lambda: bodies().pull(repo, revision, endpoint, out))
 
+
 @app.command()
 def verify(
-    target: Annotated[Path, typer.Argument(help="Run directory or bundle (.tar) from `sovtune export`.", show_default=False)],
+    target: Annotated[
+        Path, typer.Argument(help="Run directory or bundle (.tar) from `sovtune export`.", show_default=False)
+    ],
     strict: Annotated[
         bool, typer.Option("--strict", help="Also fail when files outside the run (data, local base model) are absent.")
     ] = False,
@@ -226,20 +261,27 @@ def verify(
     """Recompute every SHA-256 the manifest records; exit 2 listing any file that changed or is missing."""
     guarded(lambda: bodies().verify(target, strict))
 
+
 @app.command()
 def export(
     run_dir: RunDirArg,
-    bundle: Annotated[Path, typer.Argument(help="Bundle file to write, e.g. adapter.tar (.tar.gz compresses).", show_default=False)],
+    bundle: Annotated[
+        Path, typer.Argument(help="Bundle file to write, e.g. adapter.tar (.tar.gz compresses).", show_default=False)
+    ],
 ) -> None:
     """Pack adapter, manifest, card, report and a SHA256SUMS file into one tar for air-gapped transfer."""
     guarded(lambda: bodies().export(run_dir, bundle))
+
 
 @app.command()
 def merge(
     run_dir: RunDirArg,
     out: Annotated[Path, typer.Argument(help="New folder for the merged model.", show_default=False)],
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (bf16 on CUDA with support, else fp32 on the CPU) | float32 | bfloat16 | float16.")
+        str,
+        typer.Option(
+            "--dtype", help="auto (bf16 on CUDA with support, else fp32 on the CPU) | float32 | bfloat16 | float16."
+        ),
     ] = "auto",
     examples: Annotated[int, typer.Option("--examples", min=1, help="Held-out examples for the logits check.")] = 4,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT folder.")] = False,
@@ -247,21 +289,32 @@ def merge(
     """Merge the adapter into its base (a QLoRA base is reloaded unquantised); written only if the logits match."""
     guarded(lambda: bodies().merge(run_dir, out, dtype, examples, overwrite))
 
+
 @app.command()
 def plan(
     recipe: RecipeArg,
     overrides: SetOpt = None,
     gpu: Annotated[
         Optional[list[str]],
-        typer.Option("--gpu", help="GPU to check (repeatable): h100-80gb, a100-40gb, a100-80gb, l4-24gb, rtx4090-24gb, ... or 32gb."),
+        typer.Option(
+            "--gpu",
+            help="GPU to check (repeatable): h100-80gb, a100-40gb, a100-80gb, l4-24gb, rtx4090-24gb, ... or 32gb.",
+        ),
     ] = None,
-    gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs per job (FSDP/ZeRO-3 shard the weights over them).")] = 1,
-    strategy: Annotated[str, typer.Option("--strategy", help="ddp | fsdp | deepspeed (ZeRO-3), as for sovtune launch.")] = "ddp",
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Use the built-in config of this hub id instead of reading one.")] = None,
+    gpus: Annotated[
+        int, typer.Option("--gpus", min=1, help="GPUs per job (FSDP/ZeRO-3 shard the weights over them).")
+    ] = 1,
+    strategy: Annotated[
+        str, typer.Option("--strategy", help="ddp | fsdp | deepspeed (ZeRO-3), as for sovtune launch.")
+    ] = "ddp",
+    arch: Annotated[
+        Optional[str], typer.Option("--arch", help="Use the built-in config of this hub id instead of reading one.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
 ) -> None:
     """Estimate per-GPU memory from the model config alone, say whether it fits, and what to change if not."""
     guarded(lambda: bodies().plan(recipe, overrides, gpu, gpus, strategy, arch, as_json))
+
 
 @app.command()
 def launch(
@@ -269,17 +322,23 @@ def launch(
     overrides: SetOpt = None,
     gpus: Annotated[int, typer.Option("--gpus", min=1, help="Processes (GPUs) on this node.")] = 1,
     strategy: Annotated[
-        str, typer.Option("--strategy", help="ddp | fsdp (FSDP2; fsdp-qlora for 4-bit) | deepspeed (ZeRO-3) | deepspeed-zero2.")
+        str,
+        typer.Option(
+            "--strategy", help="ddp | fsdp (FSDP2; fsdp-qlora for 4-bit) | deepspeed (ZeRO-3) | deepspeed-zero2."
+        ),
     ] = "ddp",
     config_file: Annotated[
         Optional[Path], typer.Option("--config-file", help="Your own accelerate config instead of configs/accelerate/.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the accelerate command without running it.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the accelerate command without running it.")
+    ] = False,
 ) -> None:
     """Train on several GPUs: print and run `accelerate launch --config_file ... -m sovtune train RECIPE`."""
     guarded(lambda: bodies().launch(recipe, overrides, gpus, strategy, config_file, resume, overwrite, dry_run))
+
 
 def main() -> None:
     app()

@@ -127,7 +127,9 @@ def chat(run_dir: Path, base: bool, max_new_tokens: int) -> None:
         answer = complete(loaded, text, max_new_tokens)
         console.print(f"[bold]adapter:[/] {answer}", highlight=False)
         if base:
-            console.print(f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False)
+            console.print(
+                f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False
+            )
         history.append({"role": "assistant", "content": answer})
 
 
@@ -179,7 +181,9 @@ def export(run_dir: Path, bundle: Path) -> None:
     with audited("export", run_recipe(run_dir), destination=str(bundle)) as event:
         written = export_bundle(run_dir, bundle)
         event["details"]["bundle_sha256"] = sha256_file(written)
-    console.print(f"bundle written to [bold]{written}[/]; check it anywhere with: sovtune verify {written}", highlight=False)
+    console.print(
+        f"bundle written to [bold]{written}[/]; check it anywhere with: sovtune verify {written}", highlight=False
+    )
 
 
 def merge(run_dir: Path, out: Path, dtype: str, examples: int, overwrite: bool) -> None:

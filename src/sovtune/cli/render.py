@@ -78,7 +78,12 @@ def comparison(comparison: dict[str, Any], console: Console) -> None:
         table.add_column(name)
     for row in comparison["rows"]:
         arrow = "↑" if row["higher_is_better"] else "↓"
-        table.add_row(row["dataset"], f"{row['metric']} {arrow}", number_text(row["base"]), *(run_cell(row, label) for label in labels))
+        table.add_row(
+            row["dataset"],
+            f"{row['metric']} {arrow}",
+            number_text(row["base"]),
+            *(run_cell(row, label) for label in labels),
+        )
     console.print(table)
 
 
@@ -134,7 +139,12 @@ def memory_plan(result: Plan, console: Console) -> None:
     for column in ("GPU", "capacity", "fits", "headroom"):
         fits.add_column(column, justify="left" if column in ("GPU", "fits") else "right")
     for f in result.fits:
-        fits.add_row(f.gpu.name, gib_text(f.gpu.memory_bytes), "[green]yes[/]" if f.fits else "[red]no[/]", gib_text(f.headroom_bytes))
+        fits.add_row(
+            f.gpu.name,
+            gib_text(f.gpu.memory_bytes),
+            "[green]yes[/]" if f.fits else "[red]no[/]",
+            gib_text(f.headroom_bytes),
+        )
     console.print(fits)
     for f in result.fits:
         if f.fits:
@@ -148,7 +158,9 @@ def memory_plan(result: Plan, console: Console) -> None:
         elif f.changes:
             console.print(f"to fit on [bold]{f.gpu.name}[/] ({gib_text(f.total_after_changes or 0)}):", highlight=False)
         else:
-            console.print(f"{f.gpu.name}: does not fit even with every change and 64 GPUs; use bigger GPUs", highlight=False)
+            console.print(
+                f"{f.gpu.name}: does not fit even with every change and 64 GPUs; use bigger GPUs", highlight=False
+            )
         for change in f.changes:
             how = " ".join(f"--set {o}" for o in change.overrides) or f"sovtune launch ... {change.launch}"
             console.print(f"  {how}   [dim]# {change.description}[/]", highlight=False)

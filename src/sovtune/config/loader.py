@@ -97,11 +97,15 @@ def _read_yaml(path: Path, located: _Located) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{file}{line}: invalid YAML: {problem}; fix the syntax (indentation, quotes, colons)") from None
+        raise RecipeError(
+            f"{file}{line}: invalid YAML: {problem}; fix the syntax (indentation, quotes, colons)"
+        ) from None
     if node is None:
         raise RecipeError(f"{file}: recipe is empty; see recipes/quickstart.yaml for a complete example")
     if not isinstance(node, yaml.MappingNode):
-        raise RecipeError(f"{file}:{node.start_mark.line + 1}: a recipe must be a mapping of sections (model:, data:, ...)")
+        raise RecipeError(
+            f"{file}:{node.start_mark.line + 1}: a recipe must be a mapping of sections (model:, data:, ...)"
+        )
     data = _node_to_python(node, file, (), located)
     located.where[()] = (file, 0)  # line 0: whole-recipe errors name the file without pointing at line 1
     return data
@@ -270,7 +274,9 @@ def _describe_error(err: dict[str, Any], located: _Located) -> str:
         message = message[len("Value error, ") :]
         return f"{where}{field}: {message}" if loc else f"{where}{message}"
     if kind in ("model_type", "dict_type"):  # pydantic says "instance of TrainSection": name the YAML shape instead
-        return f"{where}{field}: expected a mapping of settings (indented `name: value` lines), found {_yaml_kind(found)}"
+        return (
+            f"{where}{field}: expected a mapping of settings (indented `name: value` lines), found {_yaml_kind(found)}"
+        )
     shown = "" if isinstance(found, (dict, list)) else f", found {found!r}"
     # Lower-case only the first letter: the rest may quote a pattern or a value verbatim.
     return f"{where}{field}: {message[:1].lower()}{message[1:]}{shown}"
@@ -307,7 +313,9 @@ def validate_recipe(data: dict[str, Any], located: _Located | None = None) -> Re
         raise RecipeError(first + more) from None
 
 
-def load_run_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), recipe_path: Path | None = None) -> Recipe:
+def load_run_recipe(
+    run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), recipe_path: Path | None = None
+) -> Recipe:
     """The recipe of a run directory: the resolved recipe it recorded, or `recipe_path` when given (an adapter trained
     elsewhere); its output.dir is the run directory."""
     path = Path(recipe_path) if recipe_path is not None else RunDir(run_dir) / RunDir.RECIPE

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sovtune.config.validators import check_endpoint, check_repo_id, endpoint_host, looks_like_local_path
 from sovtune.core.secrets import redact_secrets
@@ -31,7 +31,9 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name_or_path: str = Field(description="Hub id (e.g. mistralai/Mistral-7B-v0.3) or a local folder with config and weights.")
+    name_or_path: str = Field(
+        description="Hub id (e.g. mistralai/Mistral-7B-v0.3) or a local folder with config and weights."
+    )
     revision: str | None = Field(
         default=None,
         description="Hub revision (commit sha, tag or branch) to pin; required for hub ids so runs are reproducible.",
@@ -58,7 +60,9 @@ class QuantizationSection(Section):
         default="none", description="none = LoRA on 16/32-bit weights; 4bit = QLoRA (bitsandbytes); 8bit = LLM.int8."
     )
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type; NF4 is the QLoRA default.")
-    double_quant: bool = Field(default=True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    double_quant: bool = Field(
+        default=True, description="Quantise the quantisation constants too (saves ~0.4 bit/param)."
+    )
     compute_dtype: DType = Field(
         default="auto", description="dtype of the 4-bit matmuls: auto = the model dtype (bf16 on modern GPUs)."
     )
@@ -83,7 +87,8 @@ class QuantizationSection(Section):
 
 class AdapterSection(Section):
     type: Literal["lora", "dora", "rslora"] = Field(
-        default="lora", description="lora; dora (weight-decomposed LoRA); rslora (rank-stabilised scaling alpha/sqrt(r))."
+        default="lora",
+        description="lora; dora (weight-decomposed LoRA); rslora (rank-stabilised scaling alpha/sqrt(r)).",
     )
     r: int = Field(default=16, gt=0, le=4096, description="LoRA rank.")
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; default 2 * r.")
@@ -135,10 +140,13 @@ class DataSource(Section):
 class DataSection(Section):
     train: list[DataSource] = Field(min_length=1, description="Training sources: a path/hub id or a list of them.")
     eval: DataSource | None = Field(default=None, description="Held-out source; default: a seeded split of train.")
-    eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0, description="Share of train held out when eval is not given.")
+    eval_fraction: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="Share of train held out when eval is not given."
+    )
     format: Format = Field(default="messages", description="messages | instruction | prompt_completion | text.")
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Map the format's columns to the dataset's, e.g. {prompt: question, completion: answer}."
+        default_factory=dict,
+        description="Map the format's columns to the dataset's, e.g. {prompt: question, completion: answer}.",
     )
     chat_template: str | None = Field(
         default=None, description="Jinja chat template (inline, or a path to a .jinja file); default: the tokenizer's."
@@ -169,9 +177,7 @@ class DataSection(Section):
         allowed = FORMAT_COLUMNS[self.format]
         unknown = sorted(set(self.columns) - set(allowed))
         if unknown:
-            raise ValueError(
-                f"columns {unknown} do not apply to format {self.format!r}; allowed: {list(allowed)}"
-            )
+            raise ValueError(f"columns {unknown} do not apply to format {self.format!r}; allowed: {list(allowed)}")
         if self.eval is not None and self.explicitly_set("eval_fraction"):
             raise ValueError("give either eval (a held-out source) or eval_fraction (a split of train), not both")
         if self.format == "text" and self.train_on_inputs:
@@ -183,7 +189,9 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    epochs: float = Field(
+        default=1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
+    )
     max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(default=4, gt=0, description="Examples per device per micro-batch.")
     gradient_accumulation: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
@@ -223,7 +231,9 @@ class TrainSection(Section):
 
 
 class OutputSection(Section):
-    dir: str | None = Field(default=None, description="Run directory; default runs/<recipe name> under the working directory.")
+    dir: str | None = Field(
+        default=None, description="Run directory; default runs/<recipe name> under the working directory."
+    )
 
 
 class HubSection(Section):
@@ -233,7 +243,9 @@ class HubSection(Section):
     )
     revision: str | None = Field(default=None, description="Branch to publish to (created when missing); default main.")
     private: bool = Field(default=True, description="Create the repository private; false makes it public.")
-    push: bool = Field(default=False, description="Publish at the end of `sovtune run` (after evaluation and its gates).")
+    push: bool = Field(
+        default=False, description="Publish at the end of `sovtune run` (after evaluation and its gates)."
+    )
 
     @field_validator("repo")
     @classmethod
@@ -274,17 +286,23 @@ _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 class UserMetric(Section):
     name: str = Field(pattern=_IDENTIFIER, description="Name in the report and in gates.")
     module: str = Field(description="Path to a .py file, relative to the recipe; only this file is imported.")
-    function: str = Field(pattern=_IDENTIFIER, description="function(prediction, reference, row) -> float in that file.")
+    function: str = Field(
+        pattern=_IDENTIFIER, description="function(prediction, reference, row) -> float in that file."
+    )
     higher_is_better: bool = Field(default=True, description="Whether a larger score is better (for gates).")
 
 
 class EvalDataset(Section):
-    name: str = Field(default="eval", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name in the report and gates.")
+    name: str = Field(
+        default="eval", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name in the report and gates."
+    )
     source: DataSource | None = Field(
         default=None, description="A path/hub id, or {path, split, revision}; default: the recipe's held-out split."
     )
     format: Format | None = Field(default=None, description="Row format of `source`; default data.format.")
-    columns: dict[str, str] | None = Field(default=None, description="Column mapping of `source`; default data.columns.")
+    columns: dict[str, str] | None = Field(
+        default=None, description="Column mapping of `source`; default data.columns."
+    )
     metrics: list[MetricName] = Field(
         default_factory=lambda: ["loss", "perplexity", "token_accuracy", "exact_match"],
         description="Metrics computed on this dataset (each per example, base and tuned).",
@@ -300,7 +318,8 @@ class EvalDataset(Section):
     sql_timeout_s: float = Field(default=5.0, gt=0, description="Time budget per SQL query before it counts as wrong.")
     choices_column: str = Field(default="choices", description="multiple_choice: row column with the list of options.")
     answer_column: str = Field(
-        default="answer", description="multiple_choice: column with the correct option (index or text); default: the reference."
+        default="answer",
+        description="multiple_choice: column with the correct option (index or text); default: the reference.",
     )
     max_examples: int | None = Field(default=None, gt=0, description="Evaluate a seeded sample of this many rows.")
 
@@ -329,7 +348,9 @@ class EvalDataset(Section):
                 f"set both or neither on dataset {self.name!r}"
             )
         if ("regex" in self.metrics) != (self.regex is not None):
-            raise ValueError(f"the regex metric needs regex: <pattern> (and regex needs the metric) on dataset {self.name!r}")
+            raise ValueError(
+                f"the regex metric needs regex: <pattern> (and regex needs the metric) on dataset {self.name!r}"
+            )
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -352,8 +373,12 @@ class Gate(Section):
     max_increase: float | None = Field(
         default=None, ge=0, description="Lower-is-better metrics: largest relative increase allowed, 0.05 = +5%."
     )
-    min_value: float | None = Field(default=None, description="Higher-is-better metrics: the tuned value must reach this.")
-    max_value: float | None = Field(default=None, description="Lower-is-better metrics: the tuned value must not exceed this.")
+    min_value: float | None = Field(
+        default=None, description="Higher-is-better metrics: the tuned value must reach this."
+    )
+    max_value: float | None = Field(
+        default=None, description="Lower-is-better metrics: the tuned value must not exceed this."
+    )
     significant: bool = Field(default=False, description="The improvement's confidence interval must exclude 0.")
 
     @model_validator(mode="after")
@@ -369,7 +394,9 @@ class GenerationSection(Section):
     temperature: float | None = Field(default=None, gt=0, description="Sampling temperature (only with do_sample).")
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass (only with do_sample).")
     seed: int = Field(default=0, description="Seed for sampling.")
-    stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS and the turn terminator always stop).")
+    stop: list[str] = Field(
+        default_factory=list, description="Extra stop strings (EOS and the turn terminator always stop)."
+    )
     batch_size: int = Field(default=16, gt=0, description="Prompts generated together (left-padded, KV cache).")
 
     @model_validator(mode="after")
@@ -394,11 +421,14 @@ class EvalSection(Section):
         default_factory=lambda: [EvalDataset()], description="Held-out sets; default: the recipe's eval split."
     )
     general: GeneralText | None = Field(
-        default=None, description="General text for the forgetting check (perplexity base vs tuned), e.g. data/general/eval.jsonl."
+        default=None,
+        description="General text for the forgetting check (perplexity base vs tuned), e.g. data/general/eval.jsonl.",
     )
     generation: GenerationSection = Field(default_factory=GenerationSection)
     bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)
-    batch_size: int = Field(default=8, gt=0, description="Examples per forward pass in loss evaluation (sorted by length).")
+    batch_size: int = Field(
+        default=8, gt=0, description="Examples per forward pass in loss evaluation (sorted by length)."
+    )
     max_examples: int | None = Field(default=None, gt=0, description="Cap per dataset (a seeded sample); default: all.")
     samples: int = Field(default=3, ge=0, description="Side-by-side generations, base vs tuned, shown in report.md.")
     gates: dict[str, Gate] = Field(
@@ -453,7 +483,9 @@ class EvalSection(Section):
             if used:
                 fix = "use min_gain or min_value" if higher else "use min_gain, max_increase or max_value"
                 direction = "higher" if higher else "lower"
-                raise ValueError(f"gate {key!r}: {', '.join(used)} does not fit {metric} ({direction} is better); {fix}")
+                raise ValueError(
+                    f"gate {key!r}: {', '.join(used)} does not fit {metric} ({direction} is better); {fix}"
+                )
 
     def check_against(self, recipe: Recipe) -> None:
         """Checks that need the rest of the recipe: formats and files."""
@@ -475,10 +507,14 @@ class EvalSection(Section):
                 if unknown:
                     raise ValueError(f"{where}: columns {unknown} do not apply to format {data_format!r}")
             if dataset.database is not None and not recipe.resolve(dataset.database).is_file():
-                raise ValueError(f"{where}.database: {recipe.resolve(dataset.database)} not found; give the SQLite file")
+                raise ValueError(
+                    f"{where}.database: {recipe.resolve(dataset.database)} not found; give the SQLite file"
+                )
             for user in dataset.user_metrics:
                 if not recipe.resolve(user.module).is_file() or not user.module.endswith(".py"):
-                    raise ValueError(f"{where}: user metric {user.name!r} module {recipe.resolve(user.module)} is not a .py file")
+                    raise ValueError(
+                        f"{where}: user metric {user.name!r} module {recipe.resolve(user.module)} is not a .py file"
+                    )
         if self.general is not None:
             unknown = sorted(set(self.general.columns) - set(FORMAT_COLUMNS[self.general.format]))
             if unknown:
@@ -531,9 +567,13 @@ class SovereigntySection(Section):
 
 class Recipe(Section):
     schema_version: int = Field(default=SCHEMA_VERSION, description="Recipe schema version.")
-    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (default: the file name).")
+    name: str = Field(
+        default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (default: the file name)."
+    )
     description: str | None = Field(default=None, description="What this recipe is for.")
-    model: ModelSection = Field(description="The base model: model.name_or_path (hub id or local folder) and its revision.")
+    model: ModelSection = Field(
+        description="The base model: model.name_or_path (hub id or local folder) and its revision."
+    )
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     data: DataSection = Field(description="The training data: data.train (file, folder or hub id) and its format.")
@@ -553,9 +593,14 @@ class Recipe(Section):
                     f"model.revision: hub model {self.model.name_or_path!r} has no pinned revision; "
                     "set model.revision to a commit sha or tag so the run is reproducible"
                 )
-        if self.quantization.mode != "none" and self.model.dtype == "float32" and self.quantization.compute_dtype in (
-            "bfloat16",
-            "float16",
+        if (
+            self.quantization.mode != "none"
+            and self.model.dtype == "float32"
+            and self.quantization.compute_dtype
+            in (
+                "bfloat16",
+                "float16",
+            )
         ):
             raise ValueError(
                 "quantization.compute_dtype is 16-bit but model.dtype is float32; use the same dtype for both"
@@ -605,5 +650,3 @@ class Recipe(Section):
         dumped["source_path"] = self.source_path
         # A ${TOKEN} interpolated into any field must not reach recipe.yaml, the manifest or a published card.
         return redact_secrets(yaml.safe_dump(dumped, sort_keys=False))
-
-

@@ -111,7 +111,9 @@ class RunDir:
 
     def adapter_files(self) -> list[Path]:
         """The adapter folder's files (recursively, hidden ones left out), sorted."""
-        return [path for path in sorted(self.adapter_dir.rglob("*")) if path.is_file() and not path.name.startswith(".")]
+        return [
+            path for path in sorted(self.adapter_dir.rglob("*")) if path.is_file() and not path.name.startswith(".")
+        ]
 
     # ---------------------------------------------------------------------------------------------------------------
     # Readers
@@ -124,7 +126,9 @@ class RunDir:
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RunFileError(f"{path}: unreadable {what} ({exc}); it was damaged after it was written, restore it") from None
+            raise RunFileError(
+                f"{path}: unreadable {what} ({exc}); it was damaged after it was written, restore it"
+            ) from None
         if not isinstance(value, dict):
             raise RunFileError(f"{path}: {what} must be a JSON object, found {type(value).__name__}; restore it")
         return value
@@ -140,7 +144,9 @@ class RunDir:
         except FileNotFoundError:
             raise RunFileError(f"{path}: missing; is {self.path} a run directory written by `sovtune train`?") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise RunFileError(f"{path}: unreadable recorded recipe ({str(exc).splitlines()[0]}); restore it from the run") from None
+            raise RunFileError(
+                f"{path}: unreadable recorded recipe ({str(exc).splitlines()[0]}); restore it from the run"
+            ) from None
         if not isinstance(value, dict):
             raise RunFileError(f"{path}: not a recipe mapping; restore it from the run")
         return value
@@ -201,7 +207,9 @@ def read_report(path: Path) -> dict[str, Any]:
     try:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ReportError(f"{path}: no report.json; evaluate the run first (sovtune eval {Path(path).parent})") from None
+        raise ReportError(
+            f"{path}: no report.json; evaluate the run first (sovtune eval {Path(path).parent})"
+        ) from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path}: not a valid report ({exc}); re-run sovtune eval") from None
     if not isinstance(report, dict) or report.get("kind") != REPORT_KIND:

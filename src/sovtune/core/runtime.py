@@ -25,7 +25,9 @@ def local_rank() -> int:
 
 def sharded_training() -> bool:
     """Launched by accelerate with FSDP or DeepSpeed (the launcher exports these switches to every process)."""
-    return any(os.environ.get(name, "false").lower() == "true" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return any(
+        os.environ.get(name, "false").lower() == "true" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
 
 
 def device() -> Any:

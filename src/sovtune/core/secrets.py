@@ -51,9 +51,13 @@ SECRET_DETECTORS: tuple[Detector, ...] = (
     Detector(
         "aws_secret_key",
         SECRET,
-        re.compile(r"(?i)\baws_?secret_?(?:access_?)?key\b[\"']?\s*[:=]\s*[\"']?(?P<value>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"),
+        re.compile(
+            r"(?i)\baws_?secret_?(?:access_?)?key\b[\"']?\s*[:=]\s*[\"']?(?P<value>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
+        ),
     ),
-    Detector("github_token", SECRET, re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})\b")),
+    Detector(
+        "github_token", SECRET, re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})\b")
+    ),
     Detector("huggingface_token", SECRET, re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")),
     Detector("openai_key", SECRET, re.compile(r"\bsk-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_-]{20,}")),
     Detector(

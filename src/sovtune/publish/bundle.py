@@ -38,12 +38,16 @@ def bundle_files(run_dir: Path) -> list[str]:
     if not (adapter / RunDir.ADAPTER_CONFIG).is_file():
         raise BundleError(f"{run_dir}: no adapter/adapter_config.json; train first (sovtune train) before exporting")
     names = {MANIFEST}
-    names |= {p.relative_to(run_dir).as_posix() for p in adapter.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    names |= {
+        p.relative_to(run_dir).as_posix() for p in adapter.rglob("*") if p.is_file() and not p.name.startswith(".")
+    }
     names |= {name for name in RUN_FILES if (run_dir / name).is_file()}
     listed = {path for root, path in recorded_files(manifest) if root == RUN_ROOT}
     missing = sorted(path for path in listed if not (run_dir / path).is_file())
     if missing:
-        raise BundleError(f"{run_dir}: files in the manifest are missing ({', '.join(missing)}); run `sovtune verify {run_dir}`")
+        raise BundleError(
+            f"{run_dir}: files in the manifest are missing ({', '.join(missing)}); run `sovtune verify {run_dir}`"
+        )
     return sorted(names | listed)
 
 
@@ -118,9 +122,13 @@ def verify_bundle(bundle_path: str | Path, expect_ok: bool = False) -> VerifyRes
                     continue
                 actual[name] = sha256_stream(handle)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleError(f"{bundle_path}: not a readable tar bundle ({exc}); export it again with `sovtune export`") from None
+        raise BundleError(
+            f"{bundle_path}: not a readable tar bundle ({exc}); export it again with `sovtune export`"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BundleError(f"{bundle_path}: {MANIFEST} inside the bundle is not valid JSON; the bundle was damaged") from None
+        raise BundleError(
+            f"{bundle_path}: {MANIFEST} inside the bundle is not valid JSON; the bundle was damaged"
+        ) from None
     if checksums is None or manifest is None:
         raise BundleError(f"{bundle_path}: no {CHECKSUMS} or {MANIFEST} inside; it was not written by `sovtune export`")
     expected = dict(checksums)

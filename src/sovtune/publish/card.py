@@ -93,10 +93,22 @@ def dataset_facts(recipe: dict[str, Any], manifest: dict[str, Any] | None) -> li
         for record in records:
             hub = record.get("hub")
             if hub:
-                facts.append({"split": record.get("split"), "hub_id": hub.get("id"), "revision": hub.get("commit") or hub.get("revision")})
+                facts.append(
+                    {
+                        "split": record.get("split"),
+                        "hub_id": hub.get("id"),
+                        "revision": hub.get("commit") or hub.get("revision"),
+                    }
+                )
             else:
                 for entry in record.get("files") or []:
-                    facts.append({"split": record.get("split"), "file": Path(str(entry.get("path"))).name, "sha256": entry.get("sha256")})
+                    facts.append(
+                        {
+                            "split": record.get("split"),
+                            "file": Path(str(entry.get("path"))).name,
+                            "sha256": entry.get("sha256"),
+                        }
+                    )
         return facts
     data = recipe.get("data") or {}
     sources = [("train", source) for source in data.get("train") or []]
@@ -211,7 +223,12 @@ def card_metadata(
         common = {"task_type": "text-generation", "dataset_type": row.dataset, "dataset_name": row.dataset}
         eval_results += [
             EvalResult(**common, metric_type=row.metric, metric_value=row.tuned, metric_name=f"{row.metric} (adapter)"),
-            EvalResult(**common, metric_type=f"{row.metric}_base", metric_value=row.base, metric_name=f"{row.metric} (base model)"),
+            EvalResult(
+                **common,
+                metric_type=f"{row.metric}_base",
+                metric_value=row.base,
+                metric_name=f"{row.metric} (base model)",
+            ),
             EvalResult(
                 **common,
                 metric_type=f"{row.metric}_gain",
@@ -264,7 +281,9 @@ def card_body(
         _provenance(manifest, base),
     ]
     if licence is None:
-        sections.append("## Licence\n\nThe base model's licence was not declared; check it before using this adapter.\n")
+        sections.append(
+            "## Licence\n\nThe base model's licence was not declared; check it before using this adapter.\n"
+        )
     return "\n".join(sections)
 
 
@@ -272,7 +291,9 @@ def _intro(repo_id: str, revision: str | None, recipe: dict[str, Any], base: dic
     name = repo_id.split("/")[-1]
     description = recipe.get("description")
     if base["local"]:
-        hashed = f"its {len(base['files'])} files are hashed in `manifest.json`" if base["files"] else "see `manifest.json`"
+        hashed = (
+            f"its {len(base['files'])} files are hashed in `manifest.json`" if base["files"] else "see `manifest.json`"
+        )
         origin = f"a local base model (`{base['name']}`, not on a hub; {hashed})"
         load_base = '"/path/to/the/same/base/model"'
     else:
@@ -320,7 +341,9 @@ def _evaluation(rows: list[MetricRow], gates: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        interval = f"[{row.ci_low:+.4g}, {row.ci_high:+.4g}]" if row.ci_low is not None and row.ci_high is not None else "-"
+        interval = (
+            f"[{row.ci_low:+.4g}, {row.ci_high:+.4g}]" if row.ci_low is not None and row.ci_high is not None else "-"
+        )
         n = row.n if row.n is not None else "-"
         lines.append(
             f"| {row.dataset} | {row.metric} | {n} | {row.base:.4g} | {row.tuned:.4g} | {row.gain:+.4g} | {interval} | {row.verdict} |"
@@ -329,7 +352,9 @@ def _evaluation(rows: list[MetricRow], gates: list[dict[str, Any]]) -> str:
         lines += ["", "Gates:", ""]
         for gate in gates:
             verdict = "pass" if gate.get("passed") else "FAIL"
-            lines.append(f"- {verdict}: {gate.get('gate')} ({gate.get('dataset')}/{gate.get('metric')}) {gate.get('rule')} {gate.get('threshold')}, got {gate.get('value')}")
+            lines.append(
+                f"- {verdict}: {gate.get('gate')} ({gate.get('dataset')}/{gate.get('metric')}) {gate.get('rule')} {gate.get('threshold')}, got {gate.get('value')}"
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -381,9 +406,16 @@ def _provenance(manifest: dict[str, Any] | None, base: dict[str, Any]) -> str:
         lines.append(f"- recipe sha256: `{recipe['sha256']}`")
     git = recipe.get("git") or {}
     if git.get("commit"):
-        lines.append(f"- recipe repository commit: `{git['commit']}`" + (" (with uncommitted changes)" if git.get("dirty") else ""))
+        lines.append(
+            f"- recipe repository commit: `{git['commit']}`"
+            + (" (with uncommitted changes)" if git.get("dirty") else "")
+        )
     run = manifest.get("run") or {}
-    ended = [stage.get("ended_at") for stage in manifest.get("stages") or [] if isinstance(stage, dict) and stage.get("ended_at")]
+    ended = [
+        stage.get("ended_at")
+        for stage in manifest.get("stages") or []
+        if isinstance(stage, dict) and stage.get("ended_at")
+    ]
     if run.get("started_at"):
         lines.append(f"- run: started {run['started_at']}" + (f", last stage ended {ended[-1]}" if ended else ""))
     if run.get("seed") is not None:

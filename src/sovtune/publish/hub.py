@@ -155,12 +155,23 @@ def publish_files(run_dir: Path) -> dict[str, Path]:
     }
     files = {name: path for name, path in files.items() if name not in NOT_PUBLISHED}
     weights = [name for name in files if Path(name).name.startswith("adapter_model.")]
-    missing = [name for name, ok in (("adapter_config.json", "adapter/adapter_config.json" in files), ("adapter_model.safetensors", weights)) if not ok]
+    missing = [
+        name
+        for name, ok in (
+            ("adapter_config.json", "adapter/adapter_config.json" in files),
+            ("adapter_model.safetensors", weights),
+        )
+        if not ok
+    ]
     if missing:
-        raise HubError(f"{adapter}: {', '.join(missing)} missing; the adapter was not saved completely, re-run training")
+        raise HubError(
+            f"{adapter}: {', '.join(missing)} missing; the adapter was not saved completely, re-run training"
+        )
     clashes = sorted(name for name in files if repo_path(name) in (CARD, *RUN_FILES))
     if clashes:
-        raise HubError(f"{adapter}: {', '.join(clashes)} would overwrite the run's own file at the repository root; rename it")
+        raise HubError(
+            f"{adapter}: {', '.join(clashes)} would overwrite the run's own file at the repository root; rename it"
+        )
     for name in RUN_FILES:
         if (run_dir / name).is_file():
             files[name] = run_dir / name
@@ -191,7 +202,9 @@ def check_against_manifest(manifest: dict[str, Any], present: dict[str, Path], w
     expected = {path: digest for (root, path), digest in recorded_files(manifest).items() if root == RUN_ROOT}
     adapter_expected = sorted(path for path in expected if path.startswith("adapter/") and path not in NOT_PUBLISHED)
     if not adapter_expected:
-        raise HubError(f"{where}: manifest.json records no adapter files (training did not finish?); nothing to verify against")
+        raise HubError(
+            f"{where}: manifest.json records no adapter files (training did not finish?); nothing to verify against"
+        )
     mismatched, missing, checked = [], [], []
     for path in adapter_expected + sorted(p for p in present if p in expected and not p.startswith("adapter/")):
         if path not in present:
@@ -263,7 +276,9 @@ def push(
 
     def operations() -> list[Any]:
         # A fresh list per attempt: the client marks operations as committed and refuses to reuse them.
-        adds = [CommitOperationAdd(path_in_repo=repo_path(name), path_or_fileobj=str(path)) for name, path in files.items()]
+        adds = [
+            CommitOperationAdd(path_in_repo=repo_path(name), path_or_fileobj=str(path)) for name, path in files.items()
+        ]
         return adds + [CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card_bytes)]
 
     with _client_switches():
@@ -290,8 +305,10 @@ def push(
             ),
         )
     published = sorted([repo_path(name) for name in files] + [CARD])
-    log.info(f"published {len(published)} files to {endpoint}/{repo_id} ({'private' if private else 'public'}) "
-               f"on {branch} at {commit.oid}")
+    log.info(
+        f"published {len(published)} files to {endpoint}/{repo_id} ({'private' if private else 'public'}) "
+        f"on {branch} at {commit.oid}"
+    )
     return PushResult(repo_id, endpoint, branch, commit.oid, commit.commit_url, private, published)
 
 
@@ -372,13 +389,20 @@ def pull(
                 "download",
                 target,
                 lambda: snapshot_download(
-                    repo_id, revision=commit, endpoint=endpoint, token=token, local_dir=download, cache_dir=work / "cache"
+                    repo_id,
+                    revision=commit,
+                    endpoint=endpoint,
+                    token=token,
+                    local_dir=download,
+                    cache_dir=work / "cache",
                 ),
             )
         present = _arrange(download, work / "run")
         where = f"{endpoint}/{repo_id}@{commit}"
         if MANIFEST not in present:
-            raise HubError(f"{where}: no manifest.json, so the adapter cannot be verified; publish it with `sovtune push`")
+            raise HubError(
+                f"{where}: no manifest.json, so the adapter cannot be verified; publish it with `sovtune push`"
+            )
         manifest = RunDir(work / "run").manifest()
         verified = check_against_manifest(manifest, present, where)
         if out.exists():
@@ -446,9 +470,7 @@ def _http_error(exc: BaseException) -> Any:
 
 
 def _xet_missing(exc: BaseException) -> bool:
-    return any(
-        isinstance(e, ConnectionError) and "xet-write-token" in str(e) and "404" in str(e) for e in _chain(exc)
-    )
+    return any(isinstance(e, ConnectionError) and "xet-write-token" in str(e) and "404" in str(e) for e in _chain(exc))
 
 
 def _network_error(exc: BaseException) -> BaseException | None:
@@ -458,7 +480,10 @@ def _network_error(exc: BaseException) -> BaseException | None:
         (
             e
             for e in _chain(exc)
-            if any(cls.__name__ == "TransportError" and cls.__module__.split(".")[0] in ("httpx", "httpx2") for cls in type(e).__mro__)
+            if any(
+                cls.__name__ == "TransportError" and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+                for cls in type(e).__mro__
+            )
         ),
         None,
     )
@@ -482,9 +507,14 @@ def _explain(exc: BaseException, step: str, target: _Target, attempts: int) -> s
             f"{step}: the hub at {endpoint} has no Xet storage (its xet-write-token endpoint answered 404, which the "
             "client reports as a misleading 'ConnectionError ... 404'); set HF_HUB_DISABLE_XET=1 to upload over LFS"
         )
-    metadata = next((e for e in _chain(exc) if isinstance(e, ValueError) and str(e).startswith("Invalid metadata in README.md")), None)
+    metadata = next(
+        (e for e in _chain(exc) if isinstance(e, ValueError) and str(e).startswith("Invalid metadata in README.md")),
+        None,
+    )
     if metadata is not None:
-        reasons = "; ".join(line[2:] for line in str(metadata).splitlines() if line.startswith("- ")) or "no reason given"
+        reasons = (
+            "; ".join(line[2:] for line in str(metadata).splitlines() if line.startswith("- ")) or "no reason given"
+        )
         return (
             f"{step}: the hub at {endpoint} rejected the model card metadata (400 from validate-yaml: {reasons}); "
             "base_model and datasets must be hub ids, never local paths: fix the recorded recipe or manifest"
@@ -526,7 +556,9 @@ def _explain(exc: BaseException, step: str, target: _Target, attempts: int) -> s
     if status == 400:
         return f"{step}: the hub at {endpoint} refused the request (400 Bad Request{said})"
     if status in TRANSIENT_STATUS:
-        return f"{step}: the hub at {endpoint} is unavailable ({status}{said}) after {attempts} attempts; try again later"
+        return (
+            f"{step}: the hub at {endpoint} is unavailable ({status}{said}) after {attempts} attempts; try again later"
+        )
     return f"{step}: the hub at {endpoint} answered {status}{said}"
 
 

@@ -70,6 +70,7 @@ def discard_incomplete_checkpoints(run_dir: Path) -> list[Path]:
             removed.append(path)
     return removed
 
+
 CHECKPOINT_OVERHEAD_BYTES = 1 << 20  # scheduler, RNG, trainer state, training args
 SAFETY_MARGIN = 1.2
 
@@ -85,7 +86,9 @@ def tokenizer_bytes(tokenizer: Any) -> int:
 
 def checkpoint_size_estimate(model: Any, optimizer: str, tokenizer_size: int = 0) -> tuple[int, int]:
     """(bytes of one checkpoint, bytes of the final adapter) from the trainable parameters and the optimizer."""
-    trainable = [(parameter.numel(), parameter.element_size()) for parameter in model.parameters() if parameter.requires_grad]
+    trainable = [
+        (parameter.numel(), parameter.element_size()) for parameter in model.parameters() if parameter.requires_grad
+    ]
     weights = sum(elements * size for elements, size in trainable)
     state = optimizer_state_bytes(trainable, optimizer)
     adapter = weights + tokenizer_size

@@ -119,7 +119,11 @@ class RunLock:
                 os.close(fd)
                 self._refuse(previous)
             if previous is not None:
-                log.warning("%s: taking over the lock of a run that ended without releasing it (%s)", self.run_dir, previous.describe())
+                log.warning(
+                    "%s: taking over the lock of a run that ended without releasing it (%s)",
+                    self.run_dir,
+                    previous.describe(),
+                )
             try:
                 self._write_owner(fd)
             except OSError as exc:  # a full disk or a read-only file system, before anything else was written

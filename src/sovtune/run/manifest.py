@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator
 
 from sovtune.config import Recipe
 from sovtune.core.files import atomic_write_json, atomic_write_text
-from sovtune.core.hashing import RUN_ROOT, file_entry, now, sha256_text, tree_entries
+from sovtune.core.hashing import file_entry, now, sha256_text, tree_entries
 from sovtune.core.rundir import ManifestError, RunDir
 from sovtune.data import data_records, hub_snapshot
 
@@ -62,7 +62,11 @@ def hardware() -> dict[str, Any]:
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
             info["accelerators"].append(
-                {"name": props.name, "capability": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1)}
+                {
+                    "name": props.name,
+                    "capability": f"{props.major}.{props.minor}",
+                    "memory_gib": round(props.total_memory / 2**30, 1),
+                }
             )
     return info
 
@@ -99,6 +103,7 @@ def git_state(folder: Path) -> dict[str, Any] | None:
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status), "repository": git("rev-parse", "--show-toplevel")}
 
+
 def base_model_record(recipe: Recipe) -> dict[str, Any]:
     """Local base: hashes of every file. Hub base: the pinned revision, the resolved commit and files if cached."""
     record: dict[str, Any] = {
@@ -119,6 +124,7 @@ def base_model_record(recipe: Recipe) -> dict[str, Any]:
         record["files"] = tree_entries(snapshot)
     return record
 
+
 def tokenizer_record(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     """Tokenizer files of the base and content hashes that do not depend on the file layout."""
     record: dict[str, Any] = {
@@ -126,7 +132,9 @@ def tokenizer_record(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
-        "chat_template_sha256": sha256_text(tokenizer.chat_template) if getattr(tokenizer, "chat_template", None) else None,
+        "chat_template_sha256": sha256_text(tokenizer.chat_template)
+        if getattr(tokenizer, "chat_template", None)
+        else None,
         "chat_template_source": "recipe" if recipe.data.chat_template else "tokenizer",
         "files": [],
     }
@@ -136,7 +144,6 @@ def tokenizer_record(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     if recipe.model_is_local and Path(recipe.model_location).is_dir():
         record["files"] = tree_entries(Path(recipe.model_location), names=TOKENIZER_FILES)
     return record
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,7 +185,9 @@ def start(
     recipe_path = run / RunDir.RECIPE
     if (run / MANIFEST).exists():
         if not resume:
-            raise ManifestError(f"{run / MANIFEST}: a manifest exists already; resume the run or use a new run directory")
+            raise ManifestError(
+                f"{run / MANIFEST}: a manifest exists already; resume the run or use a new run directory"
+            )
         _write_recipe(recipe_path, recipe_text)
         details = {"recipe_sha256": sha256_text(recipe_text), "licence": licence, "environment": environment()}
         return append_stage(run.path, "resume", details, files=[recipe_path])
@@ -227,7 +236,10 @@ def append_stage(
         atomic_write_json(run_dir / MANIFEST, manifest)
     return manifest
 
-def record_train(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], started_at: str | None = None) -> dict[str, Any]:
+
+def record_train(
+    run_dir: Path, recipe: Recipe, metrics: dict[str, Any], started_at: str | None = None
+) -> dict[str, Any]:
     """The train stage: adapter files, training metrics (log history left in train_metrics.json)."""
     run_dir = Path(run_dir)
     details: dict[str, Any] = {"metrics": {k: v for k, v in metrics.items() if k != "log_history"}}
@@ -240,14 +252,19 @@ def record_train(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], started
     return append_stage(run_dir, "train", details, outputs, started_at)
 
 
-def record_eval(run_dir: Path, report: dict[str, Any], files: Iterable[Path], started_at: str | None = None) -> dict[str, Any]:
+def record_eval(
+    run_dir: Path, report: dict[str, Any], files: Iterable[Path], started_at: str | None = None
+) -> dict[str, Any]:
     """The eval stage: base and tuned value of every metric, the gates' verdict, and the report files' hashes."""
     metrics = {
-        f"{result['dataset']}/{result['metric']}": {key: result.get(key) for key in ("base", "tuned", "difference", "ci_low", "ci_high")}
+        f"{result['dataset']}/{result['metric']}": {
+            key: result.get(key) for key in ("base", "tuned", "difference", "ci_low", "ci_high")
+        }
         for result in report.get("results", [])
     }
     details = {"metrics": metrics, "gates_passed": report.get("passed")}
     return append_stage(run_dir, "eval", details, [Path(p) for p in files if Path(p).is_file()], started_at)
+
 
 def recorded_files(manifest: dict[str, Any]) -> dict[tuple[str, str], str]:
     """Every file entry anywhere in the manifest, (root, path) -> sha256; a later stage's entry supersedes."""

@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sovtune.core.rundir import RunDir
 from sovtune.config import Recipe
+from sovtune.core.rundir import RunDir
 from sovtune.core.secrets import redact_secrets
 from sovtune.errors import SovtuneError
 

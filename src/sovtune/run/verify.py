@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sovtune.core.hashing import sha256_file
 from sovtune.core.rundir import RunDir
@@ -44,6 +43,7 @@ class VerifyResult:
             return f"{self.target}: {'; '.join(parts)} ({len(self.checked)} files checked)"
         skipped = f"; {len(self.not_checked)} external files not present here, not checked" if self.not_checked else ""
         return f"{self.target}: {len(self.checked)} files match their recorded SHA-256{skipped}"
+
 
 def verify_run_dir(run_dir: Path, strict: bool = False) -> VerifyResult:
     run_dir = Path(run_dir)
