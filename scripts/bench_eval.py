@@ -43,8 +43,9 @@ def build_model(args: argparse.Namespace) -> Any:
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 32), num_key_value_heads=max(1, args.hidden // 64),
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 32),
+        num_key_value_heads=max(1, args.hidden // 64),
         max_position_embeddings=args.prompt_tokens[1] + max(args.completion_tokens, args.new_tokens) + 8,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip

@@ -85,7 +85,10 @@ def result_rows(report: dict[str, Any]) -> list[str]:
                 f"{signed(result['relative_ci_high'], True)}]"
             )
         else:
-            diff = f"{signed(result['difference'], False)} [{signed(result['ci_low'], False)}, {signed(result['ci_high'], False)}]"
+            diff = (
+                f"{signed(result['difference'], False)} [{signed(result['ci_low'], False)}, "
+                f"{signed(result['ci_high'], False)}]"
+            )
         arrow = "↑" if result["higher_is_better"] else "↓"
         rows.append(
             f"| {result['dataset']}/{result['metric']} {arrow} | {result['base']:.3f} | {result['tuned']:.3f} | "
@@ -127,7 +130,8 @@ def summarise(recipe: Path, wall_s: float, code: int, output: str, run_dir: Path
     on_time = wall_s <= TARGET_S
     print(
         f"\nquickstart {recipe.name}: {wall_s:.1f} s ({'within' if on_time else 'OVER'} the {TARGET_S:.0f} s target); "
-        f"significant task-metric gains: {', '.join(significant) or 'NONE'}; gates {'passed' if report['passed'] else 'FAILED'}"
+        f"significant task-metric gains: {', '.join(significant) or 'NONE'}; "
+        f"gates {'passed' if report['passed'] else 'FAILED'}"
     )
     return on_time and bool(significant) and code == 0
 

@@ -505,7 +505,8 @@ def main() -> None:
     if "trl-default" in medians:
         default = medians["trl-default"]
         print(
-            f"sovtune/trl-default per CPU-second: {ours['tokens_per_cpu_s'] / default['tokens_per_cpu_s']:.2f}x (target >= 1.8x)"
+            f"sovtune/trl-default per CPU-second: {ours['tokens_per_cpu_s'] / default['tokens_per_cpu_s']:.2f}x "
+            "(target >= 1.8x)"
         )
         print(f"sovtune/trl-default effective tokens/s: {ours['tokens_per_s'] / default['tokens_per_s']:.2f}x")
 

@@ -117,7 +117,8 @@ EXCLUDED_DISTRIBUTIONS = {"sovtune"}  # the toolkit itself: its tests and docs d
 
 
 def distribution_licence(dist) -> str:
-    """The licence a distribution declares: License-Expression, else the License field's first line, else classifiers."""
+    """The licence a distribution declares: License-Expression, else the License field's first line, else
+    classifiers."""
     meta = dist.metadata
     expression = (meta.get("License-Expression") or "").strip()
     if expression:
@@ -527,7 +528,8 @@ def copy_verdict(score: dict) -> str:
     if gain >= 1.0:
         return f"The model copies: a repeated span costs {gain:.2f} nats/token less than its first occurrence."
     return (
-        f"**It did not learn to copy arbitrary token sequences** (loss on a repeated random span {score['repeated_span_loss']} "
+        "**It did not learn to copy arbitrary token sequences** "
+        f"(loss on a repeated random span {score['repeated_span_loss']} "
         f"nats/token, the first time {score['random_span_loss']}); what fine-tuning on it achieves is measured in "
         'docs/benchmarks.md, "Quickstart timing and results".'
     )
@@ -546,14 +548,17 @@ tags: [llama, tiny, sovtune, test-model]
 # sovtune tiny base model
 
 A {a["parameters"] / 1e6:.2f}M-parameter Llama pretrained from scratch, offline, on the Python standard library
-and the docstrings of the permissively licensed Python packages installed beside it. It exists so that sovtune's quickstart and tests can fine-tune and evaluate a real
+and the docstrings of the permissively licensed Python packages installed beside it. \
+It exists so that sovtune's quickstart and tests can fine-tune and evaluate a real
 *pretrained* causal LM on a laptop CPU in minutes, with nothing downloaded. It is not useful for anything else.
 
 ## Architecture
 
-`LlamaForCausalLM`: {a["num_hidden_layers"]} layers, hidden {a["hidden_size"]}, {a["num_attention_heads"]} attention heads
+`LlamaForCausalLM`: {a["num_hidden_layers"]} layers, hidden {a["hidden_size"]}, \
+{a["num_attention_heads"]} attention heads
 ({a["num_key_value_heads"]} key/value heads), MLP {a["intermediate_size"]}, vocabulary {a["vocab_size"]}, context
-{a["max_position_embeddings"]}, tied input/output embeddings. Linear layers `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`.
+{a["max_position_embeddings"]}, tied input/output embeddings. \
+Linear layers `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`.
 {a["parameters"]:,} parameters, stored as {a["dtype"]} safetensors.
 
 ## Tokenizer and chat format
@@ -582,13 +587,15 @@ PSF, ISC, ...; copyleft, unclear or missing licences are skipped, as are vendore
 {c["held_out_documents"]} documents (seeded) are held out from pretraining: they give the held-out loss and the
 general-text set in `data/general/`. The sovtune SQL dataset (`data/sql/`) is not in the corpus.
 Pretraining documents: {c["train_documents"]}, {c["train_tokens"]:,} tokens, packed as `<s> document </s>` into
-{t["seq_len"]}-token blocks. {t["copy_fraction"]:.0%} of the blocks (seeded) are a {t["seq_len"] // 2}-token span followed by the
+{t["seq_len"]}-token blocks. {t["copy_fraction"]:.0%} of the blocks (seeded) are a {t["seq_len"] // 2}-token span \
+followed by the
 same span again, meant to teach copying from the context, which fine-tuning tasks such as text-to-SQL rely on.
 {copy_verdict(t["copy_score"])}
 
 ## Training
 
-transformers `Trainer` on CPU ({t["threads"]} torch threads), seed {t["seed"]}: {t["steps"]} steps of {t["batch_size"]} x {t["seq_len"]}-token
+transformers `Trainer` on CPU ({t["threads"]} torch threads), seed {t["seed"]}: {t["steps"]} steps of \
+{t["batch_size"]} x {t["seq_len"]}-token
 packed sequences = **{t["tokens_seen"]:,} tokens seen**, AdamW lr {t["lr"]} (cosine, {t["warmup_steps"]} warmup steps),
 weight decay 0.1, {t["train_minutes"]} minutes.
 
@@ -628,10 +635,13 @@ def general_readme(rows: list[dict], path: Path, info: dict) -> str:
     """README.md for data/general."""
     return f"""# general: held-out English passages for the forgetting check
 
-`eval.jsonl`: {len(rows)} lines `{{"text": ..., "source": ...}}`, each {info["general"]["min_tokens"]}-{info["general"]["max_tokens"]} tokens of
-English prose (docstrings and documentation paragraphs) from the Python {info["versions"]["python"]} standard library and the
+`eval.jsonl`: {len(rows)} lines `{{"text": ..., "source": ...}}`, each \
+{info["general"]["min_tokens"]}-{info["general"]["max_tokens"]} tokens of
+English prose (docstrings and documentation paragraphs) from the Python \
+{info["versions"]["python"]} standard library and the
 docstrings of permissively licensed Python packages (the base model's corpus; its card lists them).
-They come only from the {info["corpus"]["held_out_documents"]} documents that `scripts/build_base_model.py` held out of the base
+They come only from the {info["corpus"]["held_out_documents"]} documents that `scripts/build_base_model.py` \
+held out of the base
 model's pretraining, so a base-vs-adapter perplexity on them measures general-text retention, not memorisation.
 
 Built by `{info["command"]}` (seeded sample of all passages; paragraphs that look like code,
@@ -731,7 +741,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--package-chars",
         type=int,
         default=1_500_000,
-        help="docstring characters taken at most from each permissively licensed installed package (0: standard library only)",
+        help="docstring characters taken at most from each permissively licensed installed package "
+        "(0: standard library only)",
     )
     parser.add_argument("--token-budget", type=int, default=7_000_000, help="pretraining tokens (sets the step count)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

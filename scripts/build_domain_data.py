@@ -117,10 +117,14 @@ HIRE_YEARS = range(2008, 2024)
 SALARY_THRESHOLDS = range(40000, 140001, 5000)
 BUDGET_THRESHOLDS = range(50000, 450001, 25000)
 
-SCHEMA = """CREATE TABLE departments (id INTEGER PRIMARY KEY, name TEXT NOT NULL, city TEXT NOT NULL);
-CREATE TABLE employees (id INTEGER PRIMARY KEY, name TEXT NOT NULL, department_id INTEGER NOT NULL REFERENCES departments(id), title TEXT NOT NULL, salary INTEGER NOT NULL, hire_year INTEGER NOT NULL);
-CREATE TABLE projects (id INTEGER PRIMARY KEY, name TEXT NOT NULL, department_id INTEGER NOT NULL REFERENCES departments(id), budget INTEGER NOT NULL);
-"""
+SCHEMA = (
+    "CREATE TABLE departments (id INTEGER PRIMARY KEY, name TEXT NOT NULL, city TEXT NOT NULL);\n"
+    "CREATE TABLE employees (id INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+    "department_id INTEGER NOT NULL REFERENCES departments(id), title TEXT NOT NULL, salary INTEGER NOT NULL, "
+    "hire_year INTEGER NOT NULL);\n"
+    "CREATE TABLE projects (id INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+    "department_id INTEGER NOT NULL REFERENCES departments(id), budget INTEGER NOT NULL);\n"
+)
 
 # Joins are spelled one way everywhere so the model learns a single canonical form.
 EMP_DEPT = "FROM employees e JOIN departments d ON e.department_id = d.id"
@@ -396,7 +400,7 @@ TEMPLATES = [
 def make_rows(rng: random.Random) -> dict[str, list[tuple]]:
     """Draw the synthetic company: departments, employees and projects, all from the seeded rng."""
     departments = [(i + 1, name, city) for i, (name, city) in enumerate(DEPARTMENTS)]
-    names = rng.sample([f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES], NUM_EMPLOYEES)
+    names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], NUM_EMPLOYEES)
     employees = []
     for i, name in enumerate(names):
         title = rng.choice(sorted(TITLES))
@@ -563,9 +567,12 @@ cities, titles, salary and budget thresholds, hire years and employee names.
 For each template, the valid slot fillings are shuffled (seed {args.seed}) and {args.eval_fraction:.0%} of them
 (at least one) are held out: all their paraphrases form the eval pool, the rest form the train pool.
 So every eval row is a (template, slot value) combination never seen in training. Every wording, department,
-city and title also appears in training (in other combinations); {counts["eval_with_new_value"]} eval rows hold a number or an
-employee name that no training row uses, which the model has to copy from the question. Pools are capped at {args.max_train_per_template} train
-and {args.max_eval_per_template} eval rows per template. The build checks that no eval question or SQL string occurs in train.
+city and title also appears in training (in other combinations); {counts["eval_with_new_value"]} \
+eval rows hold a number or an
+employee name that no training row uses, which the model has to copy from the question. \
+Pools are capped at {args.max_train_per_template} train
+and {args.max_eval_per_template} eval rows per template. \
+The build checks that no eval question or SQL string occurs in train.
 
 | template | train | eval |
 |---|---|---|

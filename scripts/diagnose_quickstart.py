@@ -11,8 +11,8 @@ top; identical distributions for every X mean the question is ignored.
     python scripts/diagnose_quickstart.py --mode full --lr 1e-3
     python scripts/diagnose_quickstart.py --mode lora --lr 4e-3
     python scripts/diagnose_quickstart.py --mode lora --lr 4e-3 --set "adapter.modules_to_save=[embed_tokens,lm_head]"
-    python scripts/diagnose_quickstart.py --mode lora --lr 4e-3 --familiar   # values replaced by tokens the base knows
-    python scripts/diagnose_quickstart.py --write-data runs/closed            # the subset, for sovtune run --set data...
+    python scripts/diagnose_quickstart.py --mode lora --lr 4e-3 --familiar  # values replaced by tokens the base knows
+    python scripts/diagnose_quickstart.py --write-data runs/closed           # the subset, for sovtune run --set data...
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ CLOSED_SLOTS = {"dept", "title", "city"}
 FAMILIAR = {
     "Engineering": "socket", "Finance": "email", "Legal": "math", "Marketing": "logging", "Operations": "string",
     "Research": "sys", "Sales": "time", "Support": "path",
-    "Accountant": "dict", "Analyst": "list", "Designer": "bytes", "Engineer": "int", "Manager": "str", "Recruiter": "set",
+    "Accountant": "dict", "Analyst": "list", "Designer": "bytes", "Engineer": "int", "Manager": "str",
+    "Recruiter": "set",
     "Berlin": "http", "London": "xml", "Madrid": "html", "Paris": "unittest", "Rome": "format",
 }  # fmt: skip
 PROBE_ANSWER = "SELECT e.name FROM employees e JOIN departments d ON e.department_id = d.id WHERE d.name = '"

@@ -57,7 +57,8 @@ def render() -> str:
         lines += ["", f"## `{section}`", "", "| key | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             lines.append(
-                f"| `{section}.{name}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |"
+                f"| `{section}.{name}` | {_type_name(field.annotation)} | {_default(field)} | "
+                f"{field.description or ''} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -490,7 +490,8 @@ class _Handler(BaseHTTPRequestHandler):
             if parent and not head.startswith(parent):
                 raise HubError(
                     412,
-                    f"A commit has happened since. Please refresh and try again. (parent {parent} is not the head {head} of {branch})",
+                    f"A commit has happened since. Please refresh and try again. "
+                    f"(parent {parent} is not the head {head} of {branch})",
                 )
             files = dict(found.commits[head].files)
             for line in lines[1:]:

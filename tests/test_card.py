@@ -16,8 +16,8 @@ def metric(dataset: str, name: str, base: float, tuned: float, low: float, high:
     from sovtune.report import MetricResult
 
     return MetricResult(
-        dataset=dataset, metric=name, higher_is_better=name not in ("loss", "perplexity"), aggregate="mean", n=n, base=base,
-        tuned=tuned, difference=tuned - base, ci_low=low, ci_high=high, significant=low > 0 or high < 0,
+        dataset=dataset, metric=name, higher_is_better=name not in ("loss", "perplexity"), aggregate="mean", n=n,
+        base=base, tuned=tuned, difference=tuned - base, ci_low=low, ci_high=high, significant=low > 0 or high < 0,
         base_ci_low=base, base_ci_high=base, tuned_ci_low=tuned, tuned_ci_high=tuned, relative_change=None,
         relative_ci_low=None, relative_ci_high=None, confidence=0.95, resamples=2000, seed=0,
     )  # fmt: skip
@@ -43,7 +43,8 @@ def manifest_json(local_base: bool, licence: list[str] | None = None) -> dict[st
     """The shape manifest.start/record_* write (the keys the card reads)."""
     if local_base:
         base = {"name_or_path": "/srv/models/llama-8b", "local": True, "revision": None, "commit": None,
-                "files": [{"path": "/srv/models/llama-8b/model.safetensors", "root": "absolute", "sha256": "ab" * 32, "bytes": 10}]}  # fmt: skip
+                "files": [{"path": "/srv/models/llama-8b/model.safetensors", "root": "absolute",
+                           "sha256": "ab" * 32, "bytes": 10}]}  # fmt: skip
     else:
         base = {"name_or_path": HUB_BASE, "local": False, "revision": "main", "commit": BASE_COMMIT, "files": []}
     if licence is not None:

@@ -49,7 +49,8 @@ def test_help_is_fast_and_imports_no_ml_library() -> None:
     probe = (
         "import sys; from typer.testing import CliRunner; from sovtune.cli import app; "
         "assert CliRunner().invoke(app, ['--help']).exit_code == 0; "
-        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate') if m in sys.modules); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate') "
+        "if m in sys.modules); "
         "print(heavy)"
     )
     imported = subprocess.run(

@@ -94,9 +94,9 @@ def test_every_checkpoint_file_exists_before_trainer_state_is_written(
     recipe = make_recipe(train={"max_steps": 2, "save_steps": 1})
     assert invoke("train", recipe).exit_code == 0
     assert len(seen) == 2
-    for files in seen:
-        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= files
-        assert "trainer_state.json" not in files
+    for listed in seen:
+        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= listed
+        assert "trainer_state.json" not in listed
 
 
 def fake_checkpoint(folder: Path, step: int, state: str | None) -> Path:

@@ -174,7 +174,8 @@ def test_instruction_with_system_and_mapped_columns(tmp_path, tiny_model_dir, to
         tokenizer,
         [
             (
-                "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n",
+                "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hello.<|im_end|>\n"
+                "<|im_start|>assistant\n",
                 False,
             ),
             ("hello<|im_end|>", True),
@@ -362,7 +363,8 @@ def test_empty_folder_and_missing_file(tmp_path, tiny_model_dir) -> None:
     with pytest.raises(DataError) as info:
         read_rows(recipe.data.train[0], recipe.data.format, recipe.base_dir)
     assert str(info.value) == (
-        f"./missing.jsonl: data file not found (looked at {tmp_path / 'missing.jsonl'}); check data.train / data.eval paths"
+        f"./missing.jsonl: data file not found (looked at {tmp_path / 'missing.jsonl'}); "
+        "check data.train / data.eval paths"
     )
 
 

@@ -184,15 +184,16 @@ def test_fsdp_picks_the_qlora_config_for_4bit_float_storage(recipe_file):
             "fsdp",
             {"mode": "4bit"},
             None,
-            "--strategy fsdp with 4-bit weights: FSDP/ZeRO-3 shard only float tensors, but quantization.storage_dtype is "
-            "uint8; add --set quantization.storage_dtype=bfloat16 (and model.dtype: bfloat16), or use --strategy ddp",
+            "--strategy fsdp with 4-bit weights: FSDP/ZeRO-3 shard only float tensors, but "
+            "quantization.storage_dtype is uint8; add --set quantization.storage_dtype=bfloat16 "
+            "(and model.dtype: bfloat16), or use --strategy ddp",
         ),
         (
             "fsdp",
             {"mode": "4bit", "storage_dtype": "bfloat16"},
             None,
-            "--strategy fsdp with 4-bit weights: model.dtype (auto) must equal quantization.storage_dtype (bfloat16) so "
-            "every sharded tensor has one dtype; set model.dtype: bfloat16",
+            "--strategy fsdp with 4-bit weights: model.dtype (auto) must equal quantization.storage_dtype "
+            "(bfloat16) so every sharded tensor has one dtype; set model.dtype: bfloat16",
         ),
         (
             "fsdp",

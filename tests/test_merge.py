@@ -1,4 +1,5 @@
-"""`sovtune merge`: merged logits match the adapter's; QLoRA merges into the unquantised base; failures write nothing."""
+"""`sovtune merge`: merged logits match the adapter's; QLoRA merges into the unquantised base; failures write
+nothing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Offline mode: the guard refuses real outbound attempts (naming the host) and lets loopback and allowed hosts through."""
+"""Offline mode: the guard refuses real outbound attempts (naming the host) and lets loopback and allowed hosts
+through."""
 
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def test_lora_parameters_equal_peft(tiny_model_dir: Path, targets, dora, modules
 
 
 def test_nf4_storage_equals_bitsandbytes(tiny_model_dir: Path, tmp_path: Path):
-    """Bytes of the packed weights and quantisation state bitsandbytes really allocates, with and without double quant."""
+    """Bytes of the packed weights and quantisation state bitsandbytes really allocates, with and without double
+    quant."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     arch = planner.architecture_from_config(AutoConfig.from_pretrained(tiny_model_dir), "tiny", "config")

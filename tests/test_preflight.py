@@ -128,7 +128,8 @@ def test_tied_embeddings_are_counted_once() -> None:
 
 @pytest.fixture(scope="module")
 def biased_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama with attention and MLP biases and tied embeddings: every case of the count has something to add."""
+    """The tiny Llama with attention and MLP biases and tied embeddings: every case of the count has something to
+    add."""
     from conftest import build_tiny_model, build_tokenizer
 
     path = tmp_path_factory.mktemp("biased-llama")
@@ -227,8 +228,8 @@ def test_corrupt_data_file(tmp_path: Path, tiny_model_dir: Path) -> None:
 def test_malformed_rows(tmp_path: Path, tiny_model_dir: Path) -> None:
     recipe = write_recipe(tmp_path, tiny_model_dir, "malformed", rows=[*qa_rows(4), {"text": "wrong format"}])
     assert one_line_error(invoke("check", str(recipe))) == (
-        f"{tmp_path / 'malformed-train.jsonl'}:5: missing column 'messages' (row has ['text']); map it with data.columns; "
-        "fix the rows or set data.on_bad_rows: skip"
+        f"{tmp_path / 'malformed-train.jsonl'}:5: missing column 'messages' (row has ['text']); "
+        "map it with data.columns; fix the rows or set data.on_bad_rows: skip"
     )
 
 

@@ -389,7 +389,8 @@ def test_env_value_never_reaches_error_unless_it_is_the_bad_value(
         ),
         (
             "quantization:\n  compute_dtype: bfloat16\n",
-            "{path}:5: quantization: compute_dtype only applies to a quantised model; set mode: 4bit or 8bit, or remove it",
+            "{path}:5: quantization: compute_dtype only applies to a quantised model; "
+            "set mode: 4bit or 8bit, or remove it",
         ),
     ],
     ids=[
@@ -446,7 +447,8 @@ def test_hub_model_without_revision(tmp_path: Path) -> None:
 def test_combination_error_from_set_names_set(tmp_path: Path) -> None:
     path = write(tmp_path, "r.yaml", MINIMAL)
     assert error_of(path, ["quantization.double_quant=false"]) == (
-        "--set: quantization: double_quant only applies to mode: 4bit, but mode is 'none'; set mode: 4bit or remove them"
+        "--set: quantization: double_quant only applies to mode: 4bit, but mode is 'none'; "
+        "set mode: 4bit or remove them"
     )
 
 

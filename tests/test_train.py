@@ -374,7 +374,8 @@ def test_added_pad_token_resizes_the_model_and_the_adapter_carries_the_embedding
 
 
 def test_4bit_layers_bitsandbytes_cannot_repack_for_the_cpu_keep_the_unpacked_path() -> None:
-    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel in eval mode and asserts out_features % 32 == 0."""
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel in eval mode and asserts
+    out_features % 32 == 0."""
     from types import SimpleNamespace
 
     class Model:

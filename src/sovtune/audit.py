@@ -34,7 +34,8 @@ class AuditError(SovtuneError):
 
 
 def log_path(recipe: Recipe | None = None) -> Path:
-    """The recipe's `sovereignty.audit_log` (relative to the recipe), else $SOVTUNE_AUDIT_LOG, else ~/.sovtune/audit.jsonl."""
+    """The recipe's `sovereignty.audit_log` (relative to the recipe), else $SOVTUNE_AUDIT_LOG, else
+    ~/.sovtune/audit.jsonl."""
     if recipe is not None and recipe.sovereignty.audit_log:
         return recipe.resolve(recipe.sovereignty.audit_log)
     return Path(os.path.expanduser(os.environ.get(ENV_PATH) or DEFAULT_PATH))
@@ -103,7 +104,8 @@ def event_record(
 def record(
     event: str, outcome: str, recipe: Recipe | None = None, path: Path | None = None, **fields: Any
 ) -> dict[str, Any]:
-    """Append one event line; `AuditError` if the log cannot be written. In a multi-process launch only rank 0 writes."""
+    """Append one event line; `AuditError` if the log cannot be written. In a multi-process launch only rank 0
+    writes."""
     entry = event_record(event, outcome, recipe, **fields)
     if int(os.environ.get("RANK", "0")) != 0:
         return entry

@@ -613,7 +613,8 @@ def load_held_out(
     if missing:
         raise DataError(
             f"{missing[0]}: a held-out row recorded at training time is no longer in the data"
-            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; evaluate with the data the run trained on"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+            "evaluate with the data the run trained on"
         )
     examples = [found[origin] for origin in origins]
     return examples, tokenize_split(examples, data, tokenizer, stats), stats

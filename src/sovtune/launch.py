@@ -166,6 +166,7 @@ def launch(
     if code != 0:
         raise LaunchError(
             f"accelerate launch exited with code {code}: a process failed and the others were stopped; its error is "
-            f"printed above (lines starting [rankN]); fix it and rerun (--resume continues from the last complete checkpoint)"
+            f"printed above (lines starting [rankN]); fix it and rerun "
+            f"(--resume continues from the last complete checkpoint)"
         )
     return command

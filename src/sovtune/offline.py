@@ -82,7 +82,8 @@ def enable(allowed_endpoints: Iterable[str] = ()) -> None:
 
 
 def enable_for(recipe: Any) -> None:
-    """Offline mode for a recipe: its allowed endpoints and its hub endpoint (the configured private hub) stay reachable."""
+    """Offline mode for a recipe: its allowed endpoints and its hub endpoint (the configured private hub) stay
+    reachable."""
     endpoints = list(recipe.sovereignty.allowed_endpoints)
     hub = getattr(recipe, "hub", None)
     if hub is not None and hub.endpoint:

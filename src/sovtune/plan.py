@@ -5,23 +5,28 @@ How each component is estimated (T = batch_size x max_length tokens per micro-ba
 i = intermediate size, a / kv = attention / key-value heads, d = head dim, L = layers, V = vocabulary,
 e = bytes of the compute dtype: 2 for bf16/fp16, 4 for fp32):
 
-- base weights: 16-bit = 2 B/param. 4-bit NF4 = 0.5 B/param + constants (one absmax per 64 weights: fp32 = 0.5 bit/param,
-  or with double quantisation uint8 + one fp32 per 256 blocks = 0.127 bit/param, the QLoRA paper's figure); 8-bit = 1 B/param
-  + one fp32 scale per output row. Layers bitsandbytes does not quantise (embeddings, output head, norms) stay in the
-  model dtype, except that peft's `prepare_model_for_kbit_training` (which sovtune calls for QLoRA) upcasts them to fp32.
+- base weights: 16-bit = 2 B/param. 4-bit NF4 = 0.5 B/param + constants (one absmax per 64 weights: fp32 =
+  0.5 bit/param, or with double quantisation uint8 + one fp32 per 256 blocks = 0.127 bit/param, the QLoRA paper's
+  figure); 8-bit = 1 B/param + one fp32 scale per output row. Layers bitsandbytes does not quantise (embeddings,
+  output head, norms) stay in the model dtype, except that peft's `prepare_model_for_kbit_training` (which sovtune
+  calls for QLoRA) upcasts them to fp32.
 - adapter: each targeted linear adds r x (in + out) LoRA parameters (DoRA: + out), kept in fp32 by peft; gradients are
-  the same size; AdamW keeps two fp32 moments (8 B/param), 8-bit AdamW ~2 B/param (tensors under 4,096 elements stay 32-bit).
+  the same size; AdamW keeps two fp32 moments (8 B/param), 8-bit AdamW ~2 B/param (tensors under 4,096 elements stay
+  32-bit).
 - activations per decoder layer, without gradient checkpointing (what autograd saves for the backward pass):
       8·T·h          the two RMSNorm inputs, upcast to fp32
     + e·T·h ·(1-2)   the normalised inputs, saved when a LoRA layer reads them (attention block / MLP block)
-    + e·T·h·3 ... e·T·(h + 2·kv·d + h)   q after RoPE, k and v (repeated to `a` heads when a padding mask is present), attention output
+    + e·T·h·3 ... e·T·(h + 2·kv·d + h)
+                     q after RoPE, k and v (repeated to `a` heads when a padding mask is present), attention output
     + 4·T·a          attention log-sum-exp
     + e·b·s²         the padding mask, converted per layer to the compute dtype by SDPA; with padding-free batches
                      (data.packing true/auto: the batch is one row, position ids restarting per example) the
                      block-diagonal mask over the row, e·(b·s)²; none with flash-attention 2 or a batch of one
     + e·T·i·4        gated MLP: gate, activation, up and their product (2 for a plain MLP)
-    + e·T·Σr         LoRA A outputs (Σ over targeted linears of the layer); with LoRA dropout each targeted input is copied (e+1 bytes)
-  With gradient checkpointing only each layer's input (e·T·h) is kept, and one layer is recomputed during the backward pass.
+    + e·T·Σr         LoRA A outputs (Σ over targeted linears of the layer); with LoRA dropout each targeted input
+                     is copied (e+1 bytes)
+  With gradient checkpointing only each layer's input (e·T·h) is kept, and one layer is recomputed during the backward
+  pass.
 - logits: TRL's SFTTrainer scores tokens with a fused, chunked LM head: tiles of min(T, 4096) x min(V, 32768) in the
   compute dtype and an fp32 gradient of the final hidden states; the full T x V fp32 logits are never built (the
   JSON output also gives what they would cost: T·V·(e + 12) bytes with their fp32 copy, log-softmax and gradient).
@@ -473,7 +478,8 @@ def adapted_layers(arch: Architecture, settings: Settings) -> list[LinearLayer]:
 
 
 def trainable_tensors(arch: Architecture, settings: Settings) -> list[tuple[int, int]]:
-    """(elements, bytes per element) of each trainable tensor: LoRA A and B (+ DoRA magnitude), biases, saved modules."""
+    """(elements, bytes per element) of each trainable tensor: LoRA A and B (+ DoRA magnitude), biases, saved
+    modules."""
     tensors: list[tuple[int, int]] = []
     for lin in adapted_layers(arch, settings):
         tensors += [(settings.r * lin.in_features, 4), (settings.r * lin.out_features, 4)]

@@ -100,7 +100,8 @@ def check(recipe: Recipe) -> PreflightReport:
         Finding(
             "pad != eos",
             tokenizer.pad_token_id != tokenizer.eos_token_id,
-            f"pad={tokenizer.pad_token!r} ({tokenizer.pad_token_id}), eos={tokenizer.eos_token!r} ({tokenizer.eos_token_id})",
+            f"pad={tokenizer.pad_token!r} ({tokenizer.pad_token_id}), "
+            f"eos={tokenizer.eos_token!r} ({tokenizer.eos_token_id})",
         )
     )
     if recipe.data.format in ("messages", "instruction"):

@@ -174,8 +174,8 @@ class Report:
             for gate in self.gates:
                 value = "undefined" if gate.value is None else _plain(gate.value)
                 lines.append(
-                    f"| {gate.gate} | {gate.dataset}/{gate.metric} | {gate.rule} | {_plain(gate.threshold)} | {value} | "
-                    f"{'pass' if gate.passed else '**FAIL**'} |"
+                    f"| {gate.gate} | {gate.dataset}/{gate.metric} | {gate.rule} | {_plain(gate.threshold)} | "
+                    f"{value} | {'pass' if gate.passed else '**FAIL**'} |"
                 )
         if self.samples:
             lines += ["", "## Side by side: base vs tuned", ""]
@@ -347,8 +347,8 @@ def _markdown_table(results: Sequence[MetricResult]) -> list[str]:
         delta, interval = difference_text(result)
         verdict = f"**{result.verdict}**" if result.significant else result.verdict
         lines.append(
-            f"| {result.dataset} | {result.metric} {arrow(result)} | {number_text(result.base)} | {number_text(result.tuned)} | "
-            f"{delta} | {interval} | {verdict} | {result.n} |"
+            f"| {result.dataset} | {result.metric} {arrow(result)} | {number_text(result.base)} | "
+            f"{number_text(result.tuned)} | {delta} | {interval} | {verdict} | {result.n} |"
         )
     return lines
 
@@ -475,9 +475,10 @@ def compare(run_dirs: Sequence[Path], out_dir: Path | None = None) -> dict[str, 
         for result in report["results"]:
             row = rows.setdefault(
                 (result["dataset"], result["metric"]),
-                {"dataset": result["dataset"], "metric": result["metric"], "higher_is_better": result["higher_is_better"],
-                 "aggregate": result["aggregate"], "base": result["base"], "base_ci_low": result["base_ci_low"],
-                 "base_ci_high": result["base_ci_high"], "runs": {}},
+                {"dataset": result["dataset"], "metric": result["metric"],
+                 "higher_is_better": result["higher_is_better"], "aggregate": result["aggregate"],
+                 "base": result["base"], "base_ci_low": result["base_ci_low"], "base_ci_high": result["base_ci_high"],
+                 "runs": {}},
             )  # fmt: skip
             if not math.isclose(row["base"], result["base"], rel_tol=1e-9, abs_tol=1e-12):
                 row["base_differs"] = True  # evaluated on different examples: deltas are not comparable
@@ -509,7 +510,10 @@ def run_cell(row: dict[str, Any], label: str) -> str:
     if run is None:
         return "–"
     if row["aggregate"] == "exp_ratio" and run["relative_change"] is not None:
-        delta = f"{_percent(run['relative_change'])} [{_percent(run['relative_ci_low'])}, {_percent(run['relative_ci_high'])}]"
+        delta = (
+            f"{_percent(run['relative_change'])} [{_percent(run['relative_ci_low'])}, "
+            f"{_percent(run['relative_ci_high'])}]"
+        )
     else:
         delta = f"{_signed(run['difference'])} [{_signed(run['ci_low'])}, {_signed(run['ci_high'])}]"
     return f"{number_text(run['tuned'])} ({delta}){' *' if run['significant'] else ''}"

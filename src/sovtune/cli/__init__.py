@@ -91,7 +91,8 @@ OfflineOpt = Annotated[
     bool,
     typer.Option(
         "--offline",
-        help="Refuse every network connection but loopback and sovereignty.allowed_endpoints (as sovereignty.offline: true).",
+        help="Refuse every network connection but loopback and sovereignty.allowed_endpoints "
+        "(as sovereignty.offline: true).",
     ),
 ]
 
@@ -234,7 +235,8 @@ def push(
     revision: RevisionOpt = None,
     public: Annotated[bool, typer.Option("--public", help="Create the repository public (default: private).")] = False,
 ) -> None:
-    """Publish the adapter, tokenizer, chat template, report, manifest and model card in one commit (token: $HF_TOKEN or `hf auth login`)."""
+    """Publish the adapter, tokenizer, chat template, report, manifest and model card in one commit \
+(token: $HF_TOKEN or `hf auth login`)."""
     guarded(lambda: bodies().push(run_dir, repo, endpoint, revision, public))
 
 

@@ -55,7 +55,8 @@ def go_offline(loaded: Recipe, flag: bool) -> Recipe:
 
 
 def run_recipe(run_dir: Path) -> Recipe | None:
-    """The recipe a run saved, for the audit record (its hash, data hashes and audit-log setting); None if unreadable."""
+    """The recipe a run saved, for the audit record (its hash, data hashes and audit-log setting); None if
+    unreadable."""
     try:
         return load_run_recipe(run_dir) if (RunDir(run_dir) / RunDir.RECIPE).is_file() else None
     except SovtuneError:

@@ -151,7 +151,8 @@ def memory_plan(result: Plan, console: Console) -> None:
             continue
         if f.min_gpus_fsdp:
             console.print(
-                f"to fit on [bold]{f.gpu.name}[/] ({gib_text(f.total_after_changes or 0)} each): no recipe change is enough on one "
+                f"to fit on [bold]{f.gpu.name}[/] ({gib_text(f.total_after_changes or 0)} each): "
+                "no recipe change is enough on one "
                 f"GPU; shard over {f.min_gpus_fsdp}: sovtune launch RECIPE --gpus {f.min_gpus_fsdp} --strategy fsdp",
                 highlight=False,
             )

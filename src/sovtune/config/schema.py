@@ -95,7 +95,8 @@ class AdapterSection(Section):
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         default="all-linear",
-        description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear (every linear layer but the output head).",
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear "
+        "(every linear layer but the output head).",
     )
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained fully and saved with the adapter (e.g. [lm_head])."
@@ -157,9 +158,10 @@ class DataSection(Section):
     )
     packing: Literal["auto"] | bool = Field(
         default="auto",
-        description="Padding-free batches: a batch's examples share one row, position ids restarting per example, so no "
-        "padding is computed and no example attends to another. auto = on where the model's attention keeps examples "
-        "apart, else padded batches grouped by length; true = on or stop; false = padded batches grouped by length.",
+        description="Padding-free batches: a batch's examples share one row, position ids restarting per example, "
+        "so no padding is computed and no example attends to another. auto = on where the model's attention keeps "
+        "examples apart, else padded batches grouped by length; true = on or stop; false = padded batches grouped by "
+        "length.",
     )
     on_bad_rows: Literal["error", "skip"] = Field(
         default="error", description="Malformed rows stop the run (error) or are skipped and reported (skip)."
@@ -499,8 +501,8 @@ class EvalSection(Section):
                 needs_prompt = []
             if data_format == "text" and (needs_prompt or dataset.user_metrics):
                 raise ValueError(
-                    f"{where}: format text has no prompt to generate from, so {needs_prompt or 'user metrics'} cannot be "
-                    "computed; use loss/perplexity/token_accuracy or a chat/prompt_completion dataset"
+                    f"{where}: format text has no prompt to generate from, so {needs_prompt or 'user metrics'} "
+                    "cannot be computed; use loss/perplexity/token_accuracy or a chat/prompt_completion dataset"
                 )
             if dataset.columns is not None:
                 unknown = sorted(set(dataset.columns) - set(FORMAT_COLUMNS[data_format]))
@@ -526,7 +528,8 @@ class EvalSection(Section):
 class SovereigntySection(Section):
     offline: bool = Field(
         default=False,
-        description="Refuse every network connection except loopback and allowed_endpoints; sets the HF offline switches.",
+        description="Refuse every network connection except loopback and allowed_endpoints; "
+        "sets the HF offline switches.",
     )
     allowed_endpoints: list[str] = Field(
         default_factory=list,
@@ -537,7 +540,8 @@ class SovereigntySection(Section):
     )
     data_scan: Literal["warn", "redact", "block"] = Field(
         default="warn",
-        description="Secrets/PII found in the data: warn (counts only), redact (replace before tokenising), block (stop).",
+        description="Secrets/PII found in the data: warn (counts only), redact (replace before tokenising), "
+        "block (stop).",
     )
     allowed_licenses: list[str] = Field(
         default_factory=list,

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 SECRET, PII = "secret", "pii"
 
 # Environment variables whose names say they hold a credential; their values are redacted wherever they appear.
-# Whole name parts only: HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, but not TOKENIZERS_PARALLELISM or GIT_AUTHOR_NAME.
+# Whole name parts only: HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, but not TOKENIZERS_PARALLELISM or
+# GIT_AUTHOR_NAME.
 SECRET_NAME = re.compile(
     r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIALS?|AUTH)(_|$)", re.I
 )
@@ -43,7 +44,8 @@ SECRET_DETECTORS: tuple[Detector, ...] = (
         "private_key",
         SECRET,
         re.compile(
-            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----)?"
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+            r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----)?"
         ),
     ),
     Detector("jwt", SECRET, re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")),

@@ -86,7 +86,8 @@ def export(run_dir: str | Path, bundle_path: str | Path) -> Path:
 
 
 def model_card(run_dir: Path, run_name: str) -> str:
-    """The same card `sovtune push` publishes (eval results, provenance), named after hub.repo when the recipe has one."""
+    """The same card `sovtune push` publishes (eval results, provenance), named after hub.repo when the recipe has
+    one."""
     repo_id = (RunDir(run_dir).recipe_data().get("hub") or {}).get("repo") or run_name
     return str(build_card(run_dir, repo_id))
 

@@ -304,7 +304,10 @@ def _intro(repo_id: str, revision: str | None, recipe: dict[str, Any], base: dic
     lines = [
         f"# {name}",
         "",
-        f"A {_ADAPTER_NAMES.get(_adapter_type(recipe), _adapter_type(recipe))} adapter for {origin}, trained with sovtune.",
+        (
+            f"A {_ADAPTER_NAMES.get(_adapter_type(recipe), _adapter_type(recipe))} adapter for {origin}, "
+            "trained with sovtune."
+        ),
     ]
     if description:
         lines += ["", str(description)]
@@ -316,7 +319,10 @@ def _intro(repo_id: str, revision: str | None, recipe: dict[str, Any], base: dic
         "",
         f"base = AutoModelForCausalLM.from_pretrained({load_base})",
         f'model = PeftModel.from_pretrained(base, "{repo_id}"{revision_arg})',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision_arg})  # with the chat template used in training',
+        (
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision_arg})  '
+            "# with the chat template used in training"
+        ),
         "```",
         "",
         f"`sovtune pull {repo_id}` downloads it and checks every adapter file against `manifest.json`.",
@@ -346,14 +352,16 @@ def _evaluation(rows: list[MetricRow], gates: list[dict[str, Any]]) -> str:
         )
         n = row.n if row.n is not None else "-"
         lines.append(
-            f"| {row.dataset} | {row.metric} | {n} | {row.base:.4g} | {row.tuned:.4g} | {row.gain:+.4g} | {interval} | {row.verdict} |"
+            f"| {row.dataset} | {row.metric} | {n} | {row.base:.4g} | {row.tuned:.4g} | {row.gain:+.4g} | "
+            f"{interval} | {row.verdict} |"
         )
     if gates:
         lines += ["", "Gates:", ""]
         for gate in gates:
             verdict = "pass" if gate.get("passed") else "FAIL"
             lines.append(
-                f"- {verdict}: {gate.get('gate')} ({gate.get('dataset')}/{gate.get('metric')}) {gate.get('rule')} {gate.get('threshold')}, got {gate.get('value')}"
+                f"- {verdict}: {gate.get('gate')} ({gate.get('dataset')}/{gate.get('metric')}) "
+                f"{gate.get('rule')} {gate.get('threshold')}, got {gate.get('value')}"
             )
     lines.append("")
     return "\n".join(lines)

@@ -524,7 +524,10 @@ def _explain(exc: BaseException, step: str, target: _Target, attempts: int) -> s
         network = _network_error(exc)
         if network is not None:
             tried = f" after {attempts} attempts" if attempts > 1 else ""
-            return f"{step}: cannot reach the hub at {endpoint}{tried} ({_first_line(network) or type(network).__name__}); check --endpoint and the network"
+            return (
+                f"{step}: cannot reach the hub at {endpoint}{tried} "
+                f"({_first_line(network) or type(network).__name__}); check --endpoint and the network"
+            )
         return f"{step} on {endpoint}/{repo} failed: {type(exc).__name__}: {_first_line(exc)}"
     status = http.response.status_code
     server = _first_line(http.server_message) if http.server_message else ""
@@ -536,10 +539,16 @@ def _explain(exc: BaseException, step: str, target: _Target, attempts: int) -> s
             "export HF_TOKEN=<a token for that hub>"
         )
     if status == 401:
-        return f"{step}: the hub at {endpoint} rejected the token (401 Unauthorized{said}); export HF_TOKEN=<a valid token for that hub> or run `hf auth login`"
+        return (
+            f"{step}: the hub at {endpoint} rejected the token (401 Unauthorized{said}); "
+            "export HF_TOKEN=<a valid token for that hub> or run `hf auth login`"
+        )
     if status == 403:
         need = "write" if target.action == "push" else "read"
-        return f"{step}: the token may not {need} {repo} on {endpoint} (403 Forbidden{said}); use a token with {need} access to {repo.split('/')[0]}"
+        return (
+            f"{step}: the token may not {need} {repo} on {endpoint} (403 Forbidden{said}); "
+            f"use a token with {need} access to {repo.split('/')[0]}"
+        )
     if status == 404 and code == "RevisionNotFound":
         return f"{step}: revision {rev!r} is not in {repo} on {endpoint} (404); check --revision"
     if status == 404 and (code in ("RepoNotFound", None) or isinstance(http, RepositoryNotFoundError)):
@@ -547,7 +556,10 @@ def _explain(exc: BaseException, step: str, target: _Target, attempts: int) -> s
     if status == 404:
         return f"{step}: {endpoint} answered 404 ({code}{said}); check the repository and revision"
     if status == 409:
-        return f"{step}: conflict on {repo} (409{said}); another operation on the repository is in progress, wait and run {target.action} again"
+        return (
+            f"{step}: conflict on {repo} (409{said}); another operation on the repository is in progress, "
+            f"wait and run {target.action} again"
+        )
     if status == 412:
         return (
             f"{step}: {repo} branch {rev} moved during the push (412 Precondition Failed: another commit landed after "

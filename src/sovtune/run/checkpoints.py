@@ -164,7 +164,10 @@ class DiskFullGuard:
         complete = complete_checkpoints(self.run_dir)
         free, where = free_bytes(self.run_dir)
         if complete:
-            kept = f"the last complete checkpoint {complete[-1]} is kept; free space, then resume with: {self.resume_command}"
+            kept = (
+                f"the last complete checkpoint {complete[-1]} is kept; "
+                f"free space, then resume with: {self.resume_command}"
+            )
         else:
             kept = "no checkpoint was complete yet; free space and start the run again"
         raise DiskSpaceError(
