@@ -12,12 +12,13 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from sovtune.config.schema import Recipe
 from sovtune.core.rundir import RunDir
 from sovtune.errors import RecipeError
 
-KeyPath = tuple  # ("train", "learning_rate") or ("data", "train", 0, "path")
+KeyPath = tuple[str | int, ...]  # ("train", "learning_rate") or ("data", "train", 0, "path")
 
 
 class _Located:
@@ -66,7 +67,7 @@ def _node_to_python(node: yaml.Node, file: str, path: KeyPath, located: _Located
     return _scalar(node, file)
 
 
-def _scalar(node: yaml.ScalarNode, file: str) -> Any:
+def _scalar(node: yaml.Node, file: str) -> Any:
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
@@ -106,7 +107,7 @@ def _read_yaml(path: Path, located: _Located) -> dict[str, Any]:
         raise RecipeError(
             f"{file}:{node.start_mark.line + 1}: a recipe must be a mapping of sections (model:, data:, ...)"
         )
-    data = _node_to_python(node, file, (), located)
+    data: dict[str, Any] = _node_to_python(node, file, (), located)  # a MappingNode gives a dict
     located.where[()] = (file, 0)  # line 0: whole-recipe errors name the file without pointing at line 1
     return data
 
@@ -221,16 +222,17 @@ def _where(loc: KeyPath, located: _Located) -> str:
 
 def _section_model(loc: KeyPath) -> type[BaseModel] | None:
     """The pydantic model that owns the mapping at `loc` (for did-you-mean suggestions)."""
-    model: Any = Recipe
+    model: type[BaseModel] = Recipe
     for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = model.model_fields.get(part)
         if field is None:
             return None
-        model = _model_in_annotation(field.annotation)
-        if model is None:
+        found = _model_in_annotation(field.annotation)
+        if found is None:
             return None
+        model = found
     return model
 
 
@@ -244,7 +246,7 @@ def _model_in_annotation(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe_error(err: dict[str, Any], located: _Located) -> str:
+def _describe_error(err: ErrorDetails, located: _Located) -> str:
     # Drop pydantic's own steps (list[str], function-after[...], literal[...]); keep the user's keys, even "[".
     loc: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and re.fullmatch(r"[a-z-]+\[.*\]", p)))
     kind = err["type"]

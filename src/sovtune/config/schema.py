@@ -6,7 +6,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -285,6 +285,11 @@ GENERAL_DATASET = "general"  # the forgetting check's dataset name; its gate is 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
+def _default_metrics() -> list[MetricName]:
+    """EvalDataset.metrics when a dataset lists none (a new list each time)."""
+    return ["loss", "perplexity", "token_accuracy", "exact_match"]
+
+
 class UserMetric(Section):
     name: str = Field(pattern=_IDENTIFIER, description="Name in the report and in gates.")
     module: str = Field(description="Path to a .py file, relative to the recipe; only this file is imported.")
@@ -306,7 +311,7 @@ class EvalDataset(Section):
         default=None, description="Column mapping of `source`; default data.columns."
     )
     metrics: list[MetricName] = Field(
-        default_factory=lambda: ["loss", "perplexity", "token_accuracy", "exact_match"],
+        default_factory=_default_metrics,
         description="Metrics computed on this dataset (each per example, base and tuned).",
     )
     user_metrics: list[UserMetric] = Field(
@@ -339,7 +344,7 @@ class EvalDataset(Section):
         duplicated = sorted({m for m in self.metric_names() if self.metric_names().count(m) > 1})
         if duplicated:
             raise ValueError(f"dataset {self.name!r}: metrics {duplicated} are listed twice; keep one of each")
-        clashes = sorted({user.name for user in self.user_metrics} & set(MetricName.__args__))
+        clashes = sorted({user.name for user in self.user_metrics} & set(get_args(MetricName)))
         if clashes:
             raise ValueError(f"user_metrics {clashes} reuse built-in metric names; rename them")
         if not self.metric_names():

@@ -22,7 +22,11 @@ REPO_ID_HELP = "ORG/NAME with letters, digits, '-', '_' or '.' (no '--' or '..',
 
 def check_repo_id(repo_id: str) -> str:
     """`repo_id` if it is ORG/NAME as the hub accepts it; else ValueError saying what to write."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.errors import HFValidationError
+
+    # huggingface_hub.utils lists validate_repo_id in an `__all__` it builds at run time, which mypy cannot read, so
+    # it reports the documented public name as not exported.
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
 
     try:
         validate_repo_id(repo_id)
