@@ -44,9 +44,11 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from sovtune import model as models
 from sovtune.config import Recipe
 from sovtune.errors import SovtuneError
 from sovtune.sizes import optimizer_state_bytes
+from sovtune.speed import plan_speed
 
 MiB = 2**20
 GiB = 2**30
@@ -238,8 +240,6 @@ def _linear_shape(module: Any) -> tuple[int, int, bool] | None:
 
 def architecture_from_config(config: Any, name: str, source: str) -> Architecture:
     """Count every parameter of the architecture on the meta device: no memory, no weights."""
-    from sovtune import model as models
-
     try:
         model = models.meta_model(config, trust_remote_code=getattr(config, "_trust_remote_code", False))
     except (ValueError, KeyError, TypeError) as exc:
@@ -396,8 +396,6 @@ class Settings:
             dtype = recipe.quantization.compute_dtype
         attention = recipe.model.attn_implementation
         targets = recipe.adapter.target_modules
-        from sovtune.speed import plan_speed
-
         # What the trainer will really run per forward pass (speed.py may split a batch into one-example passes).
         speed = plan_speed(recipe, cuda=device == "cuda")
         return cls(

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sovtune.core.hashing import sha256_file
+from sovtune.core.hashing import RUN_ROOT, sha256_file
 from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
-from sovtune.run.manifest import RUN_ROOT, recorded_files
+from sovtune.run.manifest import recorded_files
 
 CHECKSUMS = RunDir.CHECKSUMS
 
