@@ -97,23 +97,13 @@ def _optional_rows() -> list[Row]:
     else:
         rows.append(Row("bitsandbytes", "not installed: no QLoRA", "warn", "pip install bitsandbytes"))
     flash = _version("flash-attn") or _version("flash_attn")
-    rows.append(
-        Row(
-            "flash-attention",
-            flash or "not installed (SDPA is used)",
-            "ok" if flash else "warn",
-            "" if flash or not _cuda_available() else 'pip install -e ".[flash-attn]"',
-        )
+    optional = (
+        ("flash-attention", flash, "not installed (SDPA is used)", "flash-attn"),
+        ("liger-kernel", _version("liger-kernel"), "not installed (fused kernels off)", "liger"),
     )
-    liger = _version("liger-kernel")
-    rows.append(
-        Row(
-            "liger-kernel",
-            liger or "not installed (fused kernels off)",
-            "ok" if liger else "warn",
-            "" if liger or not _cuda_available() else 'pip install -e ".[liger]"',
-        )
-    )
+    for item, found, absent, extra in optional:
+        fix = "" if found or not _cuda_available() else f'pip install -e ".[{extra}]"'
+        rows.append(Row(item, found or absent, "ok" if found else "warn", fix))
     return rows
 
 

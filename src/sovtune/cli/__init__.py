@@ -108,30 +108,25 @@ def check(
     guarded(lambda: bodies().check(recipe, overrides, as_json, offline))
 
 
-@app.command()
-def train(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
-    force: ForceOpt = False,
-    offline: OfflineOpt = False,
-) -> None:
-    """Train the adapter into the run directory."""
-    guarded(lambda: bodies().train(recipe, overrides, resume, overwrite, force, offline))
+def _training_command(name: str, summary: str) -> None:
+    """`train` and `run` take the same arguments; only what they do after training differs."""
+
+    def command(
+        recipe: RecipeArg,
+        overrides: SetOpt = None,
+        resume: ResumeOpt = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+        force: ForceOpt = False,
+        offline: OfflineOpt = False,
+    ) -> None:
+        guarded(lambda: getattr(bodies(), name)(recipe, overrides, resume, overwrite, force, offline))
+
+    command.__doc__ = summary
+    app.command(name)(command)
 
 
-@app.command()
-def run(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
-    force: ForceOpt = False,
-    offline: OfflineOpt = False,
-) -> None:
-    """Train, evaluate against the base model and (if the recipe says so) publish."""
-    guarded(lambda: bodies().run(recipe, overrides, resume, overwrite, force, offline))
+_training_command("train", "Train the adapter into the run directory.")
+_training_command("run", "Train, evaluate against the base model and (if the recipe says so) publish.")
 
 
 @app.command()
