@@ -297,7 +297,7 @@ def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: An
     run_dir = load_recipe(recipe_path).run_dir
     assert (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "report.json").is_file()
     # `sovtune eval RUN_DIR` alone re-evaluates with the recipe the run saved.
-    again = CliRunner().invoke(app, ["eval", str(run_dir), "--set", "eval.gates={}"])
+    again = CliRunner().invoke(app, ["eval", str(run_dir), "--set", "eval.gates={}", "--overwrite"])
     assert again.exit_code == 0, again.output
     assert json.loads((run_dir / "report.json").read_text())["gates"] == []
 

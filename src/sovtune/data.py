@@ -454,14 +454,26 @@ def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
 
 
 def split_text_example(example: Example, tokenizer: Any, max_length: int) -> list[Tokenized]:
-    """Continued pre-training: long documents become consecutive windows, not one truncated row."""
-    whole = tokenize(example, tokenizer, max_length=10**9)
-    windows = []
-    for start in range(0, len(whole.input_ids), max_length):
-        ids = whole.input_ids[start : start + max_length]
-        if len(ids) > 1:
-            windows.append(Tokenized(ids, list(ids), f"{example.origin}@{start}"))
-    return windows
+    """Continued pre-training: long documents become consecutive windows, not one truncated row; every token is a
+    label (a window's first token is never a target)."""
+    ids = tokenize(example, tokenizer, max_length=10**9).input_ids
+    return split_windows(Tokenized(ids, list(ids), example.origin), max_length)
+
+
+def split_windows(whole: Tokenized, size: int) -> list[Tokenized]:
+    """Consecutive windows of `size` tokens of one tokenised document, each named `document@start`; a window of
+    one token predicts nothing and is left out."""
+    return [
+        Tokenized(whole.input_ids[start : start + size], whole.labels[start : start + size], f"{whole.origin}@{start}")
+        for start in range(0, len(whole.input_ids), size)
+        if len(whole.input_ids[start : start + size]) > 1
+    ]
+
+
+def document_of(origin: str) -> str:
+    """The document a window came from: `file:3@512` -> `file:3`; other origins are their own document."""
+    head, separator, start = origin.rpartition("@")
+    return head if separator and start.isdigit() else origin
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -585,7 +597,7 @@ def prepare_data(
         eval_stats.dropped["exact duplicate of a training row"] = duplicates
     train = tokenize_split(train_examples, data, tokenizer, train_stats)
     evaluation = tokenize_split(eval_examples, data, tokenizer, eval_stats)
-    kept_origins = {item.origin.split("@")[0] for item in evaluation}
+    kept_origins = {document_of(item.origin) for item in evaluation}
     eval_examples = [example for example in eval_examples if example.origin in kept_origins]
     stats = {
         "train": train_stats.summary(),

@@ -30,10 +30,13 @@ from sovtune.data import (
     PreparedData,
     SplitStats,
     Tokenized,
+    document_of,
     load_examples,
     load_held_out,
     prepare_data,
+    split_windows,
     stop_token_ids,
+    tokenize,
     tokenize_split,
 )
 from sovtune.errors import DataError, GateFailed, SovtuneError
@@ -73,6 +76,11 @@ class EvalItem:
     answer: int = -1  # multiple_choice: index of the correct option
     sql_rows: list[tuple[Any, ...]] | None = None  # sql_execution: the reference's result
     prompt_truncated: bool = False
+    # The document this item is (a window of): windows of one document are resampled together, never apart.
+    document: str = ""
+
+    def __post_init__(self) -> None:
+        self.document = self.document or document_of(self.origin)
 
 
 @dataclass
@@ -97,6 +105,8 @@ class Suite:
 class PairedScores:
     base: scoring.Scores
     tuned: scoring.Scores
+    # Generation metrics: the tuned model's most frequent output given as the answer to every example, scored alike.
+    constant: scoring.Scores | None = None
 
 
 @dataclass
@@ -107,6 +117,7 @@ class SuiteOutcome:
     examples: list[dict[str, Any]]
     notes: list[str]
     seconds: dict[str, float]
+    outputs: dict[str, Any] = field(default_factory=dict)  # generation: distinct outputs, the most frequent one
 
 
 @dataclass
@@ -140,12 +151,15 @@ def evaluate(
     adapter_dir: str | Path | None = None,
     write: bool = True,
     held_out: HeldOut | None = None,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Any:
-    """Evaluate the adapter against its base; write report.json/md/png into the run directory.
+    """Evaluate the adapter against its base; write report.json/md/png and eval_predictions.jsonl.
 
-    `held_out` names the rows of the recipe's held-out split (what training recorded); without it the split is made
-    again from the data. Raises GateFailed (exit 3, with the report as `.report`) after the report is written when a
-    gate in `eval.gates` fails.
+    The report goes into `out_dir`, by default the run directory; a report already there is replaced only with
+    `overwrite` (checked before any model loads). `held_out` names the rows of the recipe's held-out split (what
+    training recorded); without it the split is made again from the data. Raises GateFailed (exit 3, with the report
+    as `.report`) after the report is written when a gate in `eval.gates` fails.
     """
     recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
     run_dir = Path(run_dir) if run_dir is not None else recipe.run_dir
@@ -154,36 +168,61 @@ def evaluate(
         raise SovtuneError(
             f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or point --adapter at a peft adapter"
         )
-    # The report goes into the run directory: no second writer (a training with --overwrite, another eval) meanwhile.
-    with RunLock(run_dir, enabled=write):
-        return _evaluate(recipe, run_dir, adapter_dir, write, held_out)
+    target = Path(out_dir) if out_dir is not None else run_dir
+    # No second writer of the report's folder meanwhile (a training with --overwrite, another eval).
+    with RunLock(target, enabled=write):
+        if write:
+            refuse_existing_report(target, overwrite)
+        return _evaluate(recipe, run_dir, adapter_dir, target if write else None, held_out)
 
 
-def _evaluate(recipe: Recipe, run_dir: Path, adapter_dir: Path, write: bool, held_out: HeldOut | None) -> Any:
+class ReportExists(SovtuneError):
+    """A report is already where this one would go."""
+
+
+def refuse_existing_report(target: Path, overwrite: bool) -> None:
+    """A report (or a file where the folder should be) is never replaced by accident: say how to keep both."""
+    if target.exists() and not target.is_dir():
+        raise ReportExists(f"{target}: is a file, not a folder; give --out a folder for the report")
+    present = [name for name in RunDir.REPORT_FILES if (target / name).exists()]
+    if present and not overwrite:
+        raise ReportExists(
+            f"{target / present[0]}: a report is already there; write this one elsewhere with --out DIR, "
+            "or replace it with --overwrite"
+        )
+
+
+def _evaluate(recipe: Recipe, run_dir: Path, adapter_dir: Path, target: Path | None, held_out: HeldOut | None) -> Any:
     started, started_at = time.perf_counter(), now()
     tokenizer = models.load_adapter_tokenizer(recipe, adapter_dir)
     suites = prepare_suites(recipe, tokenizer, held_out)
     try:
         model = models.load_adapted_model(recipe, tokenizer, adapter_dir)
+        check_context(getattr(model.config.get_text_config(), "max_position_embeddings", None), suites, recipe)
         outcomes = [run_suite(model, tokenizer, suite, recipe) for suite in suites]
     finally:
         for suite in suites:
             for close in suite.closers:
                 close()
     report = reports.build_report(recipe, outcomes, adapter_dir=adapter_dir, seconds=time.perf_counter() - started)
-    if write:
-        written = report.write(run_dir)
-        if (RunDir(run_dir) / RunDir.MANIFEST).is_file():  # `sovtune eval` on a folder sovtune did not train has none
+    if target is not None:
+        written = report.write(target)
+        # The manifest records the run's own report; one written elsewhere (--out) or into a folder sovtune did not
+        # train (no manifest) is not part of the run's provenance.
+        if _same_folder(target, run_dir) and (RunDir(run_dir) / RunDir.MANIFEST).is_file():
             record_eval(run_dir, report.to_json(), written, started_at)
     log.info("%s", report.summary_text(), extra={"renderable": report})
     failed = [gate for gate in report.gates if not gate.passed]
     if failed:
-        error = GateFailed(
-            "gate failed: " + "; ".join(gate.describe() for gate in failed) + f" (see {run_dir / RunDir.REPORT_MD})"
-        )
+        where = target / RunDir.REPORT_MD if target is not None else "the report"
+        error = GateFailed("gate failed: " + "; ".join(gate.describe() for gate in failed) + f" (see {where})")
         error.report = report
         raise error
     return report
+
+
+def _same_folder(first: Path, second: Path) -> bool:
+    return first.resolve() == second.resolve()
 
 
 @dataclass
@@ -205,6 +244,8 @@ def check_eval(recipe: Recipe, tokenizer: Any = None, held_out: HeldOut | None =
     for suite in suites:
         for close in suite.closers:
             close()
+    if recipe.eval.general is not None:
+        check_context(models.context_length(recipe), suites, recipe)
     return EvalCheck(
         examples={suite.name: len(suite.items) for suite in suites},
         warnings=[f"eval dataset {suite.name!r}: {suite.cut_off}" for suite in suites if suite.cut_off],
@@ -270,7 +311,7 @@ def prepare_dataset(recipe: Recipe, tokenizer: Any, dataset: EvalDataset, held_o
     # Text windows have no prompt: they get loss metrics only (the recipe check forbids the others).
     by_origin = {example.origin: example for example in examples} if data_format != "text" else {}
     items = [
-        _item(token_row, by_origin.get(token_row.origin.split("@")[0]), tokenizer, recipe.data.max_length)
+        _item(token_row, by_origin.get(document_of(token_row.origin)), tokenizer, recipe.data.max_length)
         for token_row in tokenized
     ]
     items = _sample(items, dataset.max_examples or recipe.eval.max_examples, recipe.eval.bootstrap.seed, notes)
@@ -309,21 +350,54 @@ def generation_cut_off(items: list[EvalItem], tokenizer: Any, max_new_tokens: in
 
 
 def prepare_general(recipe: Recipe, tokenizer: Any) -> Suite:
-    """General text for the forgetting check: perplexity only, every token scored."""
+    """General text for the forgetting check: perplexity per document, every token scored.
+
+    Each document is scored whole, or in consecutive windows of `eval.general.window` tokens when longer: a fixed
+    size, so the figure does not move with `data.max_length`. The windows of a document stay one example: the
+    bootstrap resamples documents, not windows, which are not independent.
+    """
     general = recipe.eval.general
     assert general is not None
     view = eval_view(recipe.data, general.format, general.columns)
     stats = SplitStats()
     examples = load_examples([general], view, tokenizer, stats, recipe.base_dir)
-    tokenized = tokenize_split(examples, view, tokenizer, stats)
-    if not tokenized:
-        raise DataError(f"eval.general ({general.path}): no usable text; check its path, format and columns")
     notes = _drop_notes(stats.summary())
-    items = [EvalItem(origin=row.origin, tokens=row) for row in tokenized]
-    items = _sample(items, general.max_examples or recipe.eval.max_examples, recipe.eval.bootstrap.seed, notes)
+    documents = [EvalItem(origin=example.origin, tokens=None) for example in examples]
+    kept = {item.origin for item in _sample(documents, general.max_examples or recipe.eval.max_examples,
+                                            recipe.eval.bootstrap.seed, notes)}  # fmt: skip
+    items = [
+        EvalItem(origin=window.origin, tokens=window, document=example.origin)
+        for example in examples
+        if example.origin in kept
+        for window in split_windows(tokenize(example, tokenizer, max_length=10**9), general.window)
+        if any(label != IGNORE_INDEX for label in window.labels[1:])
+    ]
+    if not items:
+        raise DataError(f"eval.general ({general.path}): no usable text; check its path, format and columns")
+    windowed = len(items) - len({item.document for item in items})
+    if windowed:
+        notes.append(
+            f"{len(kept)} documents scored in {len(items)} windows of at most eval.general.window={general.window} "
+            "tokens; resampled by document"
+        )
     return Suite(
         name=GENERAL_DATASET, items=items, metrics=["perplexity"], higher_is_better={"perplexity": False}, notes=notes
     )
+
+
+def check_context(limit: int | None, suites: Sequence[Suite], recipe: Recipe) -> None:
+    """General text is scored in windows of eval.general.window tokens: no longer than the base model's context
+    (`limit`, its max_position_embeddings; None when unknown)."""
+    for suite in suites:
+        if suite.name != GENERAL_DATASET or limit is None or recipe.eval.general is None:
+            continue
+        longest = max(len(item.tokens.input_ids) for item in suite.items if item.tokens is not None)
+        if longest > limit:
+            raise SovtuneError(
+                f"eval.general: a window of {longest} tokens is longer than the base model's context ({limit} "
+                f"positions); set eval.general.window to at most {limit} "
+                f"(eval.general: {{path: {recipe.eval.general.path}, window: {limit}}})"
+            )
 
 
 def _drop_notes(summary: dict[str, Any]) -> list[str]:
@@ -331,11 +405,13 @@ def _drop_notes(summary: dict[str, Any]) -> list[str]:
 
 
 def _sample(items: list[EvalItem], cap: int | None, seed: int, notes: list[str]) -> list[EvalItem]:
-    if cap is None or len(items) <= cap:
+    """A seeded sample of `cap` documents (all windows of each kept document), in the original order."""
+    documents = list(dict.fromkeys(item.document for item in items))
+    if cap is None or len(documents) <= cap:
         return items
-    keep = sorted(random.Random(seed).sample(range(len(items)), cap))
-    notes.append(f"evaluated a seeded sample of {cap} of {len(items)} examples")
-    return [items[index] for index in keep]
+    keep = {documents[index] for index in random.Random(seed).sample(range(len(documents)), cap)}
+    notes.append(f"evaluated a seeded sample of {cap} of {len(documents)} examples")
+    return [item for item in items if item.document in keep]
 
 
 def _item(tokens: Tokenized, example: Example | None, tokenizer: Any, max_length: int) -> EvalItem:
@@ -432,56 +508,111 @@ def _attach_choices(item: EvalItem, dataset: EvalDataset, tokenizer: Any) -> Non
 
 
 def run_suite(model: Any, tokenizer: Any, suite: Suite, recipe: Recipe) -> SuiteOutcome:
-    import torch
-
     settings = recipe.eval
     scores: dict[str, PairedScores] = {}
     seconds: dict[str, float] = {}
-    records = [_record(item) for item in suite.items]
+    outputs: dict[str, Any] = {}
+    # One record (and one bootstrap unit) per document: a long text's windows are summed, never resampled apart.
+    owners, documents = document_index(suite.items)
+    first = {owner: index for index, owner in reversed(list(enumerate(owners)))}
+    records = [_record(suite.items[first[number]], document) for number, document in enumerate(documents)]
     loss_metrics = [metric for metric in suite.metrics if metric in LOSS_METRICS]
     if loss_metrics:
         started = time.perf_counter()
-        sequences = [item.tokens for item in suite.items]
+        sequences = [item.tokens for item in suite.items if item.tokens is not None]
         sums = {
-            name: teacher_forced_sums(model, sequences, settings.batch_size, context)
+            name: teacher_forced_sums(model, sequences, settings.batch_size, context).grouped(owners, len(documents))
             for name, context in both_models(model)
         }
         seconds["loss"] = time.perf_counter() - started
-        for name, totals in sums.items():
-            if not bool(torch.isfinite(totals.nll).all()):
-                raise SovtuneError(
-                    f"eval dataset {suite.name!r}: the {name} model gives non-finite losses (NaN/inf logits, often a "
-                    "float16 overflow); set model.dtype: bfloat16 or float32"
-                )
+        _refuse_non_finite(sums, suite.name)
         for metric in loss_metrics:
             scores[metric] = PairedScores(*(loss_scores(metric, sums[name]) for name in ("base", "tuned")))
         for index, record in enumerate(records):
             record["loss"] = {name: float(sums[name].nll[index] / sums[name].tokens[index]) for name in sums}
+            # What token-weighted metrics are made of, so runs can later be compared example by example.
+            record["token_sums"] = {
+                "tokens": int(sums["base"].tokens[index]),
+                "nll": {name: float(sums[name].nll[index]) for name in sums},
+                "correct": {name: int(sums[name].correct[index]) for name in sums},
+            }
+    if suite.needs_generation or "multiple_choice" in suite.metrics:
+        assert len(documents) == len(suite.items), "prompts are never split into windows"
     if "multiple_choice" in suite.metrics:
         started = time.perf_counter()
         scores["multiple_choice"] = multiple_choice_scores(model, suite.items, settings.batch_size)
         seconds["multiple_choice"] = time.perf_counter() - started
+        for index, record in enumerate(records):
+            record.setdefault("scores", {})["multiple_choice"] = {
+                "base": float(scores["multiple_choice"].base.numerators[index]),
+                "tuned": float(scores["multiple_choice"].tuned.numerators[index]),
+            }
     if suite.needs_generation:
         started = time.perf_counter()
         predictions = generate_both(model, tokenizer, [item.prompt_ids for item in suite.items], recipe)
         seconds["generation"] = time.perf_counter() - started
-        per_metric: dict[str, dict[str, list[float]]] = {metric: {"base": [], "tuned": []} for metric in suite.scorers}
-        for index, item in enumerate(suite.items):
-            records[index]["predictions"] = {name: predictions[name][index] for name in predictions}
-            records[index]["scores"] = {}
-            for metric, scorer in suite.scorers.items():
-                values = {name: scorer(predictions[name][index], item) for name in predictions}
-                records[index]["scores"][metric] = values
-                for name, value in values.items():
-                    per_metric[metric][name].append(value)
-        for metric, values in per_metric.items():
-            scores[metric] = PairedScores(scoring.Scores.mean(values["base"]), scoring.Scores.mean(values["tuned"]))
+        outputs = output_diversity(predictions)
+        scores.update(score_generations(suite, predictions, outputs["most_frequent"]["text"], records))
     ordered = {metric: scores[metric] for metric in suite.metrics}
-    return SuiteOutcome(suite.name, ordered, suite.higher_is_better, records, suite.notes, seconds)
+    return SuiteOutcome(suite.name, ordered, suite.higher_is_better, records, suite.notes, seconds, outputs)
 
 
-def _record(item: EvalItem) -> dict[str, Any]:
-    return {"origin": item.origin, "prompt": item.shown_prompt, "reference": item.reference}
+def document_index(items: Sequence[EvalItem]) -> tuple[list[int], list[str]]:
+    """For each item the number of its document, and the documents in order of first appearance."""
+    numbers: dict[str, int] = {}
+    owners = [numbers.setdefault(item.document, len(numbers)) for item in items]
+    return owners, list(numbers)
+
+
+def _refuse_non_finite(sums: dict[str, TokenSums], suite: str) -> None:
+    import torch
+
+    for name, totals in sums.items():
+        if not bool(torch.isfinite(totals.nll).all()):
+            raise SovtuneError(
+                f"eval dataset {suite!r}: the {name} model gives non-finite losses (NaN/inf logits, often a "
+                "float16 overflow); set model.dtype: bfloat16 or float32"
+            )
+
+
+def output_diversity(predictions: dict[str, list[str]]) -> dict[str, Any]:
+    """How many different answers each model gave, and the tuned model's most frequent one (the constant baseline).
+
+    Ties go to the answer seen first, so the choice is deterministic.
+    """
+    from collections import Counter
+
+    text, count = Counter(predictions["tuned"]).most_common(1)[0]
+    return {
+        "n": len(predictions["tuned"]),
+        "distinct": {name: len(set(answers)) for name, answers in predictions.items()},
+        "most_frequent": {"text": text, "count": count},
+    }
+
+
+def score_generations(
+    suite: Suite, predictions: dict[str, list[str]], constant: str, records: list[dict[str, Any]]
+) -> dict[str, PairedScores]:
+    """Every generation metric for base, tuned and the constant baseline (the tuned model's most frequent answer given
+    for every example): a gain the constant also gets is a gain in form, not in content."""
+    answers = {**predictions, "constant": [constant] * len(suite.items)}
+    per_metric: dict[str, dict[str, list[float]]] = {metric: {name: [] for name in answers} for metric in suite.scorers}
+    for index, item in enumerate(suite.items):
+        records[index]["predictions"] = {name: predictions[name][index] for name in predictions}
+        records[index].setdefault("scores", {})
+        for metric, scorer in suite.scorers.items():
+            values = {name: scorer(answers[name][index], item) for name in answers}
+            records[index]["scores"][metric] = values
+            for name, value in values.items():
+                per_metric[metric][name].append(value)
+    return {
+        metric: PairedScores(*(scoring.Scores.mean(values[name]) for name in ("base", "tuned", "constant")))
+        for metric, values in per_metric.items()
+    }
+
+
+def _record(item: EvalItem, document: str) -> dict[str, Any]:
+    return {"origin": document, "prompt": item.shown_prompt, "reference": item.reference}
 
 
 @dataclass
@@ -491,6 +622,16 @@ class TokenSums:
     nll: torch.Tensor  # sum of negative log-likelihoods (nats)
     tokens: torch.Tensor  # number of supervised tokens
     correct: torch.Tensor  # tokens whose argmax prediction is the label
+
+    def grouped(self, owners: Sequence[int], groups: int) -> TokenSums:
+        """Sums per group (document) instead of per sequence (window): `owners[i]` is sequence i's group."""
+        import torch
+
+        if len(owners) == groups:  # every sequence is its own document
+            return self
+        index = torch.tensor(list(owners))
+        return TokenSums(*(torch.zeros(groups, dtype=torch.float64).index_add_(0, index, values)
+                           for values in (self.nll, self.tokens, self.correct)))  # fmt: skip
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

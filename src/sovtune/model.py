@@ -94,6 +94,18 @@ def _loading_error(what: str, recipe: Recipe, exc: Exception) -> ModelError:
     return ModelError(f"model.name_or_path: cannot load the {what} of {where!r} ({first}); {hint}")
 
 
+def context_length(recipe: Recipe) -> int | None:
+    """The base model's context (max_position_embeddings) from its config alone; None when the config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(recipe.model_location, **_hub_kwargs(recipe))
+    except (OSError, ValueError, KeyError) as exc:
+        raise _loading_error("config", recipe, exc) from None
+    value = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return value if isinstance(value, int) else None
+
+
 def load_tokenizer(recipe: Recipe) -> Any:
     """The tokenizer with the recipe's chat template and a pad token that is not EOS."""
     from transformers import AutoTokenizer

@@ -68,6 +68,7 @@ def _run(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_line
                 run_dir=result.run_dir,
                 adapter_dir=result.stages["train"].adapter_dir,
                 held_out=HeldOut.from_run(result.run_dir),
+                overwrite=True,  # the run writes its own report: one left by an earlier run of it is stale
             )
     if recipe.hub.push and is_main_process():
         # Reached only when every gate passed (evaluate raises GateFailed otherwise).

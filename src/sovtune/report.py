@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from sovtune.config import GENERAL_DATASET, EvalSection, Gate, Recipe
 from sovtune.core.files import atomic_writers, write_synced
 from sovtune.core.rundir import REPORT_KIND as KIND
@@ -45,6 +47,14 @@ class MetricResult:
     confidence: float
     resamples: int
     seed: int
+    # Generation metrics only (None otherwise): the constant baseline, i.e. the tuned model's most frequent answer given
+    # for every example, and tuned - constant with its paired interval. A gain over the base that does not beat the
+    # constant rewards the form of the answers, not their content.
+    constant: float | None = None
+    constant_difference: float | None = None
+    constant_ci_low: float | None = None
+    constant_ci_high: float | None = None
+    beats_constant: bool | None = None
 
     @property
     def key(self) -> str:
@@ -55,9 +65,16 @@ class MetricResult:
         return self.significant and (self.difference > 0) == self.higher_is_better
 
     @property
+    def gain_in_form_only(self) -> bool:
+        """Better than the base, but not better than the constant baseline."""
+        return self.improved and self.beats_constant is False
+
+    @property
     def verdict(self) -> str:
         if not self.significant:
             return "no significant change"
+        if self.gain_in_form_only:
+            return "better, not above constant"
         return "better" if self.improved else "worse"
 
 
@@ -89,6 +106,8 @@ class Report:
     timing: dict[str, Any]
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # every prediction: eval_predictions.jsonl
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: distinct outputs, the most frequent
+    recipe: dict[str, Any] = field(default_factory=dict)  # the recipe evaluated (secrets redacted): what compare diffs
 
     @property
     def passed(self) -> bool:
@@ -110,9 +129,11 @@ class Report:
             "results": [asdict(result) for result in self.results],
             "forgetting": _forgetting_json(self.forgetting),
             "gates": [asdict(gate) for gate in self.gates],
+            "outputs": self.outputs,
             "samples": self.samples,
             "notes": self.notes,
             "settings": self.settings,
+            "recipe": self.recipe,
             "timing": self.timing,
         }
 
@@ -160,9 +181,11 @@ class Report:
                 "",
             ]
         lines += _markdown_table(self.results)
-        forgetting = self.forgetting
-        if forgetting is not None:
-            lines += ["", "## Forgetting check", "", forgetting_sentence(forgetting)]
+        lines += ["", "## Forgetting check", "", self.forgetting_text()]
+        evidence = self.form_warnings() + self.diversity_lines()
+        if evidence:
+            lines += ["", "## Constant baseline and output diversity", "", CONSTANT_BASELINE, ""]
+            lines += [f"- {line}" for line in evidence]
         if self.gates:
             lines += [
                 "",
@@ -189,12 +212,56 @@ class Report:
 
     def summary_text(self) -> str:
         """The results table, the forgetting sentence and the gates as plain text (the CLI renders its own table)."""
-        lines = [f"{self.run}: base vs tuned", *_markdown_table(self.results)]
-        forgetting = self.forgetting
-        if forgetting is not None:
-            lines.append(forgetting_sentence(forgetting).replace("**", ""))
+        lines = [f"{self.run}: base vs tuned", *_markdown_table(self.results), *self.summary_lines()]
         lines += [f"gate {'pass' if gate.passed else 'FAIL'}: {gate.describe()}" for gate in self.gates]
         return "\n".join(lines)
+
+    def summary_lines(self) -> list[str]:
+        """What to read under the table, in plain text: forgetting (or its absence), gains in form only, diversity."""
+        return [self.forgetting_text().replace("**", ""), *self.form_warnings(), *self.diversity_lines()]
+
+    def forgetting_text(self) -> str:
+        forgetting = self.forgetting
+        return forgetting_sentence(forgetting) if forgetting is not None else NO_FORGETTING_CHECK
+
+    def form_warnings(self) -> list[str]:
+        """One line per gain over the base that the constant baseline matches: form, not content."""
+        return [
+            f"{result.key}: better than the base ({number_text(result.base)} → {number_text(result.tuned)}) but not "
+            f"than the constant baseline ({number_text(result.constant or 0.0)}; tuned - constant "
+            f"{_signed(result.constant_difference or 0.0)} [{_signed(result.constant_ci_low or 0.0)}, "
+            f"{_signed(result.constant_ci_high or 0.0)}]): the gain is in the form of the answers, not their content"
+            for result in self.results
+            if result.gain_in_form_only
+        ]
+
+    def diversity_lines(self) -> list[str]:
+        lines = []
+        for dataset, outputs in self.outputs.items():
+            n, distinct, frequent = outputs["n"], outputs["distinct"], outputs["most_frequent"]
+            lines.append(
+                f"{dataset}: the tuned model gave {distinct['tuned']} distinct outputs for {n} examples (base "
+                f"{distinct['base']}); its most frequent, {_quoted(frequent['text'])}, {frequent['count']} times "
+                f"({frequent['count'] / n:.0%}) is the constant baseline"
+            )
+        return lines
+
+
+NO_FORGETTING_CHECK = (
+    "No forgetting check: eval.general is not set, so this report cannot show what the adapter lost on general text; "
+    "add a general-text set (eval.general: path/to/general.jsonl) and gate it (general_perplexity: {max_increase: "
+    "0.10})."
+)
+CONSTANT_BASELINE = (
+    "The constant baseline answers every example with the tuned model's most frequent output and is scored like the "
+    "tuned outputs; a gain over the base that does not beat it is a gain in form (length, vocabulary, format), not "
+    "in content. Gate on it with `beats_constant: true`."
+)
+
+
+def _quoted(text: str, limit: int = 80) -> str:
+    text = text.replace("\n", " ")
+    return f'"{text if len(text) <= limit else text[: limit - 1] + "…"}"'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,15 +275,20 @@ def build_report(recipe: Recipe, outcomes: Sequence[Any], adapter_dir: Path, sec
     for outcome in outcomes:
         for metric, paired in outcome.scores.items():
             comparison = paired_bootstrap(paired.base, paired.tuned, boot.resamples, boot.seed, boot.confidence)
-            results.append(
-                MetricResult(
-                    dataset=outcome.name,
-                    metric=metric,
-                    higher_is_better=outcome.higher_is_better[metric],
-                    aggregate=paired.base.aggregate,
-                    **comparison.to_json(),
-                )
+            higher = outcome.higher_is_better[metric]
+            result = MetricResult(
+                dataset=outcome.name,
+                metric=metric,
+                higher_is_better=higher,
+                aggregate=paired.base.aggregate,
+                **comparison.to_json(),
             )
+            if paired.constant is not None:
+                versus = paired_bootstrap(paired.constant, paired.tuned, boot.resamples, boot.seed, boot.confidence)
+                result.constant, result.constant_difference = versus.base, versus.difference
+                result.constant_ci_low, result.constant_ci_high = versus.ci_low, versus.ci_high
+                result.beats_constant = versus.significant and (versus.difference > 0) == higher
+            results.append(result)
     timing: dict[str, Any] = {"total_s": round(seconds, 3)}
     for outcome in outcomes:
         for phase, spent in outcome.seconds.items():
@@ -237,7 +309,15 @@ def build_report(recipe: Recipe, outcomes: Sequence[Any], adapter_dir: Path, sec
         notes={outcome.name: outcome.notes for outcome in outcomes if outcome.notes},
         timing=timing,
         examples={outcome.name: outcome.examples for outcome in outcomes},
+        outputs={outcome.name: outcome.outputs for outcome in outcomes if outcome.outputs},
+        recipe=recipe_record(recipe),
     )
+
+
+def recipe_record(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as evaluated (after --set), secrets redacted, as plain data."""
+    recorded = yaml.safe_load(recipe.to_yaml())
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def pick_samples(outcomes: Sequence[Any], count: int) -> list[dict[str, Any]]:
@@ -282,6 +362,8 @@ def _gate_rules(key: str, gate: Gate, result: MetricResult) -> list[GateResult]:
         checks.append(("max_value", gate.max_value, result.tuned, result.tuned <= gate.max_value))
     if gate.significant:
         checks.append(("significant", True, result.improved, result.improved))
+    if gate.beats_constant:
+        checks.append(("beats_constant", True, result.beats_constant, bool(result.beats_constant)))
     return [
         GateResult(
             gate=key,
@@ -340,15 +422,16 @@ def arrow(result: MetricResult) -> str:
 def _markdown_table(results: Sequence[MetricResult]) -> list[str]:
     confidence = int(results[0].confidence * 100) if results else 95
     lines = [
-        f"| dataset | metric | base | tuned | Δ | {confidence}% CI of Δ | verdict | n |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| dataset | metric | base | tuned | constant | Δ | {confidence}% CI of Δ | verdict | n |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         delta, interval = difference_text(result)
         verdict = f"**{result.verdict}**" if result.significant else result.verdict
+        constant = number_text(result.constant) if result.constant is not None else "–"
         lines.append(
             f"| {result.dataset} | {result.metric} {arrow(result)} | {number_text(result.base)} | "
-            f"{number_text(result.tuned)} | {delta} | {interval} | {verdict} | {result.n} |"
+            f"{number_text(result.tuned)} | {constant} | {delta} | {interval} | {verdict} | {result.n} |"
         )
     return lines
 

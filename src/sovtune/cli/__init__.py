@@ -184,7 +184,7 @@ def chat(
 
 @app.command("eval")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory; the report is written here.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(help="Run directory to evaluate.", show_default=False)],
     adapter: Annotated[
         Optional[Path], typer.Option("--adapter", help="Adapter folder (default RUN_DIR/adapter).")
     ] = None,
@@ -193,10 +193,18 @@ def eval_(
     ] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe (default RUN_DIR/recipe.yaml).")] = None,
     overrides: SetOpt = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Folder for the report (default RUN_DIR); the run's own report stays as it is."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a report already in RUN_DIR (or in --out).")
+    ] = False,
     offline: OfflineOpt = False,
 ) -> None:
-    """Evaluate base vs adapter on the held-out data: report.json/md/png in RUN_DIR; exit 3 if a gate fails."""
-    guarded(lambda: bodies().evaluate_run(run_dir, adapter, base, recipe, overrides, offline))
+    """Evaluate base vs adapter on the held-out data: report.json/md/png and eval_predictions.jsonl in RUN_DIR (or
+    --out); an existing report is kept unless --overwrite. Exit 3 if a gate fails."""
+    guarded(lambda: bodies().evaluate_run(run_dir, adapter, base, recipe, overrides, out, overwrite, offline))
 
 
 @app.command()

@@ -140,15 +140,18 @@ def evaluate_run(
     base: str | None,
     recipe: Path | None,
     overrides: list[str] | None,
+    out: Path | None,
+    overwrite: bool,
     offline: bool,
 ) -> None:
-    with audited("eval", destination=str(run_dir)) as event:
+    target = out if out is not None else run_dir
+    with audited("eval", destination=str(target)) as event:
         extra = [f"model.name_or_path={base}"] if base is not None else []
         loaded = event["recipe"] = go_offline(load_run_recipe(run_dir, [*(overrides or []), *extra], recipe), offline)
         # The held-out rows training recorded, unless the adapter is evaluated with another recipe.
         held_out = HeldOut.from_run(run_dir) if recipe is None else None
-        evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, held_out=held_out)
-    console.print(f"report written to [bold]{run_dir / RunDir.REPORT_MD}[/]")
+        evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, held_out=held_out, out_dir=out, overwrite=overwrite)
+    console.print(f"report written to [bold]{target / RunDir.REPORT_MD}[/]")
 
 
 def compare(run_dirs: list[Path], out: Path) -> None:

@@ -15,7 +15,7 @@ from rich.table import Table
 from sovtune.doctor import Row
 from sovtune.plan import Plan, gib_text
 from sovtune.preflight import PreflightReport
-from sovtune.report import MetricResult, Report, arrow, difference_text, forgetting_sentence, number_text, run_cell
+from sovtune.report import MetricResult, Report, arrow, difference_text, number_text, run_cell
 
 
 class LogToConsole(logging.Handler):
@@ -43,9 +43,8 @@ class LogToConsole(logging.Handler):
 
 def evaluation_report(report: Report, console: Console) -> None:
     console.print(results_table(report.results, title=f"{report.run}: base vs tuned"))
-    forgetting = report.forgetting
-    if forgetting is not None:
-        console.print(forgetting_sentence(forgetting).replace("**", ""))
+    for line in report.summary_lines():  # forgetting (or that there is no check), gains in form only, diversity
+        console.print(line, markup=False, highlight=False)
     for gate in report.gates:
         mark = "[green]pass[/]" if gate.passed else "[bold red]FAIL[/]"
         console.print(f"gate {mark}: {gate.describe()}", highlight=False)
@@ -56,18 +55,26 @@ def results_table(results: Sequence[MetricResult], title: str) -> Table:
     confidence = int(results[0].confidence * 100) if results else 95
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("dataset/metric", no_wrap=True)
-    for name in ("base", "tuned", f"Δ [{confidence}% CI]", "verdict", "n"):
+    constant = any(result.constant is not None for result in results)
+    for name in ("base", "tuned", *(["constant"] if constant else []), f"Δ [{confidence}% CI]", "verdict", "n"):
         table.add_column(name, justify="left" if name == "verdict" else "right", no_wrap=True)
     for result in results:
         delta, interval = difference_text(result)
         style = "green" if result.improved else ("red" if result.significant else "")
-        verdict = result.verdict if result.significant else "n.s."
+        style = "yellow" if result.gain_in_form_only else style
+        verdict = "form only" if result.gain_in_form_only else (result.verdict if result.significant else "n.s.")
+        baseline = [number_text(result.constant) if result.constant is not None else "–"] if constant else []
         table.add_row(
-            f"{result.key} {arrow(result)}", number_text(result.base), number_text(result.tuned), f"{delta} {interval}",
-            verdict, str(result.n), style=style,
+            f"{result.key} {arrow(result)}", number_text(result.base), number_text(result.tuned), *baseline,
+            f"{delta} {interval}", verdict, str(result.n), style=style,
         )  # fmt: skip
     if results:
-        table.caption = "↑/↓ higher/lower is better · n.s. = interval includes 0 · perplexity Δ relative"
+        table.caption = "↑/↓ higher/lower is better · n.s. = interval includes 0 · perplexity Δ relative" + (
+            " · constant = the tuned model's most frequent answer given for every example · form only = better than "
+            "the base, not than the constant"
+            if constant
+            else ""
+        )
     return table
 
 

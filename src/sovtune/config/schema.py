@@ -370,6 +370,13 @@ class GeneralText(DataSource):
     format: Format = Field(default="text", description="Row format of the general-text set (usually text).")
     columns: dict[str, str] = Field(default_factory=dict, description="Column mapping, e.g. {text: body}.")
     max_examples: int | None = Field(default=None, gt=0, description="Evaluate a seeded sample of this many rows.")
+    window: int = Field(
+        default=1024,
+        gt=8,
+        description="Tokens per scoring window: a document is scored whole when it fits, else in consecutive windows "
+        "of this size (at most the base model's context). Fixed, so the figure does not move with data.max_length; "
+        "the bootstrap resamples documents, never windows apart.",
+    )
 
 
 class Gate(Section):
@@ -387,11 +394,18 @@ class Gate(Section):
         default=None, description="Lower-is-better metrics: the tuned value must not exceed this."
     )
     significant: bool = Field(default=False, description="The improvement's confidence interval must exclude 0.")
+    beats_constant: bool = Field(
+        default=False,
+        description="Generation metrics: the tuned model must beat the constant baseline (its own most frequent "
+        "output given for every example), the interval of the difference excluding 0.",
+    )
 
     @model_validator(mode="after")
     def _has_a_rule(self) -> Gate:
         if not self.model_fields_set:
-            raise ValueError("a gate needs a rule: min_gain, max_increase, min_value, max_value or significant")
+            raise ValueError(
+                "a gate needs a rule: min_gain, max_increase, min_value, max_value, significant or beats_constant"
+            )
         return self
 
 
@@ -465,6 +479,12 @@ class EvalSection(Section):
             if metric in dataset.metric_names() and dataset_name in ("", dataset.name)
         ]
 
+    def is_generation_metric(self, dataset_name: str, metric: str) -> bool:
+        """Scored on generated text (so it has a constant baseline): built-in generation metrics and user metrics."""
+        dataset = next((dataset for dataset in self.datasets if dataset.name == dataset_name), None)
+        users = [user.name for user in dataset.user_metrics] if dataset is not None else []
+        return metric in GENERATION_METRICS or metric in users
+
     def higher_is_better(self, dataset_name: str, metric: str) -> bool:
         for dataset in self.datasets:
             if dataset.name == dataset_name:
@@ -484,6 +504,11 @@ class EvalSection(Section):
             hint = f"did you mean {guess[0]!r}?" if guess else f"computed: {', '.join(computed)}"
             raise ValueError(f"gate {key!r} names a metric no eval dataset computes; {hint}")
         for dataset_name, metric in targets:
+            if gate.beats_constant and not self.is_generation_metric(dataset_name, metric):
+                raise ValueError(
+                    f"gate {key!r}: beats_constant applies to metrics of generated text "
+                    f"({', '.join(GENERATION_METRICS)} or a user metric); {metric} is not one"
+                )
             higher = self.higher_is_better(dataset_name, metric)
             wrong = ["max_increase", "max_value"] if higher else ["min_value"]
             used = [name for name in wrong if getattr(gate, name) is not None]

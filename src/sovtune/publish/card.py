@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from sovtune.config import looks_like_local_path
+from sovtune.config import GENERAL_DATASET, looks_like_local_path
 from sovtune.core.rundir import RunDir
+from sovtune.report import NO_FORGETTING_CHECK
 
 # Licence ids the Hugging Face hub accepts in `license:` (https://huggingface.co/docs/hub/repositories-licenses);
 # any other id is published as `license: other` with `license_name`, which every hub accepts.
@@ -355,6 +356,8 @@ def _evaluation(rows: list[MetricRow], gates: list[dict[str, Any]]) -> str:
             f"| {row.dataset} | {row.metric} | {n} | {row.base:.4g} | {row.tuned:.4g} | {row.gain:+.4g} | "
             f"{interval} | {row.verdict} |"
         )
+    if not any(row.dataset == GENERAL_DATASET and row.metric == "perplexity" for row in rows):
+        lines += ["", NO_FORGETTING_CHECK]
     if gates:
         lines += ["", "Gates:", ""]
         for gate in gates:
