@@ -292,3 +292,105 @@ def test_beats_constant_is_refused_on_metrics_without_generated_text(
 ) -> None:
     with pytest.raises(RecipeError, match=message):
         load_recipe(make_recipe(eval={"gates": gates}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requirement 5: compare answers "is lr 3e-3 better than 1e-3?": paired run-vs-run differences, settings, n
+
+
+def tuned_values(run_dir: Path, metric: str) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per-example (numerator, denominator) of the tuned model, read straight from eval_predictions.jsonl."""
+    values = {}
+    for line in (run_dir / "eval_predictions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if metric in ("loss", "perplexity"):
+            sums = record.get("token_sums")
+            if sums is not None:
+                values[(record["dataset"], record["origin"])] = (sums["nll"]["tuned"], sums["tokens"])
+        elif metric in record.get("scores", {}):
+            values[(record["dataset"], record["origin"])] = (record["scores"][metric]["tuned"], 1.0)
+    return values
+
+
+def test_compare_pairs_runs_example_by_example_and_flags_different_example_sets(
+    make_recipe: Any, tmp_path: Path
+) -> None:
+    from conftest import qa_rows
+
+    train = write_jsonl(tmp_path / "shared-train.jsonl", qa_rows())
+    general = general_documents(tmp_path)
+    runs = {}
+    for name, learning_rate, scale in (("lr1e-3", 1e-3, 0.2), ("lr3e-3", 3e-3, 0.6)):
+        recipe_path = make_recipe(
+            name=name,
+            data={"train": str(train)},
+            train={"learning_rate": learning_rate},
+            eval={"datasets": [{"metrics": ["loss", "perplexity", "exact_match", "chrf"]}], "general": str(general),
+                  "generation": {"max_new_tokens": 6}, "bootstrap": {"resamples": 1000}},
+        )  # fmt: skip
+        runs[name] = make_run(recipe_path, seed=1, scale=scale).run_dir
+        assert invoke("eval", runs[name]).exit_code == 0
+    out = tmp_path / "cmp"
+    result = invoke("compare", runs["lr1e-3"], runs["lr3e-3"], "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr
+    output = " ".join(result.output.split())
+    assert "lr3e-3 vs lr1e-3, paired on the examples both evaluated" in output
+    assert "setting train.learning_rate: lr1e-3 `0.001`, lr3e-3 `0.003`" in output
+    comparison = json.loads((out / "compare.json").read_text())
+    # The only setting that differs (run names and output folders are labels, not settings).
+    assert comparison["settings"] == [{"setting": "train.learning_rate", "values": {"lr1e-3": 0.001, "lr3e-3": 0.003}}]
+    pairs = {(pair["dataset"], pair["metric"]): pair for pair in comparison["paired"]}
+    assert set(pairs) == {("eval", m) for m in ("loss", "perplexity", "exact_match", "chrf")} | {
+        ("general", "perplexity")
+    }
+    for (dataset, metric), pair in pairs.items():
+        first, second = tuned_values(runs["lr1e-3"], metric), tuned_values(runs["lr3e-3"], metric)
+        shared = [key for key in first if key[0] == dataset]
+        aggregate = {"loss": "ratio", "perplexity": "exp_ratio"}.get(metric, "mean")
+        expected = paired_bootstrap(
+            Scores([first[k][0] for k in shared], [first[k][1] for k in shared], aggregate),
+            Scores([second[k][0] for k in shared], [second[k][1] for k in shared], aggregate),
+            resamples=1000,
+        )
+        assert pair["n"] == len(shared) == expected.n
+        assert (pair["reference_value"], pair["run_value"], pair["ci_low"], pair["ci_high"]) == pytest.approx(
+            (expected.base, expected.tuned, expected.ci_low, expected.ci_high)
+        )
+        assert pair["verdict"] == (
+            "no significant difference"
+            if not expected.significant
+            else "better"
+            if (expected.difference > 0) == (metric not in ("loss", "perplexity"))
+            else "worse"
+        )
+    markdown = (out / "compare.md").read_text()
+    assert (
+        "## lr3e-3 vs lr1e-3" in markdown
+        and "| dataset | metric | n | lr1e-3 | lr3e-3 | Δ [CI] | verdict |" in markdown
+    )
+    assert "- `train.learning_rate`: lr1e-3 `0.001`, lr3e-3 `0.003`" in markdown
+
+    # A partial re-evaluation of one run: the comparison says so loudly and pairs only the shared examples.
+    assert invoke("eval", runs["lr3e-3"], "--overwrite", "--set", "eval.max_examples=3").exit_code == 0
+    partial = invoke("compare", runs["lr1e-3"], runs["lr3e-3"], "--out", out)
+    assert partial.exit_code == 0, partial.output
+    warnings = [line for line in partial.stderr.splitlines() if line.startswith("warning:")]
+    assert any(
+        "eval: lr1e-3 and lr3e-3 were evaluated on different examples (lr1e-3 6, lr3e-3 3, 3 shared)" in line
+        for line in warnings
+    ), partial.stderr
+    comparison = json.loads((out / "compare.json").read_text())
+    assert {pair["n"] for pair in comparison["paired"] if pair["dataset"] == "eval"} == {3}
+    assert {row["runs"]["lr3e-3"]["n"] for row in comparison["rows"] if row["dataset"] == "eval"} == {3}
+    assert "| eval | loss ↓ | 6/3 ⚠ |" in (out / "compare.md").read_text()
+    assert "**Warning: eval: lr1e-3 and lr3e-3 were evaluated on different examples" in (out / "compare.md").read_text()
+    assert {item["setting"] for item in comparison["settings"]} == {"train.learning_rate", "eval.max_examples"}
+
+    # Predictions from elsewhere are data: a damaged line is one error line naming it, and nothing is written.
+    predictions = runs["lr3e-3"] / "eval_predictions.jsonl"
+    lines = predictions.read_text().splitlines()
+    predictions.write_text("\n".join([lines[0], "{not json", *lines[2:]]) + "\n")
+    (out / "compare.json").unlink()
+    message = error_line(invoke("compare", runs["lr1e-3"], runs["lr3e-3"], "--out", out))
+    assert f"{predictions}:2: not JSON" in message and not (out / "compare.json").exists()

@@ -6,6 +6,7 @@ Needs no torch: `sovtune compare` reads report.json files only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -14,12 +15,15 @@ from typing import Any, Sequence
 
 import yaml
 
-from sovtune.config import GENERAL_DATASET, EvalSection, Gate, Recipe
+from sovtune.config import GENERAL_DATASET, LOSS_METRICS, EvalSection, Gate, Recipe
 from sovtune.core.files import atomic_writers, write_synced
 from sovtune.core.rundir import REPORT_KIND as KIND
 from sovtune.core.rundir import REPORT_SCHEMA_VERSION as SCHEMA_VERSION
 from sovtune.core.rundir import ReportError, RunDir, read_report
-from sovtune.metrics import paired_bootstrap
+from sovtune.metrics import Scores, paired_bootstrap
+from sovtune.run.fingerprint import flatten_settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -544,11 +548,17 @@ def load_report(run_dir: Path) -> dict[str, Any]:
 
 
 def compare(run_dirs: Sequence[Path], out_dir: Path | None = None) -> dict[str, Any]:
-    """Several runs side by side against their common base: compare.json/.md/.png in out_dir."""
+    """Several runs of one base model: each against the base, and each against the first run (the reference) example
+    by example, with the settings that differ; compare.json/.md/.png in out_dir.
+
+    The run-vs-run differences are paired on the examples both runs evaluated (matched by dataset and origin in
+    eval_predictions.jsonl); example sets that differ are said loudly, never mixed silently.
+    """
     if len(run_dirs) < 2:
         raise ReportError("compare needs at least two run directories")
-    reports = [load_report(Path(run_dir)) for run_dir in run_dirs]
-    labels = _labels([Path(run_dir) for run_dir in run_dirs])
+    paths = [Path(run_dir) for run_dir in run_dirs]
+    reports = [load_report(path) for path in paths]
+    labels = _labels(paths)
     bases = {json.dumps(report["base_model"], sort_keys=True) for report in reports}
     if len(bases) > 1:
         found = ", ".join(f"{label}: {report['base_model']['name_or_path']}" for label, report in zip(labels, reports))
@@ -570,13 +580,26 @@ def compare(run_dirs: Sequence[Path], out_dir: Path | None = None) -> dict[str, 
                 for key in ("tuned", "difference", "ci_low", "ci_high", "significant", "tuned_ci_low", "tuned_ci_high",
                             "relative_change", "relative_ci_low", "relative_ci_high", "n")
             }  # fmt: skip
+    warnings: list[str] = []
+    examples = {label: _examples_by_origin(path, label, warnings) for label, path in zip(labels, paths)}
+    paired = []
+    for label in labels[1:]:
+        warnings += _example_set_warnings(labels[0], label, examples)
+        settings = reports[0].get("settings") or {}
+        paired += paired_rows(labels[0], label, list(rows.values()), examples, settings, warnings)
+    for warning in warnings:
+        log.warning("%s", warning)
     comparison = {
         "schema_version": SCHEMA_VERSION,
         "kind": "sovtune.compare",
         "base_model": reports[0]["base_model"],
         "runs": {label: str(run_dir) for label, run_dir in zip(labels, run_dirs)},
+        "reference": labels[0],
         "passed": {label: report.get("passed") for label, report in zip(labels, reports)},
         "rows": list(rows.values()),
+        "paired": paired,
+        "settings": settings_diff(labels, [_recipe_of(path, report) for path, report in zip(paths, reports)]),
+        "warnings": warnings,
     }
     if out_dir is not None:
         _write_comparison(comparison, labels, Path(out_dir))
@@ -586,6 +609,135 @@ def compare(run_dirs: Sequence[Path], out_dir: Path | None = None) -> dict[str, 
 def _labels(run_dirs: Sequence[Path]) -> list[str]:
     names = [path.resolve().name for path in run_dirs]
     return names if len(set(names)) == len(names) else [str(path) for path in run_dirs]
+
+
+# Run vs run: per-example values from eval_predictions.jsonl, matched by (dataset, origin)
+
+Examples = dict[tuple[str, str], dict[str, Any]]
+
+
+def _examples_by_origin(path: Path, label: str, warnings: list[str]) -> Examples | None:
+    folder = path if path.is_dir() else path.parent
+    records = RunDir(folder).predictions()
+    if records is None:
+        warnings.append(
+            f"{label}: no {RunDir.PREDICTIONS} beside its report, so it cannot be compared example by example with the "
+            "other runs; re-run sovtune eval on it"
+        )
+        return None
+    return {(record["dataset"], record["origin"]): record for record in records}
+
+
+def _example_set_warnings(reference: str, label: str, examples: dict[str, Examples | None]) -> list[str]:
+    """One line per dataset whose examples differ between the two runs (e.g. after a partial re-evaluation)."""
+    first, second = examples[reference], examples[label]
+    if first is None or second is None:
+        return []
+    warnings = []
+    for dataset in sorted({key[0] for key in first} & {key[0] for key in second}):
+        mine = {origin for name, origin in first if name == dataset}
+        theirs = {origin for name, origin in second if name == dataset}
+        if mine != theirs:
+            warnings.append(
+                f"{dataset}: {reference} and {label} were evaluated on different examples ({reference} "
+                f"{len(mine)}, {label} {len(theirs)}, {len(mine & theirs)} shared); the run-vs-run difference uses "
+                "only the shared ones, and their columns against the base are not comparable"
+            )
+    return warnings
+
+
+def per_example(record: dict[str, Any], metric: str) -> tuple[float, float]:
+    """(numerator, denominator) of the tuned model's `metric` on one example: token sums for loss metrics, the
+    score otherwise (see metrics.Scores)."""
+    if metric in LOSS_METRICS:
+        sums = record["token_sums"]
+        return float(sums["correct" if metric == "token_accuracy" else "nll"]["tuned"]), float(sums["tokens"])
+    return float(record["scores"][metric]["tuned"]), 1.0
+
+
+def paired_rows(
+    reference: str,
+    label: str,
+    rows: list[dict[str, Any]],
+    examples: dict[str, Examples | None],
+    settings: Any,
+    warnings: list[str],
+) -> list[dict[str, Any]]:
+    """`label` minus `reference` on every metric both computed, paired on their shared examples; a metric whose
+    per-example values were not recorded (a report from an older sovtune) is left out with a warning."""
+    first, second = examples[reference], examples[label]
+    if first is None or second is None:
+        return []
+    boot = settings.get("bootstrap") or {} if isinstance(settings, dict) else {}
+    found = []
+    for row in rows:
+        if reference not in row["runs"] or label not in row["runs"]:
+            continue
+        shared = [key for key in first if key[0] == row["dataset"] and key in second]
+        if not shared:
+            continue
+        try:
+            values = [[per_example(runs[key], row["metric"]) for key in shared] for runs in (first, second)]
+        except (KeyError, TypeError, ValueError):
+            warnings.append(
+                f"{row['dataset']}/{row['metric']}: {RunDir.PREDICTIONS} of {reference} or {label} lacks its "
+                "per-example values, so it is not compared run against run; re-run sovtune eval on both"
+            )
+            continue
+        scores = [Scores([v[0] for v in run], [v[1] for v in run], row["aggregate"]) for run in values]
+        comparison = paired_bootstrap(
+            *scores,
+            resamples=int(boot.get("resamples", 2000)),
+            seed=int(boot.get("seed", 0)),
+            confidence=float(boot.get("confidence", 0.95)),
+        )
+        better = comparison.significant and (comparison.difference > 0) == row["higher_is_better"]
+        found.append(
+            {"dataset": row["dataset"], "metric": row["metric"], "higher_is_better": row["higher_is_better"],
+             "aggregate": row["aggregate"], "reference": reference, "run": label, "n": comparison.n,
+             "reference_value": comparison.base, "run_value": comparison.tuned,
+             **{key: value for key, value in comparison.to_json().items() if key in _PAIRED_FIELDS},
+             "verdict": "no significant difference" if not comparison.significant else "better" if better else "worse"}
+        )  # fmt: skip
+    return found
+
+
+_PAIRED_FIELDS = ("difference", "ci_low", "ci_high", "significant", "relative_change", "relative_ci_low",
+                  "relative_ci_high", "confidence", "resamples", "seed")  # fmt: skip
+
+
+def paired_cell(pair: dict[str, Any]) -> str:
+    """Run minus reference with its interval; perplexity as a relative change."""
+    if pair["aggregate"] == "exp_ratio" and pair["relative_change"] is not None:
+        return (
+            f"{_percent(pair['relative_change'])} [{_percent(pair['relative_ci_low'])}, "
+            f"{_percent(pair['relative_ci_high'])}]"
+        )
+    return f"{_signed(pair['difference'])} [{_signed(pair['ci_low'])}, {_signed(pair['ci_high'])}]"
+
+
+# Settings: what differs between the runs' recipes
+
+_NOT_SETTINGS = ("name", "description", "output.dir", "source_path")
+
+
+def _recipe_of(path: Path, report: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe the report was made with (report.json records it); else the run's recipe.yaml; None if neither."""
+    if isinstance(report.get("recipe"), dict) and report["recipe"]:
+        return dict(report["recipe"])
+    folder = RunDir(path if path.is_dir() else path.parent)
+    return folder.recipe_data() if (folder / RunDir.RECIPE).is_file() else None
+
+
+def settings_diff(labels: list[str], recipes: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Every recipe setting whose value is not the same in all runs, with each run's value (None: not set)."""
+    flat = {label: flatten_settings(recipe) for label, recipe in zip(labels, recipes) if recipe is not None}
+    keys = sorted({key for values in flat.values() for key in values if key not in _NOT_SETTINGS})
+    return [
+        {"setting": key, "values": {label: values.get(key) for label, values in flat.items()}}
+        for key in keys
+        if len({json.dumps(values.get(key), sort_keys=True) for values in flat.values()}) > 1
+    ]
 
 
 def run_cell(row: dict[str, Any], label: str) -> str:
@@ -602,21 +754,69 @@ def run_cell(row: dict[str, Any], label: str) -> str:
     return f"{number_text(run['tuned'])} ({delta}){' *' if run['significant'] else ''}"
 
 
+def comparison_lines(comparison: dict[str, Any], labels: list[str]) -> list[str]:
+    """The run-vs-run table and the settings that differ, in Markdown."""
+    reference = comparison["reference"]
+    lines = []
+    for label in labels[1:]:
+        pairs = [pair for pair in comparison["paired"] if pair["run"] == label]
+        lines += [
+            f"## {label} vs {reference}",
+            "",
+            f"Paired on the examples both runs evaluated: Δ = {label} - {reference} with its "
+            f"{int((pairs[0]['confidence'] if pairs else 0.95) * 100)}% paired-bootstrap interval "
+            "(perplexity: relative change).",
+            "",
+            f"| dataset | metric | n | {reference} | {label} | Δ [CI] | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for pair in pairs:
+            arrow = "↑" if pair["higher_is_better"] else "↓"
+            verdict = f"**{label} {pair['verdict']}**" if pair["significant"] else pair["verdict"]
+            values = f"{number_text(pair['reference_value'])} | {number_text(pair['run_value'])}"
+            lines.append(
+                f"| {pair['dataset']} | {pair['metric']} {arrow} | {pair['n']} | {values} | {paired_cell(pair)} | "
+                f"{verdict} |"
+            )
+        if not pairs:
+            lines.append("| – | no examples in common, or no per-example values | | | | | |")
+        lines.append("")
+    lines += ["## Settings that differ", ""]
+    lines += [f"- `{item['setting']}`: {settings_cell(item)}" for item in comparison["settings"]] or [
+        "- none (recipes not recorded, or identical)"
+    ]
+    return lines
+
+
+def settings_cell(item: dict[str, Any]) -> str:
+    return ", ".join(f"{label} `{json.dumps(value)}`" for label, value in item["values"].items())
+
+
+def n_cell(row: dict[str, Any], labels: Sequence[str]) -> str:
+    """The examples behind each run's figures: one number when all runs used as many, else each run's, flagged."""
+    counts = [str(row["runs"][label]["n"]) for label in labels if label in row["runs"]]
+    return counts[0] if len(set(counts)) == 1 else "/".join(counts) + " ⚠"
+
+
 def _write_comparison(comparison: dict[str, Any], labels: list[str], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"# Comparison against base `{comparison['base_model']['name_or_path']}`",
+    lines = [f"# Comparison of {', '.join(f'`{label}`' for label in labels)}", ""]
+    lines += [f"**Warning: {warning}.**" for warning in comparison["warnings"]]
+    lines += ["", *comparison_lines(comparison, labels)]
+    lines += [
+        "",
+        f"## Against the common base `{comparison['base_model']['name_or_path']}`",
         "",
         "Each cell: tuned value (Δ vs base [95% CI]); * = significant. Perplexity Δ is relative.",
         "",
-        "| dataset | metric | base | " + " | ".join(labels) + " |",
-        "|---|---|---|" + "---|" * len(labels),
+        "| dataset | metric | n | base | " + " | ".join(labels) + " |",
+        "|---|---|---|---|" + "---|" * len(labels),
     ]
     for row in comparison["rows"]:
         base = number_text(row["base"]) + (" (differs per run)" if row.get("base_differs") else "")
         arrow = "↑" if row["higher_is_better"] else "↓"
         cells = " | ".join(run_cell(row, label) for label in labels)
-        lines.append(f"| {row['dataset']} | {row['metric']} {arrow} | {base} | {cells} |")
+        lines.append(f"| {row['dataset']} | {row['metric']} {arrow} | {n_cell(row, labels)} | {base} | {cells} |")
     gates = ", ".join(
         f"{label}: {'-' if passed is None else ('pass' if passed else 'FAIL')}"
         for label, passed in comparison["passed"].items()

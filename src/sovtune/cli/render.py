@@ -15,7 +15,17 @@ from rich.table import Table
 from sovtune.doctor import Row
 from sovtune.plan import Plan, gib_text
 from sovtune.preflight import PreflightReport
-from sovtune.report import MetricResult, Report, arrow, difference_text, number_text, run_cell
+from sovtune.report import (
+    MetricResult,
+    Report,
+    arrow,
+    difference_text,
+    n_cell,
+    number_text,
+    paired_cell,
+    run_cell,
+    settings_cell,
+)
 
 
 class LogToConsole(logging.Handler):
@@ -80,14 +90,36 @@ def results_table(results: Sequence[MetricResult], title: str) -> Table:
 
 def comparison(comparison: dict[str, Any], console: Console) -> None:
     labels = list(comparison["runs"])
+    reference = comparison["reference"]
+    for label in labels[1:]:
+        pairs = [pair for pair in comparison["paired"] if pair["run"] == label]
+        confidence = int((pairs[0]["confidence"] if pairs else 0.95) * 100)
+        table = Table(
+            title=f"{label} vs {reference}, paired on the examples both evaluated", title_justify="left",
+            box=box.SIMPLE_HEAD, pad_edge=False,
+        )  # fmt: skip
+        for name in ("dataset/metric", "n", reference, label, f"Δ [{confidence}% CI]", "verdict"):
+            table.add_column(name, justify="left" if name in ("dataset/metric", "verdict") else "right")
+        for pair in pairs:
+            better = pair["verdict"] == "better"
+            table.add_row(
+                f"{pair['dataset']}/{pair['metric']} {'↑' if pair['higher_is_better'] else '↓'}", str(pair["n"]),
+                number_text(pair["reference_value"]), number_text(pair["run_value"]), paired_cell(pair),
+                f"{label} {pair['verdict']}" if pair["significant"] else "n.s.",
+                style="green" if better else ("red" if pair["significant"] else ""),
+            )  # fmt: skip
+        console.print(table)
+    for item in comparison["settings"]:
+        console.print(f"setting {item['setting']}: {settings_cell(item)}", markup=False, highlight=False)
     table = Table(title="tuned (Δ vs base [95% CI]), * = significant", title_justify="left")
-    for name in ("dataset", "metric", "base", *labels):
+    for name in ("dataset", "metric", "n", "base", *labels):
         table.add_column(name)
     for row in comparison["rows"]:
         arrow = "↑" if row["higher_is_better"] else "↓"
         table.add_row(
             row["dataset"],
             f"{row['metric']} {arrow}",
+            n_cell(row, labels),
             number_text(row["base"]),
             *(run_cell(row, label) for label in labels),
         )

@@ -178,6 +178,34 @@ class RunDir:
     def fingerprint(self) -> dict[str, Any] | None:
         return self.read_json(self.FINGERPRINT, "run fingerprint")
 
+    def predictions(self) -> list[dict[str, Any]] | None:
+        """eval_predictions.jsonl: one JSON object per evaluated example, each naming its `dataset` and `origin`; None
+        when absent. A damaged line is an error naming its line."""
+        path = self.path / self.PREDICTIONS
+        try:
+            # Split on "\n" only: predictions are written with ensure_ascii=False, so a string may hold a raw U+2028.
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RunFileError(f"{path}: unreadable predictions ({exc}); re-run sovtune eval") from None
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RunFileError(f"{path}:{number}: not JSON ({exc.msg}); re-run sovtune eval") from None
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("dataset"), str)
+                and isinstance(record.get("origin"), str)
+            ):
+                raise RunFileError(f"{path}:{number}: not a prediction record (dataset, origin); re-run sovtune eval")
+            records.append(record)
+        return records
+
     def heldout(self) -> list[str] | None:
         """Origins of the held-out examples (file:line), in the order evaluation uses them; None if not recorded."""
         value = self.read_json(self.HELDOUT, "held-out example list")

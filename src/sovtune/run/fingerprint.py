@@ -29,14 +29,14 @@ FINGERPRINT = RunDir.FINGERPRINT
 TRAINING_SECTIONS = ("schema_version", "model", "quantization", "adapter", "data", "train")
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_settings(value: Any, prefix: str = "") -> dict[str, Any]:
     """{"train": {"learning_rate": 0.01}} -> {"train.learning_rate": 0.01}; lists of sections get indices."""
     if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
         value = {str(index): item for index, item in enumerate(value)}
     if isinstance(value, dict):
         flat: dict[str, Any] = {}
         for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+            flat.update(flatten_settings(item, f"{prefix}.{key}" if prefix else str(key)))
         return flat or {prefix: {}}
     return {prefix: value}
 
@@ -74,7 +74,7 @@ def run_fingerprint(recipe: Recipe, data: PreparedData) -> dict[str, Any]:
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences: training settings first, then the data (by content, wherever it lives)."""
     changes = []
-    old_fields, new_fields = _flatten(old.get("recipe", {})), _flatten(new.get("recipe", {}))
+    old_fields, new_fields = flatten_settings(old.get("recipe", {})), flatten_settings(new.get("recipe", {}))
     for key in sorted(set(old_fields) | set(new_fields)):
         if _DATA_SOURCE_PATH.match(key):
             continue
