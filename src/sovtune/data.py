@@ -335,7 +335,8 @@ def _instruction_example(values: dict[str, Any], data: DataSection, tokenizer: A
 
 
 def _prompt_completion_example(values: dict[str, Any], data: DataSection, tokenizer: Any) -> Example:
-    prompt = _get_string(values, data.column("prompt"))
+    # data.separator belongs to the prompt: generation starts after it, and it is never scored.
+    prompt = _get_string(values, data.column("prompt")) + data.separator
     completion = _get_string(values, data.column("completion"))
     if not completion.strip():
         raise RowError("completion is empty: nothing to learn from this row")
@@ -451,6 +452,31 @@ def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
         labels.append(tokenizer.eos_token_id)
     truncated = len(input_ids) > max_length
     return Tokenized(input_ids[:max_length], labels[:max_length], example.origin, truncated)
+
+
+def boundary_mismatches(examples: Iterable[Example], tokenizer: Any) -> tuple[int, list[str]]:
+    """prompt_completion rows whose prompt and completion tokenise differently joined than apart: how many rows were
+    checked, and for each mismatch `origin: 'A' + 'B' apart, 'AB' joined` (the tokens at the boundary).
+
+    sovtune tokenises them apart (the completion as generation produces it); tools that tokenise the joined text,
+    such as lm-evaluation-harness, then score other tokens.
+    """
+    checked, found = 0, []
+    for example in examples:
+        if len(example.segments) != 2:
+            continue
+        (prompt, _), (completion, _) = example.segments
+        checked += 1
+        before = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        after = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        joined = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        if before + after == joined:
+            continue
+        edge = max(len(before) - 1, 0)
+        apart = f"{tokenizer.decode(before[edge:])!r} + {tokenizer.decode(after[:1])!r}"
+        together = " ".join(repr(tokenizer.decode([token])) for token in joined[edge : edge + 2])
+        found.append(f"{example.origin}: {apart} apart, {together} joined")
+    return checked, found
 
 
 def split_text_example(example: Example, tokenizer: Any, max_length: int) -> list[Tokenized]:

@@ -253,6 +253,59 @@ def check_eval(recipe: Recipe, tokenizer: Any = None, held_out: HeldOut | None =
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# During training (train.eval_steps): the tuned model alone, on the sample the final evaluation scores
+
+
+@dataclass
+class TrainingEval:
+    """What in-training evaluation scores: held-out sequences (the seeded sample of eval.max_examples that the final
+    evaluation uses) and the prompts of `train.eval_samples` of them, for sample generations."""
+
+    sequences: list[Tokenized]
+    prompts: list[EvalItem]
+
+
+def training_eval(recipe: Recipe, data: PreparedData, tokenizer: Any) -> TrainingEval:
+    held_out = next((dataset for dataset in recipe.eval.datasets if dataset.source is None), None)
+    cap = (held_out.max_examples if held_out is not None else None) or recipe.eval.max_examples
+    items = _sample([EvalItem(origin=tokens.origin, tokens=tokens) for tokens in data.eval], cap,
+                    recipe.eval.bootstrap.seed, [])  # fmt: skip
+    by_origin = {example.origin: example for example in data.eval_examples}
+    prompts = [
+        _item(item.tokens, by_origin[item.document], tokenizer, recipe.data.max_length)
+        for item in items[: recipe.train.eval_samples]
+        if item.tokens is not None and recipe.data.format != "text"
+    ]
+    return TrainingEval([item.tokens for item in items if item.tokens is not None], prompts)
+
+
+def held_out_metrics(model: Any, sequences: Sequence[Tokenized], batch_size: int) -> dict[str, float]:
+    """Token-weighted loss and accuracy of `model` as it is (batched, length-sorted): sums over every supervised
+    token, so the figure does not depend on how examples are batched or on the number of processes."""
+    sums = teacher_forced_sums(model, sequences, batch_size)
+    tokens = float(sums.tokens.sum())
+    return {
+        "eval_loss": float(sums.nll.sum()) / tokens,
+        "eval_token_accuracy": float(sums.correct.sum()) / tokens,
+        "eval_examples": len(sequences),
+    }
+
+
+def sample_generations(model: Any, tokenizer: Any, prompts: Sequence[EvalItem], recipe: Recipe) -> list[dict[str, str]]:
+    """The model's answers (greedy unless eval.generation samples) to a few held-out prompts."""
+    if not prompts:
+        return []
+    settings = recipe.eval.generation
+    config = generation_config(tokenizer, recipe)
+    generated = generate_batch(model, [item.prompt_ids for item in prompts], config, tokenizer, seed=settings.seed)
+    return [
+        {"origin": item.origin, "prompt": item.shown_prompt, "reference": item.reference,
+         "output": decode(tokenizer, ids, settings.stop)}
+        for item, ids in zip(prompts, generated)
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Model and tokenizer
 
 

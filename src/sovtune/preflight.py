@@ -8,7 +8,7 @@ from typing import Any
 from sovtune import model as models
 from sovtune import plan
 from sovtune.config import Recipe
-from sovtune.data import PreparedData, stop_token_ids
+from sovtune.data import PreparedData, boundary_mismatches, stop_token_ids
 from sovtune.errors import SovtuneError
 from sovtune.evaluation import HeldOut, check_eval
 from sovtune.inputs import prepare_recipe_data
@@ -106,6 +106,8 @@ def check(recipe: Recipe) -> PreflightReport:
     )
     if recipe.data.format in ("messages", "instruction"):
         add(template_round_trip(data.train[:ROUND_TRIP_SAMPLE], tokenizer))
+    if recipe.data.format == "prompt_completion":
+        add(boundary_finding(data.eval_examples[:ROUND_TRIP_SAMPLE], tokenizer))
     arch = report.architecture
     if arch.get("missing_modules"):
         detail = f"{arch['missing_modules']} not in {arch['architecture']}; linear layers: {arch['linear_modules']}"
@@ -152,6 +154,25 @@ def template_round_trip(items: list[Any], tokenizer: Any) -> Finding:
         "chat template round trip",
         share < 0.05,
         f"{len(items) - mismatched}/{len(items)} rows re-tokenise identically",
+        fatal=False,
+    )
+
+
+def boundary_finding(examples: list[Any], tokenizer: Any) -> Finding:
+    """prompt_completion: do prompt and completion tokenise the same joined as apart (sovtune tokenises them apart)?"""
+    checked, mismatched = boundary_mismatches(examples, tokenizer)
+    if not mismatched:
+        return Finding(
+            "prompt/completion boundary", True, f"{checked}/{checked} held-out rows tokenise the same joined and apart"
+        )
+    return Finding(
+        "prompt/completion boundary",
+        False,
+        f"{len(mismatched)}/{checked} held-out rows tokenise differently joined than apart (e.g. {mismatched[0]}): "
+        "sovtune trains and scores the completion tokenised alone, as generation produces it; tools that tokenise "
+        "prompt + completion together (lm-evaluation-harness) score other tokens. Move whitespace between the end of "
+        "the prompt (or data.separator) and the start of the completion until the boundary falls between tokens "
+        "(docs/evaluation.md)",
         fatal=False,
     )
 

@@ -16,6 +16,7 @@ from sovtune.core.hashing import now
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process, world_size
 from sovtune.data import PreparedData
+from sovtune.evaluation import TrainingEval, held_out_metrics, sample_generations, training_eval
 from sovtune.inputs import prepare_recipe_data
 from sovtune.licence import check_licence
 from sovtune.run import checkpoints, fingerprint, manifest
@@ -47,9 +48,8 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, plan: SpeedPlan | 
         output_dir=str(RunDir(run_dir).checkpoints_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
-        # The in-loop eval loss is a mean of per-batch means: batches of one make it independent of the number of
-        # processes (evaluation.py computes the token-weighted figures that the report uses).
-        per_device_eval_batch_size=1,
+        # In-training evaluation is sovtune's own (HeldOutTrainer.evaluate): batched and token-weighted.
+        per_device_eval_batch_size=recipe.eval.batch_size,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=warmup,
@@ -120,7 +120,6 @@ def train(
 
 def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_line: str) -> TrainResult:
     from transformers import set_seed
-    from trl import SFTTrainer
 
     models.check_device_support(recipe)
     licence = check_licence(recipe)  # the licence gate, before any weight is downloaded
@@ -151,14 +150,15 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
         )
     started, started_at = time.time(), now()
     stop = GracefulStop(resume_line)
-    trainer = SFTTrainer(
+    held_out = training_eval(recipe, data, tokenizer) if data.eval and recipe.train.eval_steps else None
+    writer = _summary_writer(run.logs_dir) if is_main_process() else None
+    trainer = held_out_trainer(recipe, tokenizer, held_out, writer)(
         model=peft_model,
-        args=sft_config(recipe, run.path, has_eval=bool(data.eval), plan=throughput),
+        args=sft_config(recipe, run.path, has_eval=held_out is not None, plan=throughput),
         train_dataset=to_dataset(data.train),
-        eval_dataset=to_dataset(data.eval) if data.eval and recipe.train.eval_steps else None,
+        eval_dataset=to_dataset(held_out.sequences) if held_out is not None else None,
         processing_class=tokenizer,
-        callbacks=([_tensorboard(run.logs_dir), _jsonl_log(run.train_log)] if is_main_process() else [])
-        + [stop.callback()],
+        callbacks=([_tensorboard(writer), _jsonl_log(run.train_log)] if writer is not None else []) + [stop.callback()],
     )
     _adapter_in_compute_dtype(trainer.model, recipe)
     # SIGINT/SIGTERM until the adapter is written: a checkpoint and a clean stop, never a half-saved run.
@@ -214,11 +214,60 @@ def _adapter_in_compute_dtype(peft_model: Any, recipe: Recipe) -> None:
             parameter.data = parameter.data.float()
 
 
-def _tensorboard(logs_dir: Path) -> Any:
+def _summary_writer(logs_dir: Path) -> Any:
     from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(logs_dir))
+
+
+def _tensorboard(writer: Any) -> Any:
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(logs_dir)))
+    return TensorBoardCallback(tb_writer=writer)
+
+
+def held_out_trainer(recipe: Recipe, tokenizer: Any, held_out: TrainingEval | None, writer: Any) -> Any:
+    """SFTTrainer whose evaluation every train.eval_steps is sovtune's: the held-out sample the final evaluation
+    scores (eval.max_examples), batched by eval.batch_size, token-weighted; plus, with train.eval_samples, a few
+    generations as TensorBoard text.
+
+    The Trainer's own loop averages per-batch means (weighted by examples, not tokens), which moves with the batch
+    size and the number of processes. Every process scores the whole sample, so a sharded model (FSDP, ZeRO-3) runs
+    the same forward passes on all ranks; only the main process writes.
+    """
+    from trl import SFTTrainer
+
+    class HeldOutTrainer(SFTTrainer):  # type: ignore[misc]
+        def evaluate(
+            self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+        ) -> dict[str, float]:
+            assert held_out is not None, "evaluate runs only when train.eval_steps and an eval split are set"
+            model, was_training = self.model, self.model.training
+            started = time.perf_counter()
+            model.eval()
+            try:
+                metrics = held_out_metrics(model, held_out.sequences, recipe.eval.batch_size)
+                samples = sample_generations(model, tokenizer, held_out.prompts, recipe)
+            finally:
+                model.train(was_training)
+            metrics["eval_runtime"] = round(time.perf_counter() - started, 3)
+            if writer is not None:
+                for number, sample in enumerate(samples, start=1):
+                    writer.add_text(f"samples/{number}", _sample_markdown(sample), self.state.global_step)
+                writer.flush()
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return HeldOutTrainer
+
+
+def _sample_markdown(sample: dict[str, str]) -> str:
+    """One generation as TensorBoard's text plugin shows it (Markdown): origin, prompt, reference, answer."""
+    return "\n\n".join(
+        f"**{name}**: {text}" if name == "origin" else f"**{name}**:\n\n    " + text.replace("\n", "\n    ")
+        for name, text in sample.items()
+    )
 
 
 def _announce(recipe: Recipe, data: PreparedData, peft_model: Any, checkpoint: Path | None) -> None:

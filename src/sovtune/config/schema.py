@@ -152,6 +152,13 @@ class DataSection(Section):
     chat_template: str | None = Field(
         default=None, description="Jinja chat template (inline, or a path to a .jinja file); default: the tokenizer's."
     )
+    separator: str = Field(
+        default="",
+        description="prompt_completion: text put between prompt and completion, on the prompt's side: generation "
+        "starts after it and it is never scored. A row is BOS + prompt + separator (no loss unless train_on_inputs) + "
+        "completion + EOS (loss), prompt and completion tokenised apart; `sovtune check` warns when they tokenise "
+        'differently joined. Default: nothing; e.g. "\\n" or " ".',
+    )
     max_length: int = Field(default=1024, gt=8, description="Maximum tokens per example; longer rows are truncated.")
     train_on_inputs: bool = Field(
         default=False, description="Also compute the loss on prompt/user tokens (default: completion/assistant only)."
@@ -184,6 +191,8 @@ class DataSection(Section):
             raise ValueError("give either eval (a held-out source) or eval_fraction (a split of train), not both")
         if self.format == "text" and self.train_on_inputs:
             raise ValueError("train_on_inputs has no meaning for format text (every token is trained); remove it")
+        if self.separator and self.format != "prompt_completion":
+            raise ValueError(f"separator only applies to format prompt_completion, not {self.format!r}; remove it")
         return self
 
     def column(self, logical: str) -> str:
@@ -213,7 +222,19 @@ class TrainSection(Section):
     logging_steps: int = Field(default=10, gt=0, description="Log loss and learning rate every N steps.")
     save_steps: int = Field(default=200, gt=0, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
-    eval_steps: int | None = Field(default=None, gt=0, description="Held-out loss every N steps during training.")
+    eval_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="Held-out loss every N steps during training: token-weighted, batched by eval.batch_size, on the "
+        "sample of eval.max_examples that the final evaluation scores; logged to TensorBoard and logs/train_log.jsonl.",
+    )
+    eval_samples: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description="At each train.eval_steps evaluation, the adapter's answers to this many held-out prompts, written "
+        "to TensorBoard as text (tab TEXT); 0 = none.",
+    )
     liger_kernel: Literal["auto"] | bool = Field(
         default="auto",
         description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) on CUDA: auto = on when liger-kernel is "
@@ -229,6 +250,8 @@ class TrainSection(Section):
             raise ValueError("give warmup_ratio or warmup_steps, not both")
         if self.explicitly_set("epochs") and self.max_steps is not None:
             raise ValueError("give epochs or max_steps, not both (on the command line: --set train.epochs=null)")
+        if self.eval_samples and self.eval_steps is None:
+            raise ValueError("eval_samples are generated at each in-training evaluation; set eval_steps too")
         return self
 
 
@@ -638,6 +661,14 @@ class Recipe(Section):
         ):
             raise ValueError(
                 "quantization.compute_dtype is 16-bit but model.dtype is float32; use the same dtype for both"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_training_samples(self) -> Recipe:
+        if self.train.eval_samples and self.data.format == "text":
+            raise ValueError(
+                "train.eval_samples: format text has no prompts to answer; remove it (held-out loss is logged anyway)"
             )
         return self
 
