@@ -468,8 +468,12 @@ class EvalSection(Section):
         default=None,
         description="General text for the forgetting check (perplexity base vs tuned), e.g. data/general/eval.jsonl.",
     )
-    generation: GenerationSection = Field(default_factory=GenerationSection)
-    bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)
+    generation: GenerationSection = Field(
+        default_factory=GenerationSection, description="How answers are generated for the generation metrics."
+    )
+    bootstrap: BootstrapSection = Field(
+        default_factory=BootstrapSection, description="The paired bootstrap behind every interval."
+    )
     batch_size: int = Field(
         default=8, gt=0, description="Examples per forward pass in loss evaluation (sorted by length)."
     )
@@ -631,14 +635,26 @@ class Recipe(Section):
     model: ModelSection = Field(
         description="The base model: model.name_or_path (hub id or local folder) and its revision."
     )
-    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
-    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    quantization: QuantizationSection = Field(
+        default_factory=QuantizationSection, description="Load the base quantised (QLoRA: 4bit) or not (default)."
+    )
+    adapter: AdapterSection = Field(
+        default_factory=AdapterSection, description="The adapter trained on the frozen base: LoRA and its variants."
+    )
     data: DataSection = Field(description="The training data: data.train (file, folder or hub id) and its format.")
-    train: TrainSection = Field(default_factory=TrainSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
-    output: OutputSection = Field(default_factory=OutputSection)
+    train: TrainSection = Field(
+        default_factory=TrainSection, description="The optimisation: steps or epochs, batches, learning rate, logging."
+    )
+    eval: EvalSection = Field(
+        default_factory=EvalSection,
+        description="Base vs adapter on held-out data: metrics, the forgetting check, generation, intervals, gates.",
+    )
+    output: OutputSection = Field(default_factory=OutputSection, description="Where the run directory goes.")
     hub: HubSection = Field(default_factory=HubSection, description="Where `sovtune push` publishes the adapter.")
-    sovereignty: SovereigntySection = Field(default_factory=SovereigntySection)
+    sovereignty: SovereigntySection = Field(
+        default_factory=SovereigntySection,
+        description="Offline mode, allowed endpoints, the audit log, the data scan and the licence allow-list.",
+    )
     # Where the recipe came from: relative input paths resolve against `base_dir`.
     source_path: str | None = Field(default=None, exclude=True, description="(internal) the recipe file.")
 
