@@ -284,7 +284,7 @@ def test_evaluation_scores_the_constant_baseline_of_every_generation_metric(make
     ("gates", "message"),
     [
         ({"loss": {"beats_constant": True}}, "beats_constant applies to metrics of generated text"),
-        ({"perplexity": {"beats_constant": True}}, "perplexity is not one"),
+        ({"perplexity": {"beats_constant": True}}, "perplexity is not one; remove it or gate a generation metric"),
     ],
 )
 def test_beats_constant_is_refused_on_metrics_without_generated_text(

@@ -111,7 +111,9 @@ class Report:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # every prediction: eval_predictions.jsonl
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: distinct outputs, the most frequent
-    recipe: dict[str, Any] = field(default_factory=dict)  # the recipe evaluated (secrets redacted): what compare diffs
+    recipe: dict[str, Any] = field(
+        default_factory=dict
+    )  # the settings evaluated (secrets redacted): compare diffs them
 
     @property
     def passed(self) -> bool:
@@ -318,10 +320,15 @@ def build_report(recipe: Recipe, outcomes: Sequence[Any], adapter_dir: Path, sec
     )
 
 
+# What shapes the results; where the run went and where it may be published (hub, sovereignty, output) are left
+# out of report.json, which is published with the adapter.
+_RESULT_SECTIONS = ("schema_version", "model", "quantization", "adapter", "data", "train", "eval")
+
+
 def recipe_record(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as evaluated (after --set), secrets redacted, as plain data."""
+    """The settings the report was made with (after --set), secrets redacted, as plain data: what compare diffs."""
     recorded = yaml.safe_load(recipe.to_yaml())
-    return recorded if isinstance(recorded, dict) else {}
+    return {key: recorded[key] for key in _RESULT_SECTIONS if isinstance(recorded, dict) and key in recorded}
 
 
 def pick_samples(outcomes: Sequence[Any], count: int) -> list[dict[str, Any]]:

@@ -534,7 +534,8 @@ class EvalSection(Section):
             if gate.beats_constant and not self.is_generation_metric(dataset_name, metric):
                 raise ValueError(
                     f"gate {key!r}: beats_constant applies to metrics of generated text "
-                    f"({', '.join(GENERATION_METRICS)} or a user metric); {metric} is not one"
+                    f"({', '.join(GENERATION_METRICS)} or a user metric) and {metric} is not one; remove it or gate a "
+                    "generation metric"
                 )
             higher = self.higher_is_better(dataset_name, metric)
             wrong = ["max_increase", "max_value"] if higher else ["min_value"]
