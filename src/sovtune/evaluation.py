@@ -13,6 +13,7 @@ import logging
 import random
 import re
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -572,7 +573,7 @@ def run_suite(model: Any, tokenizer: Any, suite: Suite, recipe: Recipe) -> Suite
     loss_metrics = [metric for metric in suite.metrics if metric in LOSS_METRICS]
     if loss_metrics:
         started = time.perf_counter()
-        sequences = [item.tokens for item in suite.items if item.tokens is not None]
+        sequences = [item.tokens for item in suite.items]  # every item of a loss suite has tokens
         sums = {
             name: teacher_forced_sums(model, sequences, settings.batch_size, context).grouped(owners, len(documents))
             for name, context in both_models(model)
@@ -633,8 +634,6 @@ def output_diversity(predictions: dict[str, list[str]]) -> dict[str, Any]:
 
     Ties go to the answer seen first, so the choice is deterministic.
     """
-    from collections import Counter
-
     text, count = Counter(predictions["tuned"]).most_common(1)[0]
     return {
         "n": len(predictions["tuned"]),

@@ -111,9 +111,8 @@ class Report:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # every prediction: eval_predictions.jsonl
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: distinct outputs, the most frequent
-    recipe: dict[str, Any] = field(
-        default_factory=dict
-    )  # the settings evaluated (secrets redacted): compare diffs them
+    # The settings the report was made with (secrets redacted): what compare diffs between runs.
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
