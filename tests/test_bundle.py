@@ -115,7 +115,7 @@ def test_added_and_removed_members_are_reported(run, tmp_path: Path) -> None:
         info = tarfile.TarInfo("bund/adapter/evil.py")
         info.size = 4
         tar.addfile(info, io.BytesIO(b"pass"))
-    with pytest.raises(verification.VerifyFailed, match="not listed in the checksums: adapter/evil.py"):
+    with pytest.raises(verification.VerifyFailed, match="not recorded in the manifest: adapter/evil.py"):
         pipeline.verify(extra)
 
 

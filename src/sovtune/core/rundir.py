@@ -7,6 +7,7 @@ to run code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from sovtune.core.files import atomic_write_json, atomic_write_text
 from sovtune.errors import SovtuneError
 
 REPORT_KIND = "sovtune.eval-report"
+RECIPE_SECTIONS = ("model", "quantization", "adapter", "data", "train", "eval", "output", "hub", "sovereignty")
 REPORT_SCHEMA_VERSION = 1
 
 
@@ -53,6 +55,7 @@ class RunDir:
     ADAPTER = "adapter"
     ADAPTER_CONFIG = "adapter_config.json"
     CHECKPOINTS = "checkpoints"
+    TRAINING_ARGS = "training_args.json"  # in each checkpoint, instead of the trainer's pickled training_args.bin
     LOGS = "logs"
     TRAIN_LOG = "train_log.jsonl"  # inside logs/
 
@@ -122,9 +125,11 @@ class RunDir:
         """A JSON object the run recorded; None when absent. A damaged file is an error, never silently skipped."""
         path = self.path / name
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
+            value = json.loads(read_run_file(path))
         except FileNotFoundError:
             return None
+        except RecursionError:
+            raise RunFileError(f"{path}: {what} nested too deeply to be one sovtune wrote; restore it") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RunFileError(
                 f"{path}: unreadable {what} ({exc}); it was damaged after it was written, restore it"
@@ -140,15 +145,21 @@ class RunDir:
         """
         path = self.path / self.RECIPE
         try:
-            value = yaml.safe_load(path.read_text(encoding="utf-8"))
+            value = yaml.safe_load(read_run_file(path))
         except FileNotFoundError:
             raise RunFileError(f"{path}: missing; is {self.path} a run directory written by `sovtune train`?") from None
+        except RecursionError:
+            raise RunFileError(f"{path}: nested too deeply to be a recorded recipe; restore it from the run") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise RunFileError(
                 f"{path}: unreadable recorded recipe ({str(exc).splitlines()[0]}); restore it from the run"
             ) from None
         if not isinstance(value, dict):
             raise RunFileError(f"{path}: not a recipe mapping; restore it from the run")
+        # Readers take each section as a mapping: a run folder from elsewhere may hold anything.
+        shapeless = sorted(key for key in RECIPE_SECTIONS if not isinstance(value.get(key) or {}, dict))
+        if shapeless:
+            raise RunFileError(f"{path}: {', '.join(shapeless)} must be a mapping of settings; restore it from the run")
         return value
 
     def manifest(self) -> dict[str, Any]:
@@ -230,14 +241,32 @@ class RunDir:
         return path
 
 
+def read_run_file(path: Path) -> str:
+    """The text of a file inside a run, never through a symbolic link: a run folder may come from elsewhere, and a
+    link in it could point at any file on this machine (FileNotFoundError when absent)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunFileError(
+                f"{path}: a symbolic link; sovtune reads a run's files only as regular files inside it, "
+                "replace the link with the file"
+            ) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read().decode("utf-8")
+
+
 def read_report(path: Path) -> dict[str, Any]:
     """A report.json (of a run, or given directly), checked to be a sovtune evaluation report of this schema."""
     try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        report = json.loads(read_run_file(Path(path)))
     except FileNotFoundError:
         raise ReportError(
             f"{path}: no report.json; evaluate the run first (sovtune eval {Path(path).parent})"
         ) from None
+    except RecursionError:
+        raise ReportError(f"{path}: nested too deeply to be a sovtune report; re-run sovtune eval") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path}: not a valid report ({exc}); re-run sovtune eval") from None
     if not isinstance(report, dict) or report.get("kind") != REPORT_KIND:

@@ -21,6 +21,7 @@ from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
 from sovtune.publish.card import build_card
 from sovtune.run.manifest import recorded_files
+from sovtune.run.verify import run_file_kind, unrecorded_adapter_files
 
 CARD = RunDir.CARD
 MANIFEST = RunDir.MANIFEST
@@ -175,6 +176,13 @@ def publish_files(run_dir: Path) -> dict[str, Path]:
     for name in RUN_FILES:
         if (run_dir / name).is_file():
             files[name] = run_dir / name
+    # Never through a symbolic link: it could publish any file of this machine (export refuses them too).
+    links = sorted(
+        {name for name in files if run_file_kind(run_dir, name) != "file"}
+        | set(unrecorded_adapter_files(run_dir, set(files))[1])
+    )
+    if links:
+        raise HubError(f"{run_dir}: {', '.join(links)}: symbolic links are not published; replace them with the files")
     if MANIFEST not in files:
         raise HubError(
             f"{run_dir / MANIFEST}: missing; a published adapter carries its manifest so `sovtune pull` can verify it "

@@ -10,15 +10,16 @@ import contextlib
 import fcntl
 import os
 import platform
+import re
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 from sovtune.config import Recipe
 from sovtune.core.files import atomic_write_json, atomic_write_text
-from sovtune.core.hashing import file_entry, now, sha256_text, tree_entries
+from sovtune.core.hashing import RUN_ROOT, file_entry, now, sha256_text, tree_entries
 from sovtune.core.rundir import ManifestError, RunDir
 from sovtune.data import data_records, hub_snapshot
 
@@ -266,21 +267,47 @@ def record_eval(
     return append_stage(run_dir, "eval", details, [Path(p) for p in files if Path(p).is_file()], started_at)
 
 
-def recorded_files(manifest: dict[str, Any]) -> dict[tuple[str, str], str]:
-    """Every file entry anywhere in the manifest, (root, path) -> sha256; a later stage's entry supersedes."""
-    found: dict[tuple[str, str], str] = {}
+def recorded_files(manifest: Any) -> dict[tuple[str, str], str]:
+    """Every file entry anywhere in the manifest, (root, path) -> sha256; a later stage's entry supersedes.
 
-    def walk(node: Any) -> None:
+    A manifest may come from elsewhere (a bundle, a pulled repository, a run folder someone sent): it must be an
+    object, its entries well-formed, and a run file's path must stay inside the run (relative, no `..`). Walked with
+    a stack, not recursion, so no nesting depth makes it crash.
+    """
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{MANIFEST}: must be a JSON object, found {type(manifest).__name__}; restore it")
+    found: dict[tuple[str, str], str] = {}
+    # Depth first, in document order: stages are walked after the rest, so their entries supersede.
+    pending: list[Any] = [manifest.get("stages", []), {k: v for k, v in manifest.items() if k != "stages"}]
+    while pending:
+        node = pending.pop()
         if isinstance(node, dict):
             if {"path", "root", "sha256"} <= node.keys() and node["sha256"]:
-                found[(node["root"], node["path"])] = node["sha256"]
-                return
-            for value in node.values():
-                walk(value)
+                root, path = _checked_entry(node)
+                found[(root, path)] = node["sha256"]
+                continue
+            pending.extend(reversed(list(node.values())))
         elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk({key: value for key, value in manifest.items() if key != "stages"})
-    walk(manifest.get("stages", []))
+            pending.extend(reversed(node))
     return found
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked_entry(entry: dict[str, Any]) -> tuple[str, str]:
+    root, path, digest = entry["root"], entry["path"], entry["sha256"]
+    shown = repr(path)[:120]
+    if not (isinstance(root, str) and isinstance(path, str) and isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        raise ManifestError(
+            f"{MANIFEST}: file entry {shown} is not a path, root and SHA-256 as sovtune writes them; "
+            "restore the manifest"
+        )
+    if root == RUN_ROOT:
+        parts = PurePosixPath(path).parts
+        if not parts or path.startswith("/") or "\\" in path or ".." in parts or "." in path.split("/"):
+            raise ManifestError(
+                f"{MANIFEST}: run file {shown} is not a path inside the run; a manifest records run files relative to "
+                "the run folder, restore it"
+            )
+    return root, path
