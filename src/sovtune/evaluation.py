@@ -154,13 +154,15 @@ def evaluate(
     held_out: HeldOut | None = None,
     out_dir: str | Path | None = None,
     overwrite: bool = False,
+    allow_pickle_adapter: bool = False,
 ) -> Any:
     """Evaluate the adapter against its base; write report.json/md/png and eval_predictions.jsonl.
 
     The report goes into `out_dir`, by default the run directory; a report already there is replaced only with
     `overwrite` (checked before any model loads). `held_out` names the rows of the recipe's held-out split (what
     training recorded); without it the split is made again from the data. Raises GateFailed (exit 3, with the report
-    as `.report`) after the report is written when a gate in `eval.gates` fails.
+    as `.report`) after the report is written when a gate in `eval.gates` fails. `allow_pickle_adapter`: the command
+    line's --allow-pickle-weights (safetensors only otherwise).
     """
     recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
     run_dir = Path(run_dir) if run_dir is not None else recipe.run_dir
@@ -170,11 +172,12 @@ def evaluate(
             f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or point --adapter at a peft adapter"
         )
     target = Path(out_dir) if out_dir is not None else run_dir
+    models.check_adapter_files(adapter_dir, allow_pickle_adapter)
     # No second writer of the report's folder meanwhile (a training with --overwrite, another eval).
     with RunLock(target, enabled=write):
         if write:
             refuse_existing_report(target, overwrite)
-        return _evaluate(recipe, run_dir, adapter_dir, target if write else None, held_out)
+        return _evaluate(recipe, run_dir, adapter_dir, target if write else None, held_out, allow_pickle_adapter)
 
 
 class ReportExists(SovtuneError):
@@ -193,12 +196,19 @@ def refuse_existing_report(target: Path, overwrite: bool) -> None:
         )
 
 
-def _evaluate(recipe: Recipe, run_dir: Path, adapter_dir: Path, target: Path | None, held_out: HeldOut | None) -> Any:
+def _evaluate(
+    recipe: Recipe,
+    run_dir: Path,
+    adapter_dir: Path,
+    target: Path | None,
+    held_out: HeldOut | None,
+    allow_pickle: bool = False,
+) -> Any:
     started, started_at = time.perf_counter(), now()
     tokenizer = models.load_adapter_tokenizer(recipe, adapter_dir)
     suites = prepare_suites(recipe, tokenizer, held_out)
     try:
-        model = models.load_adapted_model(recipe, tokenizer, adapter_dir)
+        model = models.load_adapted_model(recipe, tokenizer, adapter_dir, allow_pickle)
         check_context(getattr(model.config.get_text_config(), "max_position_embeddings", None), suites, recipe)
         outcomes = [run_suite(model, tokenizer, suite, recipe) for suite in suites]
     finally:

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from sovtune import model as models
-from sovtune.config import Recipe, load_run_recipe
+from sovtune.config import Recipe, RunOptIns, load_run_recipe
 from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
+from sovtune.run.verify import verify_before_loading
 
 
 class RunNotFound(SovtuneError):
@@ -24,23 +25,42 @@ class LoadedRun:
     model: Any  # a PeftModel: `with model.disable_adapter():` gives the base
 
 
-def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
-    """The run's resolved recipe, its tokenizer (with the trained chat template) and base + adapter."""
+def load_run(
+    run_dir: Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    opt_ins: RunOptIns = RunOptIns(),
+    verify: bool = True,
+) -> LoadedRun:
+    """The run's resolved recipe, its tokenizer (with the trained chat template) and base + adapter.
+
+    The run folder is data: its files must match its manifest first (`verify`, the command line's --no-verify turns
+    it off), and what its recipe may run or unpickle is what `opt_ins` allow.
+    """
     run = RunDir(run_dir)
     if not (run / RunDir.RECIPE).is_file():
         raise RunNotFound(f"{run_dir}: no recipe.yaml; is this a run directory? (sovtune train writes one)")
     if not run.has_adapter():
         raise RunNotFound(f"{run_dir}: no trained adapter in {run.adapter_dir}; run sovtune train first")
-    recipe = load_run_recipe(run.path, overrides)
+    if verify:
+        verify_before_loading(run.path)
+    recipe = load_run_recipe(run.path, overrides, opt_ins=opt_ins)
+    models.check_adapter_files(run.adapter_dir, opt_ins.allow_pickle_weights)
     tokenizer = models.load_adapter_tokenizer(recipe, run.adapter_dir)
-    model = models.load_adapted_model(recipe, tokenizer, run.adapter_dir)
+    model = models.load_adapted_model(recipe, tokenizer, run.adapter_dir, opt_ins.allow_pickle_weights)
     return LoadedRun(recipe=recipe, tokenizer=tokenizer, model=model)
 
 
 def render_prompt(run: LoadedRun, messages: list[dict[str, str]]) -> str:
     """The text generation starts from, as in training: chat template for chat formats, raw text otherwise."""
     if run.recipe.data.format in ("messages", "instruction"):
-        return run.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return run.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template may raise anything; jinja2's sandbox raises SecurityError
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise RunNotFound(
+                f"{run.recipe.run_dir}/adapter: the chat template saved with the adapter failed ({first}); "
+                "restore the run's tokenizer files"
+            ) from None
     return messages[-1]["content"]
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from sovtune import model as models
-from sovtune.config import load_run_recipe
+from sovtune.config import RunOptIns, load_run_recipe
 from sovtune.core.files import atomic_write_json, fsync_tree, replace_dir, temporary_sibling
 from sovtune.core.hashing import now, sha256_file, tree_entries
 from sovtune.core.rundir import RunDir
 from sovtune.errors import DataError, SovtuneError
 from sovtune.inputs import prepare_recipe_data
+from sovtune.run.verify import verify_before_loading
 
 MERGE_REPORT = "sovtune_merge.json"
 MAX_TOKENS = 128
@@ -80,9 +81,18 @@ def merge_dtype(choice: str = "auto") -> str:
 
 
 def merge(
-    run_dir: str | Path, out_dir: str | Path, dtype: str = "auto", examples: int = 4, overwrite: bool = False
+    run_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "auto",
+    examples: int = 4,
+    overwrite: bool = False,
+    opt_ins: RunOptIns = RunOptIns(),
+    verify: bool = True,
 ) -> MergeResult:
-    """Load base (unquantised) + adapter, compare logits before and after `merge_and_unload`, then write atomically."""
+    """Load base (unquantised) + adapter, compare logits before and after `merge_and_unload`, then write atomically.
+
+    The run folder is data: verified against its manifest first (unless not `verify`), its recipe held to `opt_ins`.
+    """
     import torch
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -91,7 +101,10 @@ def merge(
     _check_paths(run_dir, adapter_dir, out_dir, overwrite)
     if dtype not in ("auto", *RTOL):
         raise MergeError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
-    recipe = load_run_recipe(run_dir)
+    if verify:
+        verify_before_loading(run_dir)
+    recipe = load_run_recipe(run_dir, opt_ins=opt_ins)
+    models.check_adapter_files(adapter_dir, opt_ins.allow_pickle_weights)
     chosen = merge_dtype(dtype)
     if chosen == "float16" and not torch.cuda.is_available():
         raise MergeError("--dtype float16 needs a CUDA GPU (fp16 matmuls are not supported on the CPU); use float32")
@@ -100,7 +113,7 @@ def merge(
     base = models.load_base_model(recipe, tokenizer, quantize=False)
     if torch.cuda.is_available():
         base = base.to(models.device())
-    adapted = models.load_adapter(base, adapter_dir)
+    adapted = models.load_adapter(base, adapter_dir, allow_pickle=opt_ins.allow_pickle_weights)
     adapted.eval()
     batch, source = held_out_batch(recipe, tokenizer, examples)
     with torch.no_grad():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from pathlib import Path
+import pickle
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from sovtune.config import Recipe
@@ -178,29 +180,95 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def check_weight_files(recipe: Recipe) -> None:
-    """A local model folder with pickle weights only is refused unless the recipe opts in.
+    """Safetensors only, unless the recipe opts in (`model.allow_pickle_weights`): a pickle can run any code.
 
-    Unpickling runs arbitrary code; safetensors cannot. (Hub models are held to the same rule by
-    `use_safetensors=True` in model.load_base_model.)
+    `use_safetensors=True` alone does not hold: transformers loads whatever file config.json names in
+    `transformers_weights`, and every shard a safetensors index names, .bin shards included (through torch.load).
+    So the files transformers will pick are checked first, in its order: `transformers_weights`, model.safetensors,
+    then the index, each shard of which must be a .safetensors file inside the model folder. Local folders and hub
+    repositories (whose config and index transformers fetches anyway) alike.
     """
-    if not recipe.model_is_local or recipe.model.allow_pickle_weights:
+    if recipe.model.allow_pickle_weights:
         return
+    local = recipe.model_is_local
     folder = Path(recipe.model_location)
-    if not folder.is_dir():
+    if local and not folder.is_dir():
         return
-    names = [path.name for path in folder.iterdir() if path.is_file()]
-    if any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names):
+    config = _model_json(recipe, "config.json")
+    explicit = config.get("transformers_weights")
+    if explicit is not None:
+        if not isinstance(explicit, str) or not explicit.endswith((".safetensors", ".safetensors.index.json")):
+            raise _pickle_refused(recipe, f"has a config.json naming {str(explicit)[:80]!r} as its weights file")
+        if not explicit.endswith(".index.json"):
+            return
+        index_name = explicit
+    elif local and (folder / SAFE_WEIGHTS).is_file():
         return
-    pickles = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES) and "training_args" not in name)
-    if pickles:
-        raise ModelError(
-            f"model.name_or_path: {folder} has only pickle weights ({', '.join(pickles[:3])}), which can run "
-            "arbitrary code when loaded; convert them to safetensors, or set model.allow_pickle_weights: true "
-            "if you trust where they came from"
+    else:
+        index_name = SAFE_WEIGHTS_INDEX
+    index = _model_json(recipe, index_name)
+    if index:
+        _check_shards(recipe, index_name, index)
+    elif local:
+        names = [path.name for path in folder.iterdir() if path.is_file()]
+        pickles = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES) and "training_args" not in name)
+        if pickles and not any(name.endswith(".safetensors") for name in names):
+            raise _pickle_refused(recipe, f"has only pickle weights ({', '.join(pickles[:3])})")
+
+
+def _check_shards(recipe: Recipe, index_name: str, index: dict[str, Any]) -> None:
+    weight_map = index.get("weight_map")
+    where = f"{recipe.model_location}/{index_name}"
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ModelError(f"model.name_or_path: {where} has no weight_map of file names; it is not a valid index")
+    for shard in sorted(set(weight_map.values())):
+        parts = PurePosixPath(shard).parts
+        if not shard.endswith(".safetensors") or shard.startswith("/") or ".." in parts or "\\" in shard:
+            raise _pickle_refused(
+                recipe, f"has a {index_name} naming the shard {shard[:80]!r}, not a .safetensors file in the folder"
+            )
+
+
+def _pickle_refused(recipe: Recipe, what: str) -> ModelError:
+    return ModelError(
+        f"model.name_or_path: {recipe.model_location} {what}; pickle weights can run arbitrary code when loaded: "
+        "convert them to safetensors, or set model.allow_pickle_weights: true if you trust where they came from"
+    )
+
+
+def _model_json(recipe: Recipe, name: str) -> dict[str, Any]:
+    """A JSON file of the base model (local folder, or fetched as from_pretrained would); {} when there is none."""
+    from transformers.utils.hub import cached_file
+
+    revision = None if recipe.model_is_local else recipe.model.revision
+    try:
+        path = cached_file(
+            recipe.model_location,
+            name,
+            revision=revision,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            _raise_exceptions_for_gated_repo=False,
         )
+    except OSError:  # unreachable or unknown: from_pretrained says so in its own words
+        return {}
+    if path is None:
+        return {}
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(
+            f"model.name_or_path: {recipe.model_location}/{name} is not valid JSON ({str(exc)[:120]}); "
+            "the model files are damaged, fetch them again"
+        ) from None
+    if not isinstance(value, dict):
+        raise ModelError(f"model.name_or_path: {recipe.model_location}/{name} is not a JSON object; fetch it again")
+    return value
 
 
 def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool = True) -> Any:
@@ -334,14 +402,61 @@ def check_target_modules(model: Any, recipe: Recipe) -> None:
         raise ModelError(f"adapter.modules_to_save: {missing_saved} not found in {type(model).__name__}")
 
 
-def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = False) -> Any:
-    """A saved adapter on top of a base model, with plain peft."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+
+
+def check_adapter_files(adapter_dir: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """The adapter folder is input (a run folder, bundle or pulled repository may come from anywhere): a LoRA
+    config as sovtune writes it, and weights in safetensors (peft falls back to unpickling adapter_model.bin when
+    there is none). `allow_pickle`: the command line's --allow-pickle-weights. Returns the config."""
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / RunDir.ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise ModelError(f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or give --adapter")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{config_path}: not a valid adapter config ({str(exc)[:120]}); restore it") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ModelError(
+            f"{config_path}: peft_type {str(found)[:40]!r}; sovtune loads LoRA adapters (lora, dora, rslora) only"
+        )
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        if not (adapter_dir / ADAPTER_PICKLE).is_file():
+            raise ModelError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}; the adapter was not saved completely")
+        if not allow_pickle:
+            raise ModelError(
+                f"{adapter_dir / ADAPTER_PICKLE}: pickle weights and no {ADAPTER_WEIGHTS}; a pickle can run arbitrary "
+                "code when loaded: convert it to safetensors, or pass --allow-pickle-weights if you trust where it "
+                "came from"
+            )
+    return config
+
+
+def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = False, allow_pickle: bool = False) -> Any:
+    """A saved adapter on top of a base model, with plain peft, once its files passed `check_adapter_files`."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / RunDir.ADAPTER_CONFIG).is_file():
-        raise ModelError(f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or give --adapter")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    check_adapter_files(adapter_dir, allow_pickle)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        log.warning("loading the pickle weights %s (--allow-pickle-weights)", adapter_dir / ADAPTER_PICKLE)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except pickle.UnpicklingError:  # --allow-pickle-weights: torch's weights-only unpickler still refuses code
+        raise ModelError(
+            f"{adapter_dir}: the pickle weights hold more than tensors (torch's weights-only unpickler refused them); "
+            "they were not written by a training run: do not use this adapter"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        raise ModelError(
+            f"{adapter_dir}: the adapter cannot be loaded onto {model.config.name_or_path or 'the base model'} "
+            f"({first}); it is damaged or was trained on another base"
+        ) from None
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -354,6 +469,8 @@ def load_adapter_tokenizer(recipe: Recipe, adapter_dir: Path) -> Any:
     """The tokenizer the adapter was trained with (saved next to it), else the recipe's.
 
     Using the saved one avoids a chat template or added pad token that differs between training and evaluation.
+    trust_remote_code is passed explicitly: left unset, transformers asks on stdin whether to run a tokenizer's
+    `auto_map` code, and a piped "y" (sovtune chat reads stdin) would answer it.
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "tokenizer_config.json").is_file():
@@ -361,21 +478,31 @@ def load_adapter_tokenizer(recipe: Recipe, adapter_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded ({exc})") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        hint = ""
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            hint = (
+                "; it asks to run code shipped with it (auto_map), which needs model.trust_remote_code: true in the "
+                "recipe and --trust-remote-code on the command line"
+            )
+        raise ModelError(
+            f"{adapter_dir}: the tokenizer saved with the adapter cannot be loaded ({first}){hint}"
+        ) from None
     if getattr(tokenizer, "chat_template", None) is None and recipe.data.chat_template:
         tokenizer.chat_template = read_chat_template(recipe)
     ensure_pad_token(tokenizer)
     return tokenizer
 
 
-def load_adapted_model(recipe: Recipe, tokenizer: Any, adapter_dir: Path) -> Any:
+def load_adapted_model(recipe: Recipe, tokenizer: Any, adapter_dir: Path, allow_pickle_adapter: bool = False) -> Any:
     """Base + saved adapter in eval mode, on this process's device: what evaluation, generate and chat run."""
+    check_adapter_files(adapter_dir, allow_pickle_adapter)  # before the base is loaded: refusals come in seconds
     base = load_base_model(recipe, tokenizer)
     # Quantised weights are placed by their device map when loaded (and bitsandbytes models refuse `.to`).
     if getattr(base, "hf_device_map", None) is None and not getattr(base, "is_quantized", False):
         base.to(device())
-    peft_model = load_adapter(base, adapter_dir)
+    peft_model = load_adapter(base, adapter_dir, allow_pickle=allow_pickle_adapter)
     peft_model.eval()
     return peft_model

@@ -159,6 +159,30 @@ def init(
 
 
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory (runs/<name>).", show_default=False)]
+# A run folder (or bundle, or pulled repository) is data: what its recorded recipe may run or unpickle, the command
+# line decides. Without these flags such a setting is refused with one line naming the flag.
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Let the run's recipe (model.trust_remote_code) run code shipped with the model or tokenizer; "
+        "only for code you have reviewed.",
+    ),
+]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle-weights",
+        help="Let the run's recipe (model.allow_pickle_weights) or adapter load .bin/.pt pickle weights, "
+        "which can run arbitrary code.",
+    ),
+]
+NoVerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify", help="Load the run although its files no longer match manifest.json (default: refuse)."
+    ),
+]
 
 
 @app.command()
@@ -167,9 +191,21 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="The user message (or raw prompt for text formats).")],
     base: Annotated[bool, typer.Option("--base", help="Also show the base model's answer.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle_weights: AllowPickleOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Generate one answer with the trained adapter (greedy)."""
-    guarded(lambda: bodies().generate(run_dir, prompt, base, max_new_tokens))
+    guarded(
+        lambda: bodies().generate(
+            run_dir,
+            prompt,
+            base,
+            max_new_tokens,
+            bodies().opt_ins(trust_remote_code, allow_pickle_weights),
+            not no_verify,
+        )
+    )
 
 
 @app.command()
@@ -177,9 +213,16 @@ def chat(
     run_dir: RunDirArg,
     base: Annotated[bool, typer.Option("--base", help="Show the base model's answer beside the adapter's.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle_weights: AllowPickleOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Interactive chat with the adapter, using the chat template it was trained with. Empty line or Ctrl-D ends."""
-    guarded(lambda: bodies().chat(run_dir, base, max_new_tokens))
+    guarded(
+        lambda: bodies().chat(
+            run_dir, base, max_new_tokens, bodies().opt_ins(trust_remote_code, allow_pickle_weights), not no_verify
+        )
+    )
 
 
 @app.command("eval")
@@ -201,10 +244,33 @@ def eval_(
         bool, typer.Option("--overwrite", help="Replace a report already in RUN_DIR (or in --out).")
     ] = False,
     offline: OfflineOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle_weights: AllowPickleOpt = False,
+    allow_user_metrics: Annotated[
+        bool,
+        typer.Option(
+            "--allow-user-metrics",
+            help="Let the run's recipe (eval.datasets[].user_metrics) import and run its Python metric files.",
+        ),
+    ] = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Evaluate base vs adapter on the held-out data: report.json/md/png and eval_predictions.jsonl in RUN_DIR (or
     --out); an existing report is kept unless --overwrite. Exit 3 if a gate fails."""
-    guarded(lambda: bodies().evaluate_run(run_dir, adapter, base, recipe, overrides, out, overwrite, offline))
+    guarded(
+        lambda: bodies().evaluate_run(
+            run_dir,
+            adapter,
+            base,
+            recipe,
+            overrides,
+            out,
+            overwrite,
+            offline,
+            bodies().opt_ins(trust_remote_code, allow_pickle_weights, allow_user_metrics),
+            not no_verify,
+        )
+    )
 
 
 @app.command()
@@ -290,9 +356,22 @@ def merge(
     ] = "auto",
     examples: Annotated[int, typer.Option("--examples", min=1, help="Held-out examples for the logits check.")] = 4,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT folder.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle_weights: AllowPickleOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Merge the adapter into its base (a QLoRA base is reloaded unquantised); written only if the logits match."""
-    guarded(lambda: bodies().merge(run_dir, out, dtype, examples, overwrite))
+    guarded(
+        lambda: bodies().merge(
+            run_dir,
+            out,
+            dtype,
+            examples,
+            overwrite,
+            bodies().opt_ins(trust_remote_code, allow_pickle_weights),
+            not no_verify,
+        )
+    )
 
 
 @app.command()

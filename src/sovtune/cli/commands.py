@@ -18,7 +18,7 @@ from sovtune import plan as planner
 from sovtune.audit import audited
 from sovtune.cli.render import LogToConsole, comparison, doctor_rows, memory_plan, preflight_report
 from sovtune.cli.terminal import console, err_console
-from sovtune.config import Recipe, load_recipe, load_run_recipe
+from sovtune.config import Recipe, RunOptIns, load_recipe, load_run_recipe
 from sovtune.core.hashing import sha256_file
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process
@@ -32,6 +32,7 @@ from sovtune.publish.bundle import export as export_bundle
 from sovtune.publish.hub import pull as pull_adapter
 from sovtune.publish.hub import push_run
 from sovtune.report import compare as compare_runs
+from sovtune.run.verify import verify_before_loading
 from sovtune.starter import starter_recipe, write_starter
 
 
@@ -54,11 +55,17 @@ def go_offline(loaded: Recipe, flag: bool) -> Recipe:
     return loaded
 
 
+def opt_ins(trust_remote_code: bool, allow_pickle_weights: bool, allow_user_metrics: bool = False) -> RunOptIns:
+    """What the command line lets a run folder's recipe do (a run folder is data: by default, nothing)."""
+    return RunOptIns(trust_remote_code, allow_pickle_weights, allow_user_metrics)
+
+
 def run_recipe(run_dir: Path) -> Recipe | None:
     """The recipe a run saved, for the audit record (its hash, data hashes and audit-log setting); None if
-    unreadable."""
+    unreadable. Read for the record only, so its opt-in settings are let through: nothing it names is run."""
     try:
-        return load_run_recipe(run_dir) if (RunDir(run_dir) / RunDir.RECIPE).is_file() else None
+        recorded = RunOptIns(trust_remote_code=True, allow_pickle_weights=True, allow_user_metrics=True)
+        return load_run_recipe(run_dir, opt_ins=recorded) if (RunDir(run_dir) / RunDir.RECIPE).is_file() else None
     except SovtuneError:
         return None
 
@@ -107,16 +114,18 @@ def init(
     console.print(f"wrote [bold]{path}[/]; next: sovtune check {path}")
 
 
-def generate(run_dir: Path, prompt: str, base: bool, max_new_tokens: int) -> None:
-    loaded = load_run(run_dir)
+def generate(
+    run_dir: Path, prompt: str, base: bool, max_new_tokens: int, opt_ins: RunOptIns, verify_first: bool
+) -> None:
+    loaded = load_run(run_dir, opt_ins=opt_ins, verify=verify_first)
     text = render_prompt(loaded, [{"role": "user", "content": prompt}])
     console.print(f"[bold]adapter:[/] {complete(loaded, text, max_new_tokens)}", highlight=False)
     if base:
         console.print(f"[bold]base:[/]    {complete(loaded, text, max_new_tokens, use_adapter=False)}", highlight=False)
 
 
-def chat(run_dir: Path, base: bool, max_new_tokens: int) -> None:
-    loaded = load_run(run_dir)
+def chat(run_dir: Path, base: bool, max_new_tokens: int, opt_ins: RunOptIns, verify_first: bool) -> None:
+    loaded = load_run(run_dir, opt_ins=opt_ins, verify=verify_first)
     history: list[dict[str, str]] = []
     console.print("chat with the adapter; an empty line or Ctrl-D ends")
     for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: console.input("[bold]you:[/] "), ""):
@@ -143,14 +152,29 @@ def evaluate_run(
     out: Path | None,
     overwrite: bool,
     offline: bool,
+    opt_ins: RunOptIns,
+    verify_first: bool,
 ) -> None:
     target = out if out is not None else run_dir
     with audited("eval", destination=str(target)) as event:
         extra = [f"model.name_or_path={base}"] if base is not None else []
-        loaded = event["recipe"] = go_offline(load_run_recipe(run_dir, [*(overrides or []), *extra], recipe), offline)
+        overrides = [*(overrides or []), *extra]
+        loaded = load_run_recipe(run_dir, overrides, recipe, opt_ins=opt_ins, evaluates=True)
+        if verify_first and adapter is None:  # the run's own adapter: it must match the run's manifest
+            # A run written by `sovtune train` has one; an adapter saved by other tools, evaluated with --recipe, not.
+            verify_before_loading(run_dir, manifest_required=recipe is None)
+        loaded = event["recipe"] = go_offline(loaded, offline)
         # The held-out rows training recorded, unless the adapter is evaluated with another recipe.
         held_out = HeldOut.from_run(run_dir) if recipe is None else None
-        evaluate(loaded, run_dir=run_dir, adapter_dir=adapter, held_out=held_out, out_dir=out, overwrite=overwrite)
+        evaluate(
+            loaded,
+            run_dir=run_dir,
+            adapter_dir=adapter,
+            held_out=held_out,
+            out_dir=out,
+            overwrite=overwrite,
+            allow_pickle_adapter=opt_ins.allow_pickle_weights,
+        )
     console.print(f"report written to [bold]{target / RunDir.REPORT_MD}[/]")
 
 
@@ -190,9 +214,13 @@ def export(run_dir: Path, bundle: Path) -> None:
     )
 
 
-def merge(run_dir: Path, out: Path, dtype: str, examples: int, overwrite: bool) -> None:
+def merge(
+    run_dir: Path, out: Path, dtype: str, examples: int, overwrite: bool, opt_ins: RunOptIns, verify_first: bool
+) -> None:
     with audited("merge", run_recipe(run_dir), destination=str(out)) as event:
-        result = merge_adapter(run_dir, out, dtype=dtype, examples=examples, overwrite=overwrite)
+        result = merge_adapter(
+            run_dir, out, dtype=dtype, examples=examples, overwrite=overwrite, opt_ins=opt_ins, verify=verify_first
+        )
         event["details"]["check"] = result.report["check"]
     console.print(result.check.describe(), highlight=False)
     console.print(f"merged model written to [bold]{result.out_dir}[/]", highlight=False)

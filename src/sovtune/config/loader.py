@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -290,15 +291,26 @@ def _yaml_kind(value: Any) -> str:
     return "nothing" if value is None else f"{type(value).__name__} {value!r}"
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, merge (`extends:`), override (`--set`), interpolate and validate a recipe file."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), recorded: bool = False) -> Recipe:
+    """Read, merge (`extends:`), override (`--set`), interpolate and validate a recipe file.
+
+    `recorded`: the resolved recipe a run directory holds. It was resolved when the run started, so it is read as
+    literal values: no ${ENV} is interpolated (a run folder from elsewhere must not pull this machine's secrets into
+    its fields) and no `extends:` is followed.
+    """
     path = Path(path)
     located = _Located()
-    data = _read_with_extends(path, located)
+    data = _read_yaml(path, located) if recorded else _read_with_extends(path, located)
+    if recorded and "extends" in data:
+        raise RecipeError(
+            f"{path}:{located.where[('extends',)][1]}: a run's recorded recipe is already resolved and has no extends; "
+            "restore recipe.yaml from the run"
+        )
     for item in overrides:
         parts, value = _parse_override(item)
         _apply_override(data, parts, value, located)
-    data = _interpolate(data, (), located)
+    if not recorded:
+        data = _interpolate(data, (), located)
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem))
     data.setdefault("source_path", str(path.resolve()))
     return validate_recipe(data, located)
@@ -315,12 +327,76 @@ def validate_recipe(data: dict[str, Any], located: _Located | None = None) -> Re
         raise RecipeError(first + more) from None
 
 
+@dataclass(frozen=True)
+class RunOptIns:
+    """What the command line lets a run directory's recorded recipe do.
+
+    A run folder, bundle or pulled repository is data: its recipe.yaml travels with it, so the settings in it that
+    run code or unpickle take effect only when the person at the command line opts in with the flag named in
+    OPT_IN_FLAGS. Without it the command refuses, naming the flag.
+    """
+
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # also lets a received adapter's .bin weights load
+    allow_user_metrics: bool = False
+
+
+OPT_IN_FLAGS = {
+    "trust_remote_code": "--trust-remote-code",
+    "allow_pickle_weights": "--allow-pickle-weights",
+    "allow_user_metrics": "--allow-user-metrics",
+}
+
+
 def load_run_recipe(
-    run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), recipe_path: Path | None = None
+    run_dir: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    recipe_path: Path | None = None,
+    opt_ins: RunOptIns = RunOptIns(),
+    evaluates: bool = False,
 ) -> Recipe:
     """The recipe of a run directory: the resolved recipe it recorded, or `recipe_path` when given (an adapter trained
-    elsewhere); its output.dir is the run directory."""
-    path = Path(recipe_path) if recipe_path is not None else RunDir(run_dir) / RunDir.RECIPE
+    elsewhere); its output.dir is the run directory.
+
+    The recorded recipe is checked against `opt_ins` (see RunOptIns); its user metrics only when the command
+    `evaluates` (other commands never import them). A recipe given as `recipe_path` is the user's own and loads as
+    any recipe does.
+    """
+    if recipe_path is not None:
+        if not Path(recipe_path).is_file():
+            raise RecipeError(
+                f"{recipe_path}: no recipe found; pass --recipe RECIPE (the recipe the adapter was trained with)"
+            )
+        return load_recipe(recipe_path, [*overrides, f"output.dir={run_dir}"])
+    path = RunDir(run_dir) / RunDir.RECIPE
+    if path.is_symlink():
+        raise RecipeError(
+            f"{path}: a symbolic link; a run's recorded recipe is read only as a regular file inside the run, "
+            "replace the link with the file (or pass --recipe RECIPE)"
+        )
     if not path.is_file():
         raise RecipeError(f"{path}: no recipe found; pass --recipe RECIPE (the recipe the adapter was trained with)")
-    return load_recipe(path, [*overrides, f"output.dir={run_dir}"])
+    recipe = load_recipe(path, [*overrides, f"output.dir={run_dir}"], recorded=True)
+    asked = {
+        "trust_remote_code": ["model.trust_remote_code: true"] if recipe.model.trust_remote_code else [],
+        "allow_pickle_weights": ["model.allow_pickle_weights: true"] if recipe.model.allow_pickle_weights else [],
+        "allow_user_metrics": [
+            f"eval.datasets[{index}].user_metrics ({', '.join(user.module for user in dataset.user_metrics)})"
+            for index, dataset in enumerate(recipe.eval.datasets)
+            if dataset.user_metrics and evaluates
+        ],
+    }
+    for name, settings in asked.items():
+        if settings and not getattr(opt_ins, name):
+            raise RecipeError(
+                f"{path}: {'; '.join(settings)} would {_OPT_IN_EFFECT[name]}; a run folder is data and its recipe "
+                f"cannot decide that: pass {OPT_IN_FLAGS[name]} if you have reviewed it and trust it"
+            )
+    return recipe
+
+
+_OPT_IN_EFFECT = {
+    "trust_remote_code": "run code shipped with the model",
+    "allow_pickle_weights": "unpickle weights (a pickle can run any code)",
+    "allow_user_metrics": "import and run these Python files",
+}
