@@ -239,7 +239,7 @@ def test_a_planted_token_reaches_no_file_and_no_output(tiny_model_dir: Path, tmp
     run_dir = tmp_path / "runs" / "recipe"
     for name in ("recipe.yaml", "manifest.json", "report.json", "run_fingerprint.json", "train_metrics.json"):
         assert (run_dir / name).is_file(), name  # the scan below covers every kind of output
-    assert (tmp_path / "audit.jsonl").is_file() and list((run_dir / "checkpoints").glob("*/training_args.bin"))
+    assert (tmp_path / "audit.jsonl").is_file() and list((run_dir / "checkpoints").glob("*/training_args.json"))
     assert files_containing(tmp_path, [TOKEN, PASSWORD]) == [] or pytest.fail(
         "\n".join(files_containing(tmp_path, [TOKEN, PASSWORD]))
     )

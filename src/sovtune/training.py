@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sovtune import model as models
 from sovtune.config import Recipe
-from sovtune.core.files import fsync_tree, replace_dir
+from sovtune.core.files import atomic_write_text, fsync_tree, replace_dir
 from sovtune.core.hashing import now
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process, world_size
@@ -125,6 +127,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
     licence = check_licence(recipe)  # the licence gate, before any weight is downloaded
     run = RunDir(recipe.run_dir)
     checkpoint = check_run_dir(run.path, resume, overwrite)
+    if checkpoint is not None:
+        checkpoints.check_checkpoint_files(checkpoint)  # before anything in it is loaded
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_recipe_data(recipe, tokenizer)
     current = fingerprint.run_fingerprint(recipe, data)
@@ -183,6 +187,50 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
     return TrainResult(run_dir=run.path, adapter_dir=adapter_dir, metrics=metrics)
 
 
+def _trainer_class() -> Any:
+    """TRL's SFTTrainer, with checkpoints that hold no pickle a reader would have to load for the run's settings,
+    and resume errors in one line.
+
+    transformers' Trainer._save pickles the TrainingArguments into every checkpoint (training_args.bin, torch.save
+    of the whole object: reading it back means unpickling). Here they are written as training_args.json instead,
+    the same fields as text. `_save` is overridden (rather than deleting the file after each save) so a complete
+    checkpoint never holds the pickle: the trainer writes trainer_state.json, which makes a checkpoint complete,
+    after `_save` returns.
+    """
+    from transformers.trainer import TRAINING_ARGS_NAME
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):  # type: ignore[misc]
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            super()._save(output_dir, state_dict)
+            folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+            if self.args.should_save:
+                (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+                atomic_write_text(folder / RunDir.TRAINING_ARGS, self.args.to_json_string())
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            with _refused_state(checkpoint):
+                super()._load_optimizer_and_scheduler(checkpoint)
+
+        def _load_rng_state(self, checkpoint: str | None) -> None:
+            with _refused_state(checkpoint):
+                super()._load_rng_state(checkpoint)
+
+    return Trainer
+
+
+@contextlib.contextmanager
+def _refused_state(checkpoint: str | None) -> Iterator[None]:
+    """torch's weights-only unpickler refusing a checkpoint state file: one line, not a traceback."""
+    try:
+        yield
+    except pickle.UnpicklingError:  # its message advises weights_only=False: not repeated
+        raise checkpoints.CheckpointRefused(
+            f"{checkpoint}: a state file is not only tensors and plain values (torch's weights-only unpickler refused "
+            "it); the trainer did not write it: remove the checkpoint, or start without --resume"
+        ) from None
+
+
 def _jsonl_log(path: Path) -> Any:
     """Each trainer log (loss, learning rate, grad norm, eval loss) as one JSON line, readable without TensorBoard."""
     from transformers import TrainerCallback
@@ -233,11 +281,11 @@ def held_out_trainer(recipe: Recipe, tokenizer: Any, held_out: TrainingEval | No
 
     The Trainer's own loop averages per-batch means (weighted by examples, not tokens), which moves with the batch
     size and the number of processes. Every process scores the whole sample, so a sharded model (FSDP, ZeRO-3) runs
-    the same forward passes on all ranks; only the main process writes.
+    the same forward passes on all ranks; only the main process writes. Built on `_trainer_class` (checkpoints
+    without pickled training arguments).
     """
-    from trl import SFTTrainer
 
-    class HeldOutTrainer(SFTTrainer):  # type: ignore[misc]
+    class HeldOutTrainer(_trainer_class()):  # type: ignore[misc]
         def evaluate(
             self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
         ) -> dict[str, float]:

@@ -5,18 +5,26 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from sovtune.config import Recipe
 from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
+from sovtune.model import PICKLE_SUFFIXES
 from sovtune.sizes import human_bytes, optimizer_state_bytes
 
 
 class DiskSpaceError(SovtuneError):
     """Not enough free disk for the checkpoints, or the disk filled up during the run."""
+
+
+class CheckpointRefused(SovtuneError):
+    """A checkpoint holds something `--resume` must not load."""
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -69,6 +77,58 @@ def discard_incomplete_checkpoints(run_dir: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+# The trainer's state files, pickles all: transformers loads them with torch.load(weights_only=True).
+TRAINER_STATE_FILES = re.compile(r"optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth")
+# Written by transformers before sovtune replaced it with training_args.json; --resume never loads it.
+PICKLED_TRAINING_ARGS = "training_args.bin"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """What `--resume` loads from a checkpoint, checked first: a checkpoint is input too (copied from elsewhere,
+    or changed since it was written), and its state files are pickles, which can run code when loaded.
+
+    The adapter must be safetensors, no link may point out of the folder, and the only pickles are the trainer's
+    state files, holding tensors and plain values. transformers 5 loads those with torch's weights-only unpickler;
+    this does not rely on it: each pickle's globals are read statically first (torch's
+    get_unsafe_globals_in_checkpoint disassembles the pickle and runs nothing) and must be ones weights-only loading
+    allows, plus the numpy types of the RNG state (transformers' own allow-list, `safe_globals`).
+    """
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    checkpoint = Path(checkpoint)
+    for path in sorted(checkpoint.rglob("*")):
+        name = path.relative_to(checkpoint).as_posix()
+        if path.is_symlink():
+            raise CheckpointRefused(f"{path}: a symbolic link in a checkpoint; --resume loads only the files in it")
+        if not path.name.endswith(PICKLE_SUFFIXES) or name == PICKLED_TRAINING_ARGS or not path.is_file():
+            continue
+        if not TRAINER_STATE_FILES.fullmatch(name):
+            raise CheckpointRefused(
+                f"{path}: a pickle file the trainer does not write, and pickles can run code when loaded: remove the "
+                "checkpoint, or start without --resume"
+            )
+        try:
+            with safe_globals():
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+            raise CheckpointRefused(
+                f"{path}: not a torch.save file ({str(exc)[:120]}); it was not written by the trainer: remove the "
+                "checkpoint, or start without --resume"
+            ) from None
+        if unsafe:
+            raise CheckpointRefused(
+                f"{path}: refers to {', '.join(sorted(unsafe)[:3])}, not only tensors and plain values; the trainer "
+                "did not write it and loading it could run code: remove the checkpoint, or start without --resume"
+            )
+    if not (checkpoint / ADAPTER_WEIGHTS).is_file() or (checkpoint / ADAPTER_WEIGHTS).is_symlink():
+        raise CheckpointRefused(
+            f"{checkpoint}: no {ADAPTER_WEIGHTS} (--resume loads adapter weights from safetensors only); remove the "
+            "checkpoint to resume from an earlier one, or start without --resume"
+        )
 
 
 CHECKPOINT_OVERHEAD_BYTES = 1 << 20  # scheduler, RNG, trainer state, training args
