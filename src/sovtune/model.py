@@ -404,6 +404,7 @@ def check_target_modules(model: Any, recipe: Recipe) -> None:
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
+MAX_ADAPTER_RANK = 4096  # adapter.r's bound in the recipe schema; peft allocates r-wide matrices before loading
 
 
 def check_adapter_files(adapter_dir: Path, allow_pickle: bool = False) -> dict[str, Any]:
@@ -422,6 +423,12 @@ def check_adapter_files(adapter_dir: Path, allow_pickle: bool = False) -> dict[s
         found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise ModelError(
             f"{config_path}: peft_type {str(found)[:40]!r}; sovtune loads LoRA adapters (lora, dora, rslora) only"
+        )
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= MAX_ADAPTER_RANK:
+        raise ModelError(
+            f"{config_path}: r {str(rank)[:40]!r} is not a LoRA rank sovtune trains (1..{MAX_ADAPTER_RANK}); "
+            "the adapter was not saved by a training run"
         )
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         if not (adapter_dir / ADAPTER_PICKLE).is_file():
