@@ -1,0 +1,1 @@
+open("PAYLOAD_RAN", "w").write("a run folder ran code")
