@@ -417,6 +417,56 @@ def test_an_adapter_given_with_eval_adapter_is_held_to_the_same_rules(
     assert "pickle weights and no adapter_model.safetensors" in line and not marker.exists()
 
 
+def _edit_json(path: Path, **changes: Any) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        pytest.param(
+            lambda adapter: (adapter / "tokenizer_config.json").write_text("[1]"),
+            "the tokenizer saved with the adapter cannot be loaded",
+            id="tokenizer-config-a-list",
+        ),
+        pytest.param(
+            lambda adapter: (adapter / "tokenizer.json").write_text("{not json"),
+            "the tokenizer saved with the adapter cannot be loaded",
+            id="tokenizer-not-json",
+        ),
+        pytest.param(
+            lambda adapter: (adapter / "adapter_model.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}"),
+            "the adapter cannot be loaded onto",
+            id="safetensors-header-2^60",
+        ),
+        pytest.param(
+            lambda adapter: (adapter / "adapter_model.safetensors").write_bytes(
+                (adapter / "adapter_model.safetensors").read_bytes()[:100]
+            ),
+            "the adapter cannot be loaded onto",
+            id="safetensors-truncated",
+        ),
+        pytest.param(
+            lambda adapter: _edit_json(adapter / "adapter_config.json", lora_alpha="x"),
+            "the adapter cannot be loaded onto",
+            id="config-alpha-not-a-number",
+        ),
+        pytest.param(
+            lambda adapter: _edit_json(adapter / "adapter_config.json", target_modules=["nope"]),
+            "the adapter cannot be loaded onto",
+            id="config-targets-absent",
+        ),
+    ],
+)
+def test_a_damaged_adapter_is_one_line(
+    damage: Callable[[Path], Any], said: str, received: Callable[[str], Path]
+) -> None:
+    run_dir = received("damaged")
+    damage(run_dir / "adapter")
+    forge_manifest(run_dir)
+    assert said in error_line(invoke("generate", run_dir, "--prompt", "hi"))
+
+
 def test_a_received_chat_template_is_sandboxed(received: Callable[[str], Path], marker: Path) -> None:
     """transformers renders chat templates in jinja2's ImmutableSandboxedEnvironment: a template reaching for Python
     internals fails in one line, and runs nothing."""
@@ -596,6 +646,12 @@ def test_verify_reads_no_system_file_a_manifest_names(received: Callable[[str], 
     manifest["stages"].append({"stage": "planted", "files": [SYSTEM_FILE]})
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     assert "hash mismatch: /proc/self/mem (a system file, not read)" in error_line(invoke("verify", run_dir))
+
+
+def test_an_unpacked_bundles_checksum_list_that_is_not_text_is_one_line(received: Callable[[str], Path]) -> None:
+    run_dir = received("sums")
+    (run_dir / "SHA256SUMS").write_bytes(b"\xff\xfe")
+    assert "SHA256SUMS: not UTF-8 text; the checksum file is damaged" in error_line(invoke("verify", run_dir))
 
 
 def test_export_packs_only_what_the_manifest_records(received: Callable[[str], Path], tmp_path: Path) -> None:

@@ -445,7 +445,6 @@ def check_adapter_files(adapter_dir: Path, allow_pickle: bool = False) -> dict[s
 def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = False, allow_pickle: bool = False) -> Any:
     """A saved adapter on top of a base model, with plain peft, once its files passed `check_adapter_files`."""
     from peft import PeftModel
-    from safetensors import SafetensorError
 
     adapter_dir = Path(adapter_dir)
     check_adapter_files(adapter_dir, allow_pickle)
@@ -458,7 +457,7 @@ def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = False, a
             f"{adapter_dir}: the pickle weights hold more than tensors (torch's weights-only unpickler refused them); "
             "they were not written by a training run: do not use this adapter"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+    except Exception as exc:  # peft and safetensors raise many types on a malformed adapter (from anywhere)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
         raise ModelError(
             f"{adapter_dir}: the adapter cannot be loaded onto {model.config.name_or_path or 'the base model'} "
@@ -486,7 +485,7 @@ def load_adapter_tokenizer(recipe: Recipe, adapter_dir: Path) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # transformers raises many types on malformed files (a list for an object: AttributeError)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
         hint = ""
         if "custom code" in str(exc) or "trust_remote_code" in str(exc):

@@ -136,7 +136,11 @@ def verify_run_dir(run_dir: Path, strict: bool = False, external: bool = True) -
 def _check_checksum_list(run_dir: Path, expected: dict[tuple[str, str], str], result: VerifyResult) -> None:
     """An unpacked bundle: its checksum list must agree with the manifest and name nothing the manifest does not
     record, but the model card (README.md), which export writes beside the run's files."""
-    for path, digest in parse_checksums(read_run_file(run_dir / CHECKSUMS)).items():
+    try:
+        text = read_run_file(run_dir / CHECKSUMS)
+    except UnicodeDecodeError:
+        raise VerifyFailed(f"{run_dir / CHECKSUMS}: not UTF-8 text; the checksum file is damaged") from None
+    for path, digest in parse_checksums(text).items():
         if (RUN_ROOT, path) in expected:
             if expected[(RUN_ROOT, path)] != digest:
                 result.mismatched.append(f"{path} (manifest and {CHECKSUMS} disagree)")
