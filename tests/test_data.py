@@ -129,8 +129,14 @@ def test_recipe_chat_template_replaces_the_tokenizers(tmp_path, tiny_model_dir) 
     tokenizer = models.load_tokenizer(recipe)
     rows = {"messages": [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": "Twelve."}]}
     tokens = tokenize(to_example(Row(rows, "t:1"), recipe.data, tokenizer), tokenizer, 64)
-    ids, labels = expected(tokenizer, [("Q: How many?\nA: ", False), ("Twelve.</s>", True)])
-    assert (tokens.input_ids, tokens.labels) == (ids, labels)
+    # The tokens of the whole rendered text, as an inference server gets them: the BPE merges the template's space
+    # with the answer (" Twelve"), and that token is trained, so the prompt ends at "A:" and the model says " Twelve".
+    assert tokens.input_ids == tokenizer("Q: How many?\nA: Twelve.</s>", add_special_tokens=False)["input_ids"]
+    assert tokens.exact
+    assert supervised_text(tokenizer, tokens.input_ids, tokens.labels) == " Twelve.</s>"
+    assert tokenizer.decode([t for t, label in zip(tokens.input_ids, tokens.labels) if label == IGNORE_INDEX]) == (
+        "Q: How many?\nA:"
+    )
     assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id]
 
 

@@ -6,6 +6,7 @@ Knows nothing about models; it needs only a tokenizer. Local files are parsed he
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import hashlib
@@ -13,6 +14,7 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -62,6 +64,7 @@ class Tokenized:
     labels: list[int]
     origin: str
     truncated: bool = False
+    exact: bool = True  # the tokenizer's own ids for the rendered text (False: split at a prompt/completion boundary)
 
     @property
     def supervised_tokens(self) -> int:
@@ -318,7 +321,7 @@ def _messages_example(values: dict[str, Any], data: DataSection, tokenizer: Any)
     column = data.column("messages")
     if column not in values:
         raise RowError(f"missing column {column!r} (row has {sorted(values)}); map it with data.columns")
-    return render_chat(normalise_messages(values[column]), tokenizer, data.train_on_inputs)
+    return render_chat(normalise_messages(values[column]), tokenizer, data.train_on_inputs, data.system_message)
 
 
 def _instruction_example(values: dict[str, Any], data: DataSection, tokenizer: Any) -> Example:
@@ -331,7 +334,7 @@ def _instruction_example(values: dict[str, Any], data: DataSection, tokenizer: A
         {"role": "user", "content": user},
         {"role": "assistant", "content": output},
     ]
-    return render_chat(messages, tokenizer, data.train_on_inputs)
+    return render_chat(messages, tokenizer, data.train_on_inputs, data.system_message)
 
 
 def _prompt_completion_example(values: dict[str, Any], data: DataSection, tokenizer: Any) -> Example:
@@ -361,57 +364,154 @@ class TemplateError(DataError):
     """The chat template cannot be used to find the assistant tokens."""
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer: Any, train_on_inputs: bool = False) -> Example:
-    """Render with the chat template and cut it at each assistant turn.
+# Stands in for each assistant message when the template is rendered to find where assistant contents go: letters,
+# digits and '@' only, so trim/strip and the think-tag handling of templates leave it as it is.
+_PLACEHOLDER = "@@sovtune-assistant-{}@@"
+_SYSTEM_PROBE = "sovtune-system-probe"
 
-    Each assistant span is found by rendering the conversation up to that turn with the generation prompt and
-    again including the turn: the difference is the assistant's text *with* the template's turn terminator, so
-    the terminator is trained (a model that never learns to stop is a classic failure). This needs no
-    `{% generation %}` markers in the template and no response-template token matching.
+
+def render_chat(
+    messages: list[dict[str, str]], tokenizer: Any, train_on_inputs: bool = False, system_message: str = "keep"
+) -> Example:
+    """Render the conversation with the chat template once and supervise each assistant content plus the template's
+    turn terminator after it; everything else (system text, user turns, role headers, think-block scaffolding, the
+    newline after a terminator) is context.
+
+    Where each assistant content sits is found by rendering the same conversation with placeholders for the assistant
+    contents: the template's text around them is the same in both renders. This needs no `{% generation %}` markers,
+    no response-template token matching and no prefix-stable template (Qwen3 renders the last assistant turn with an
+    empty think block that earlier turns lose; Gemma 4 adds a thought channel only to the generation prompt). A
+    template that puts no special token after the assistant content (Falcon's) gets the tokenizer's EOS appended to
+    each assistant turn, so the model learns to stop.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError(
-            "the tokenizer has no chat template; set data.chat_template (inline Jinja or a .jinja file) "
-            "or use data.format: prompt_completion"
+            "the tokenizer has no chat template; set data.chat_template (a built-in name such as llama3, inline "
+            "Jinja or a .jinja file) or use data.format: prompt_completion"
         )
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("conversation has no assistant message: nothing to learn from this row")
     if messages[0]["role"] == "assistant":
         raise RowError("conversation starts with an assistant message; it needs a user (or system) turn first")
-    segments: list[tuple[str, bool]] = []
-    rendered = ""
-    prompt, reference = "", ""
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _apply_template(tokenizer, messages[:index], add_generation_prompt=True)
-        through = _apply_template(tokenizer, messages[: index + 1], add_generation_prompt=False)
-        if not before.startswith(rendered) or not through.startswith(before):
-            raise TemplateError(
-                "the chat template is not prefix-stable (rendering a conversation prefix changes earlier text), "
-                "so assistant tokens cannot be located; set data.chat_template to a prefix-stable template"
-            )
-        if len(before) > len(rendered):
-            segments.append((before[len(rendered) :], train_on_inputs))
-        segments.extend(_split_after_terminator(through[len(before) :], tokenizer, train_on_inputs))
-        rendered, prompt, reference = through, before, message["content"]
+    messages = place_system_text(messages, tokenizer, system_message)
     full = _apply_template(tokenizer, messages, add_generation_prompt=False)
-    if not full.startswith(rendered):
-        raise TemplateError("the chat template renders the whole conversation differently from its prefixes")
-    if len(full) > len(rendered):
-        segments.append((full[len(rendered) :], train_on_inputs))
+    spans = _assistant_spans(messages, tokenizer, full)
+    terminator = _terminator_text(tokenizer, tokenizer.chat_template)
+    segments: list[tuple[str, bool]] = []
+    cursor = 0
+    prompt = ""
+    for start, end in spans:
+        if start > cursor:
+            segments.append((full[cursor:start], train_on_inputs))
+        prompt = "".join(text for text, _ in segments)
+        after = full[end:]
+        cut = after.find(terminator) if terminator else -1
+        if cut >= 0 and not after[:cut].strip():  # only whitespace between the content and the terminator
+            cursor = end + cut + len(terminator)
+            segments.append((full[start:cursor], True))
+        else:  # no turn terminator: train EOS after the content so the model learns to stop
+            cursor = end
+            segments.append((full[start:end] + (tokenizer.eos_token or ""), True))
+    if len(full) > cursor:
+        segments.append((full[cursor:], train_on_inputs))
+    reference = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     return Example(origin="", segments=segments, prompt=prompt, reference=reference)
 
 
-def _split_after_terminator(turn: str, tokenizer: Any, train_on_inputs: bool) -> list[tuple[str, bool]]:
-    """An assistant turn as (content + terminator, supervised) and (what the template adds after it, e.g. a
-    newline, masked unless train_on_inputs): generation stops at the terminator, so what follows is never produced."""
-    terminator = _terminator_text(tokenizer, tokenizer.chat_template)
-    cut = turn.rfind(terminator) if terminator else -1
-    if cut < 0 or cut + len(terminator) == len(turn):
-        return [(turn, True)]
-    end = cut + len(terminator)
-    return [(turn[:end], True), (turn[end:], train_on_inputs)]
+def _assistant_spans(messages: list[dict[str, str]], tokenizer: Any, full: str) -> list[tuple[int, int]]:
+    """(start, end) in `full` of each assistant content as the template rendered it (it may trim it)."""
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    marked = list(messages)
+    for n, index in enumerate(assistants):
+        marked[index] = {**messages[index], "content": _PLACEHOLDER.format(n)}
+    skeleton = _apply_template(tokenizer, marked, add_generation_prompt=False)
+    pieces = re.split(r"@@sovtune-assistant-(\d+)@@", skeleton)
+    texts, order = pieces[0::2], [int(n) for n in pieces[1::2]]
+    if order != list(range(len(assistants))):
+        raise TemplateError(
+            "the chat template does not render every assistant message once and in order, so assistant tokens "
+            "cannot be located; set data.chat_template to a template that does"
+        )
+    spans = []
+    position = 0
+    for n, index in enumerate(assistants):
+        if not full.startswith(texts[n], position):
+            raise _unlocatable(n)
+        position += len(texts[n])
+        following = texts[n + 1]
+        if n + 1 == len(assistants):
+            end = len(full) - len(following) if full.endswith(following) else -1
+        else:
+            end = full.find(following, position) if following else -1
+        if end < position or full[position:end].strip() != messages[index]["content"].strip():
+            raise _unlocatable(n)
+        spans.append((position, end))
+        position = end
+    return spans
+
+
+def _unlocatable(turn: int) -> TemplateError:
+    return TemplateError(
+        f"the chat template renders assistant turn {turn + 1} differently depending on its content (e.g. reasoning "
+        "tags it moves elsewhere), so its tokens cannot be located; remove them from the data or set "
+        "data.chat_template"
+    )
+
+
+def place_system_text(messages: list[dict[str, str]], tokenizer: Any, mode: str = "keep") -> list[dict[str, str]]:
+    """System messages as data.system_message says: kept for the template, or merged into the next user turn (its text,
+    a blank line, then the user's), which is what templates without a system role need (Gemma 2, Mistral)."""
+    if not any(m["role"] == "system" for m in messages):
+        return messages
+    if mode == "merge":
+        merged: list[dict[str, str]] = []
+        pending: list[str] = []
+        for message in messages:
+            if message["role"] == "system":
+                pending.append(message["content"])
+            elif message["role"] == "user" and pending:
+                merged.append({**message, "content": "\n\n".join([*pending, message["content"]])})
+                pending = []
+            else:
+                merged.append(message)
+        if pending:
+            raise RowError("a system message has no user message after it to merge into (data.system_message: merge)")
+        return merged
+    problem = _system_support(tokenizer, tokenizer.chat_template)
+    if problem:
+        raise TemplateError(
+            f"data.chat_template: the chat template {problem}; set data.system_message: merge to put the system "
+            "text at the start of the first user turn"
+        )
+    return messages
+
+
+@functools.lru_cache(maxsize=16)
+def _system_support(tokenizer: Any, chat_template: str) -> str:
+    """Why the template cannot take a system message ('' when it can): it raises, or renders without its text."""
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    try:
+        tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # the template fails without a system message too: not this check's business
+        return ""
+    probe = [{"role": "system", "content": _SYSTEM_PROBE}, *conversation]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception as exc:  # jinja2 raise_exception
+        return f"rejects system messages ({str(exc).splitlines()[0][:120]})"
+    return "" if _SYSTEM_PROBE in text else "drops system messages (their text is not in what it renders)"
+
+
+def generation_prompt(messages: list[dict[str, str]], tokenizer: Any, system_message: str = "keep") -> str:
+    """The text generation starts from, as training saw it: the conversation with an assistant turn, cut where the
+    assistant content begins, without the spaces the template puts before it (the model learnt to produce those)."""
+    messages = place_system_text(messages, tokenizer, system_message)
+    marked = [*messages, {"role": "assistant", "content": _PLACEHOLDER.format(0)}]
+    skeleton = _apply_template(tokenizer, marked, add_generation_prompt=False)
+    cut = skeleton.rfind(_PLACEHOLDER.format(0))
+    if cut < 0:
+        return _apply_template(tokenizer, messages, add_generation_prompt=True)
+    return skeleton[:cut].rstrip(" \t")
 
 
 @functools.lru_cache(maxsize=16)
@@ -432,26 +532,109 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generati
 # Examples -> tokens
 
 
-def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
-    """Tokenise segment by segment so prompt/completion boundaries never merge into one token.
+@dataclass
+class Encoded:
+    """Token ids of an example's text with the character span each one covers."""
 
-    Generation at inference starts from the tokenised prompt, so a completion tokenised on its own is exactly
-    what the model will be asked to produce.
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    exact: bool  # the tokenizer's own ids of the whole text, what an inference server gets for it
+
+
+def encode(text: str, cuts: list[int], tokenizer: Any) -> Encoded:
+    """Tokenise `text` as one string, so every token is the one an inference server produces for the same text
+    (SentencePiece adds no word-start mark at a segment boundary, BPE merges across it as it does at inference).
+
+    `cuts` are the prompt/completion boundaries. A token across one is fine when the prompt side of it is only
+    whitespace (" SELECT": the template's space before the answer); it then belongs to the completion. A token with
+    text on both sides cannot be split between prompt and completion, so the two sides are tokenised apart there.
     """
+    try:
+        found = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow (Python) tokenizers give no offsets: one segment at a time
+        return _encode_apart(text, cuts, tokenizer)
+    ids, spans = list(found["input_ids"]), [(int(s), int(e)) for s, e in found["offset_mapping"]]
+    for start, end in spans:
+        inside = cuts[bisect.bisect_right(cuts, start) : bisect.bisect_left(cuts, end)]
+        glued = next((cut for cut in inside if text[start:cut].strip()), None)
+        if glued is not None:
+            left = encode(text[:glued], [c for c in cuts if c < glued], tokenizer)
+            right = encode(text[glued:], [c - glued for c in cuts if c > glued], tokenizer)
+            moved = [(s + glued, e + glued) for s, e in right.spans]
+            return Encoded(left.ids + right.ids, left.spans + moved, False)
+    return Encoded(ids, spans, True)
+
+
+def _encode_apart(text: str, cuts: list[int], tokenizer: Any) -> Encoded:
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for start, end in zip([0, *cuts], [*cuts, len(text)]):
+        piece = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+        ids += piece
+        spans += [(start, end)] * len(piece)
+    return Encoded(ids, spans, len(cuts) == 0)
+
+
+def _anchor(text: str, span: tuple[int, int]) -> int:
+    """Where a token belongs: its first non-whitespace character (its start when it is all whitespace)."""
+    start, end = span
+    stripped = len(text[start:end]) - len(text[start:end].lstrip())
+    return start + stripped if stripped < end - start else start
+
+
+def encode_example(example: Example, tokenizer: Any) -> tuple[Encoded, list[bool]]:
+    """The example's tokens and, for each, whether it is supervised (the segment its anchor falls in)."""
+    text = example.text
+    starts, position = [], 0
+    for segment, _ in example.segments:
+        starts.append(position)
+        position += len(segment)
+    cuts = sorted(
+        {starts[i] for i in range(1, len(starts)) if example.segments[i][1] != example.segments[i - 1][1]}
+        | ({len(example.prompt)} if 0 < len(example.prompt) < len(text) else set())
+    )
+    encoded = encode(text, cuts, tokenizer)
+    supervised = [
+        example.segments[max(0, bisect.bisect_right(starts, _anchor(text, span)) - 1)][1] for span in encoded.spans
+    ]
+    return encoded, supervised
+
+
+@functools.lru_cache(maxsize=16)
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS before text itself (Llama, Mistral, Gemma do; GPT-NeoX, Falcon, Qwen do not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
+    """Tokens of the rendered text as the tokenizer produces them for the whole text, labelled by segment.
+
+    BOS is added for plain-text formats only where the tokenizer adds it itself (chat templates render their own).
+    """
+    encoded, supervised = encode_example(example, tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []
-    if example.add_bos and tokenizer.bos_token_id is not None:
+    if example.add_bos and adds_bos(tokenizer):
         input_ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
-    for text, supervised in example.segments:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids.extend(ids)
-        labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
+    input_ids += encoded.ids
+    labels += [token if trained else IGNORE_INDEX for token, trained in zip(encoded.ids, supervised)]
     if example.add_eos:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     truncated = len(input_ids) > max_length
-    return Tokenized(input_ids[:max_length], labels[:max_length], example.origin, truncated)
+    return Tokenized(input_ids[:max_length], labels[:max_length], example.origin, truncated, encoded.exact)
+
+
+def prompt_token_ids(example: Example, tokenizer: Any) -> list[int]:
+    """The tokens generation starts from: exactly training's tokens before the completion (the last assistant turn,
+    or the completion), so evaluation asks the model to continue where training taught it to."""
+    encoded, _ = encode_example(example, tokenizer)
+    ids = [bos for bos in [tokenizer.bos_token_id] if example.add_bos and adds_bos(tokenizer)]
+    return ids + [
+        token for token, span in zip(encoded.ids, encoded.spans) if _anchor(example.text, span) < len(example.prompt)
+    ]
 
 
 def boundary_mismatches(examples: Iterable[Example], tokenizer: Any) -> tuple[int, list[str]]:

@@ -35,6 +35,7 @@ from sovtune.data import (
     load_examples,
     load_held_out,
     prepare_data,
+    prompt_token_ids,
     split_windows,
     stop_token_ids,
     tokenize,
@@ -492,15 +493,6 @@ def _item(tokens: Tokenized, example: Example | None, tokenizer: Any, max_length
         row=example.row,
         shown_prompt=_shown_prompt(example),
     )
-
-
-def prompt_token_ids(example: Example, tokenizer: Any) -> list[int]:
-    """Token ids up to the last supervised segment, tokenised segment by segment exactly as in training."""
-    last = max(index for index, (_, supervised) in enumerate(example.segments) if supervised)
-    ids = [tokenizer.bos_token_id] if example.add_bos and tokenizer.bos_token_id is not None else []
-    for text, _ in example.segments[:last]:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids
 
 
 def _shown_prompt(example: Example) -> str:

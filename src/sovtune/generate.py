@@ -10,6 +10,7 @@ from typing import Any
 from sovtune import model as models
 from sovtune.config import Recipe, RunOptIns, load_run_recipe
 from sovtune.core.rundir import RunDir
+from sovtune.data import adds_bos, generation_prompt
 from sovtune.errors import SovtuneError
 from sovtune.run.verify import verify_before_loading
 
@@ -54,7 +55,9 @@ def render_prompt(run: LoadedRun, messages: list[dict[str, str]]) -> str:
     """The text generation starts from, as in training: chat template for chat formats, raw text otherwise."""
     if run.recipe.data.format in ("messages", "instruction"):
         try:
-            return run.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return generation_prompt(messages, run.tokenizer, run.recipe.data.system_message)
+        except SovtuneError:
+            raise
         except Exception as exc:  # a template may raise anything; jinja2's sandbox raises SecurityError
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise RunNotFound(
@@ -71,7 +74,7 @@ def complete(run: LoadedRun, prompt: str, max_new_tokens: int = 128, use_adapter
     tokenizer = run.tokenizer
     add_bos = run.recipe.data.format in ("prompt_completion", "text")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if add_bos and tokenizer.bos_token_id is not None:
+    if add_bos and adds_bos(tokenizer):
         ids = [tokenizer.bos_token_id] + ids
     device = next(run.model.parameters()).device
     input_ids = torch.tensor([ids], device=device)

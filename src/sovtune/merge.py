@@ -163,7 +163,12 @@ def held_out_batch(recipe: Any, tokenizer: Any, examples: int) -> tuple[dict[str
         sequences = []
     if not sequences:
         source = "probe texts (held-out data not available)"
-        sequences = [tokenizer(text)["input_ids"][:MAX_TOKENS] for text in _probe_texts(tokenizer)[:examples]]
+        # Rendered chat text carries the template's BOS: the tokenizer must not add a second one.
+        chat = getattr(tokenizer, "chat_template", None) is not None
+        sequences = [
+            tokenizer(text, add_special_tokens=not chat)["input_ids"][:MAX_TOKENS]
+            for text in _probe_texts(tokenizer)[:examples]
+        ]
     width = max(len(ids) for ids in sequences)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in sequences])

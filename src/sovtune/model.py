@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from sovtune.config import Recipe
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import device, local_rank, sharded_training
-from sovtune.data import stop_token_ids  # noqa: F401  (re-exported: generation stops there)
+from sovtune.data import stop_token_ids  # also re-exported: generation stops there
 from sovtune.errors import SovtuneError
 
 if TYPE_CHECKING:
@@ -123,34 +124,63 @@ def load_tokenizer(recipe: Recipe) -> Any:
     return tokenizer
 
 
+def builtin_templates() -> list[str]:
+    """Names of the chat templates shipped with sovtune (src/sovtune/templates/*.jinja)."""
+    folder = resources.files("sovtune").joinpath("templates")
+    return sorted(entry.name.removesuffix(".jinja") for entry in folder.iterdir() if entry.name.endswith(".jinja"))
+
+
 def read_chat_template(recipe: Recipe) -> str:
+    """data.chat_template as Jinja: inline, a built-in name (llama3, mistral, ...) or a file beside the recipe."""
     value = recipe.data.chat_template or ""
     if "{" in value:
         return value
+    if value in builtin_templates():
+        return resources.files("sovtune").joinpath("templates", f"{value}.jinja").read_text(encoding="utf-8")
     path = recipe.resolve(value)
     if not path.is_file():
-        raise ModelError(f"data.chat_template: {value!r} is neither a Jinja template nor an existing file ({path})")
+        raise ModelError(
+            f"data.chat_template: {value!r} is neither a built-in template ({', '.join(builtin_templates())}), "
+            f"a Jinja template nor an existing file ({path})"
+        )
     return path.read_text(encoding="utf-8")
 
 
 def ensure_pad_token(tokenizer: Any) -> bool:
-    """Give the tokenizer a pad token distinct from EOS; True if a new token was added (embeddings must grow).
+    """Give the tokenizer a pad token that neither ends a turn nor is EOS; True if a new token was added (embeddings
+    must grow).
 
-    pad == eos is a classic way to train a model that never stops (the EOS labels get masked as padding).
+    pad == eos (Qwen, Phi-3, DeepSeek ship it so) or pad == the turn terminator is a classic way to train a model that
+    never stops: anything that masks padding by id masks the stop labels too. An existing token is preferred (the
+    vocabulary stays the base's, so the adapter loads on the unmodified base with plain peft): one named like a pad,
+    then the unknown token, then any other special token the chat template does not use. Only a vocabulary with none
+    of these gets a new <|pad|>.
     """
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+    stops = set(stop_token_ids(tokenizer))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stops:
         return False
+    added = dict(sorted(tokenizer.get_added_vocab().items(), key=lambda item: item[1]))
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {index for index, token in decoder.items() if token.special}
+    named_pad = [token for token in added if "pad" in token.lower()]
+    unknown = [tokenizer.unk_token] if tokenizer.unk_token else []
+    template = _template_text(tokenizer)
+    spare = [token for token, index in added.items() if index in special and token not in template]
     vocab = tokenizer.get_vocab()
-    # Then any added token named like a pad (<|padding|>, <|fim_pad|>, [PAD]...). Reusing a token keeps the
-    # vocabulary, so the saved adapter stays loadable on the unmodified base with plain peft; adding one does not.
-    added = sorted(tokenizer.get_added_vocab().items(), key=lambda item: item[1])
-    named_pad = [token for token, _ in added if "pad" in token.lower()]
-    for candidate in (*PAD_CANDIDATES, *named_pad):
-        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+    for candidate in (*PAD_CANDIDATES, *named_pad, *unknown, *spare):
+        index = vocab.get(candidate)
+        # Only special or added tokens: a plain vocabulary entry spelt "<unk>" is text that can occur.
+        if index is None or index in stops or index == tokenizer.bos_token_id:
+            continue
+        if index in special or candidate in added:
             tokenizer.pad_token = candidate
             return False
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return True
+
+
+def _template_text(tokenizer: Any) -> str:
+    return tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
 
 
 def compute_dtype(recipe: Recipe) -> torch.dtype:

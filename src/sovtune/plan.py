@@ -475,6 +475,11 @@ def adapted_layers(arch: Architecture, settings: Settings) -> list[LinearLayer]:
     return targeted_linears(arch, settings) + named
 
 
+def target_module_names(arch: Architecture, settings: Settings) -> list[str]:
+    """The module names LoRA adapts, as a recipe's target_modules would list them (q_proj, qkv_proj, ...)."""
+    return sorted({layer.leaf for layer in adapted_layers(arch, settings)})
+
+
 def trainable_tensors(arch: Architecture, settings: Settings) -> list[tuple[int, int]]:
     """(elements, bytes per element) of each trainable tensor: LoRA A and B (+ DoRA magnitude), biases, saved
     modules."""
@@ -614,7 +619,8 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
         Component(
             "adapter weights",
             trainable_bytes // n,
-            f"{sum(e for e, _ in tensors):,} trainable params (LoRA r={settings.r}, fp32)",
+            f"{sum(e for e, _ in tensors):,} trainable params (LoRA r={settings.r} on "
+            f"{', '.join(target_module_names(arch, settings))}, fp32)",
         ),
         Component(
             "gradients",
@@ -823,6 +829,7 @@ class Plan:
                 "total": arch.total_params,
                 "lora": est.lora_parameters,
                 "trainable": est.trainable_parameters,
+                "target_modules": target_module_names(arch, s),
                 "layers": arch.num_layers,
                 "hidden_size": arch.hidden_size,
                 "vocab_size": arch.vocab_size,

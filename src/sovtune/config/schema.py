@@ -150,7 +150,15 @@ class DataSection(Section):
         description="Map the format's columns to the dataset's, e.g. {prompt: question, completion: answer}.",
     )
     chat_template: str | None = Field(
-        default=None, description="Jinja chat template (inline, or a path to a .jinja file); default: the tokenizer's."
+        default=None,
+        description="Chat template: a built-in name (chatml, deepseek, llama2, llama3, mistral, plain, starcoder2), "
+        "inline Jinja, or a path to a .jinja file; default: the tokenizer's.",
+    )
+    system_message: Literal["keep", "merge"] = Field(
+        default="keep",
+        description="System messages: keep (rendered by the chat template; a template that rejects or drops them "
+        "stops with an error) or merge (the system text, a blank line, then the first user message: for templates "
+        "without a system role, such as Gemma 2's and Mistral's).",
     )
     separator: str = Field(
         default="",

@@ -1,0 +1,238 @@
+"""The family grid: every family of tests/families.py with its real vocabulary, its real chat template and a tiny
+random model of its architecture, through what a user runs. Per family: `sovtune check` passes with the template
+round trip at 100%; the loss falls on exactly the assistant contents and the family's turn terminator (multi-turn,
+with system text); one BOS; a pad token that never ends a turn; generation that stops at the turn end; `sovtune plan`
+counting the parameters exactly and naming the family's target modules; and (slow) three training steps whose adapter
+reloads in plain peft with the same logits and merges. The families' own quirks: tests/test_family_quirks.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import families
+from conftest import write_recipe
+from families import GRID, Family
+from sovtune import model as models
+from sovtune import plan as planner
+from sovtune.cli import app
+from sovtune.config import Recipe, load_recipe
+from sovtune.data import IGNORE_INDEX, Row, generation_prompt, stop_token_ids, to_example, tokenize
+from sovtune.preflight import architecture_summary
+
+SYSTEM = "You write SQL for the company database."
+CONVERSATION = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "How many employees work in Sales?"},
+    {"role": "assistant", "content": "SELECT COUNT(*) FROM employees WHERE department = 'Sales';"},
+    {"role": "user", "content": "And their names?"},
+    {"role": "assistant", "content": "SELECT name FROM employees WHERE department = 'Sales';"},
+]
+QUESTIONS = [
+    ("How many employees are there?", "SELECT COUNT(*) FROM employees;"),
+    ("List every department.", "SELECT DISTINCT department FROM employees;"),
+    ("Who earns the most?", "SELECT name FROM employees ORDER BY salary DESC LIMIT 1;"),
+    ("What is the average salary?", "SELECT AVG(salary) FROM employees;"),
+]
+
+
+def training_rows() -> list[dict[str, Any]]:
+    """Single- and multi-turn conversations, some with a system message."""
+    rows = []
+    for i in range(12):
+        question, answer = QUESTIONS[i % len(QUESTIONS)]
+        messages = [{"role": "user", "content": f"{question} (#{i})"}, {"role": "assistant", "content": answer}]
+        if i % 3 == 0:
+            messages = [{"role": "system", "content": SYSTEM}, *messages]
+        if i % 4 == 1:
+            messages += CONVERSATION[3:]
+        rows.append({"messages": messages})
+    return rows
+
+
+@dataclass
+class Case:
+    family: Family
+    model_dir: Path
+    recipe_path: Path
+    recipe: Recipe
+    tokenizer: Any
+
+
+@pytest.fixture(scope="module", params=GRID, ids=[item.id for item in GRID])
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
+    item: Family = request.param
+    folder = tmp_path_factory.mktemp(item.id)
+    model_dir = families.build_model(item, folder / "model")
+    recipe_path = write_recipe(
+        folder,
+        model_dir,
+        item.id,
+        rows=training_rows(),
+        adapter={"r": 4, "dropout": 0.0, "target_modules": "all-linear"},
+        data={"max_length": 160, "eval_fraction": 0.25, **families.chat_template_option(item)},
+        train={"max_steps": 3, "batch_size": 2, "save_steps": 3, "logging_steps": 1},
+        eval={"generation": {"max_new_tokens": 24}},
+    )
+    recipe = load_recipe(recipe_path)
+    return Case(item, model_dir, recipe_path, recipe, models.load_tokenizer(recipe))
+
+
+def supervised_runs(tokenizer: Any, input_ids: list[int], labels: list[int]) -> list[str]:
+    """Each contiguous stretch of trained tokens, decoded with its special tokens."""
+    runs: list[list[int]] = [[]]
+    for token, label in zip(input_ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            runs[-1].append(token)
+        elif runs[-1]:
+            runs.append([])
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs if run]
+
+
+def assert_answer_and_terminator(run: str, content: str, terminator: str) -> None:
+    """A trained stretch is the content and the turn terminator, with at most the template's whitespace around the
+    content: nothing of the prompt, the system text or the template's scaffolding."""
+    assert run.endswith(terminator), (run, terminator)
+    assert run[: -len(terminator)].strip() == content, run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What `sovtune check` says
+
+
+def test_check_passes_with_the_template_round_trip_at_100_percent(case: Case) -> None:
+    result = CliRunner().invoke(app, ["check", str(case.recipe_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    checks = {item["check"]: item for item in report["checks"]}
+    assert report["ok"], [item for item in report["checks"] if not item["ok"]]
+    rows = report["data"]["train"]["kept"]
+    assert checks["chat template round trip"]["detail"].startswith(f"{rows}/{rows} rows"), checks
+    for name in ("chat template round trip", "EOS supervised", "pad != eos", "target modules", "supervised tokens"):
+        assert checks[name]["ok"], checks[name]
+    assert report["data"]["train"]["eos_supervised_fraction"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels, BOS, pad, stop
+
+
+def tokenized(case: Case, messages: list[dict[str, str]]) -> tuple[Any, Any]:
+    example = to_example(Row({"messages": messages}, "test:1"), case.recipe.data, case.tokenizer)
+    return example, tokenize(example, case.tokenizer, 4096)
+
+
+@pytest.mark.parametrize("turns", [1, 2], ids=["single-turn", "multi-turn"])
+def test_only_assistant_contents_and_the_turn_terminator_are_trained(case: Case, turns: int) -> None:
+    messages = CONVERSATION[: 1 + 2 * turns]
+    example, tokens = tokenized(case, messages)
+    runs = supervised_runs(case.tokenizer, tokens.input_ids, tokens.labels)
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert len(runs) == len(answers), runs
+    for run, answer in zip(runs, answers):
+        assert_answer_and_terminator(run, answer, case.family.terminator)
+    # The tokens are the tokenizer's own for the rendered text (what an inference server gets), and the system text
+    # is in the context, never in the loss.
+    assert tokens.exact
+    assert tokens.input_ids == case.tokenizer(example.text, add_special_tokens=False)["input_ids"]
+    assert SYSTEM in example.text and all(SYSTEM not in run for run in runs)
+
+
+def test_one_bos_and_a_pad_token_that_never_ends_a_turn(case: Case) -> None:
+    tokenizer = case.tokenizer
+    example, tokens = tokenized(case, CONVERSATION)
+    bos = tokenizer.bos_token_id
+    if bos is not None:  # as many BOS tokens as the template writes, none added on top
+        assert tokens.input_ids.count(bos) == example.text.count(tokenizer.bos_token)
+        assert tokens.input_ids[:2] != [bos, bos]
+    stops = stop_token_ids(tokenizer)
+    assert tokenizer.convert_tokens_to_ids(case.family.terminator) in stops
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stops
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    # An existing token: the vocabulary stays the base model's, so the adapter loads on it with plain peft.
+    config = json.loads((case.model_dir / "config.json").read_text())
+    assert len(tokenizer) <= config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+
+
+def test_generation_stops_at_the_turn_end(case: Case) -> None:
+    """A model whose head always picks the family's terminator answers with it once and stops there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sovtune.generate import LoadedRun, complete
+
+    tokenizer = case.tokenizer
+    model = AutoModelForCausalLM.from_pretrained(case.model_dir).eval()
+    terminator = tokenizer.convert_tokens_to_ids(case.family.terminator)
+    head = torch.nn.Linear(model.get_output_embeddings().in_features, model.config.get_text_config().vocab_size)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[terminator] = 10.0
+    model.set_output_embeddings(head)
+    steps = []
+    model.register_forward_hook(lambda *_: steps.append(1))
+    prompt = generation_prompt(CONVERSATION[:2], tokenizer, case.recipe.data.system_message)
+    answer = complete(LoadedRun(case.recipe, tokenizer, model), prompt, max_new_tokens=8)
+    assert answer == "" and len(steps) == 1  # one token, the terminator, then generation stopped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What `sovtune plan` says
+
+
+def test_plan_counts_every_parameter_and_names_the_target_modules(case: Case) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(case.model_dir)
+    result = planner.plan(case.recipe, ["h100-80gb"]).to_json()
+    assert result["architecture_source"] == "config"
+    assert result["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert result["parameters"]["target_modules"] == sorted(case.family.target_modules)
+    assert architecture_summary(case.recipe, case.tokenizer)["targeted_modules"] == sorted(case.family.target_modules)
+    # The same names work as an explicit list: what `sovtune init` writes into a recipe.
+    linear = models.linear_module_names(model) - {"lm_head", "embed_out"}
+    assert linear == set(case.family.target_modules)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training, reloading, merging
+
+
+@pytest.mark.slow
+def test_three_steps_then_plain_peft_reloads_the_adapter_and_merge_passes(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sovtune import training
+    from sovtune.merge import merge
+
+    kept: dict[str, Any] = {}
+    save = training.save_adapter
+
+    def keep_and_save(peft_model: Any, *args: Any, **kwargs: Any) -> Path:
+        kept["model"] = peft_model
+        return save(peft_model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "save_adapter", keep_and_save)
+    result = training.train(case.recipe, overwrite=True)
+    assert result.metrics["global_step"] == 3
+    _, tokens = tokenized(case, CONVERSATION)
+    probe = torch.tensor([tokens.input_ids])
+    with torch.no_grad():
+        trained = kept["model"].eval()(input_ids=probe).logits
+        base = AutoModelForCausalLM.from_pretrained(case.model_dir)
+        reloaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, trained, rtol=0, atol=1e-5)
+        with reloaded.disable_adapter():
+            assert not torch.equal(reloaded(input_ids=probe).logits, trained)  # the adapter does something
+    merged = merge(result.run_dir, tmp_path / "merged")
+    assert merged.check.passed, merged.check.describe()
