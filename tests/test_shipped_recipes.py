@@ -10,6 +10,7 @@ import pytest
 
 from sovtune.config import DataSource, Recipe, load_recipe, looks_like_local_path
 from sovtune.data import Row, read_rows, to_example
+from sovtune.model import builtin_templates
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -56,7 +57,7 @@ def test_local_files_exist(shipped: tuple[Path, Recipe]) -> None:
     for source in local_sources(recipe):
         assert recipe.resolve(source.path).exists(), source.path
     template = recipe.data.chat_template
-    if template and "{" not in template:
+    if template and "{" not in template and template not in builtin_templates():
         assert recipe.resolve(template).is_file(), template
 
 

@@ -711,6 +711,8 @@ def load_examples(
             stats.rows += 1
             try:
                 examples.append(to_example(row, data, tokenizer))
+            except TemplateError as exc:  # the template, not the row, is at fault: stop at the first row it meets
+                raise TemplateError(f"{row.origin}: {exc}") from None
             except RowError as exc:
                 bad.append(f"{row.origin}: {exc}")
                 stats.drop("malformed row")
