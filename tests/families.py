@@ -42,6 +42,7 @@ class Family:
     terminator: str  # the token that ends an assistant turn
     target_modules: tuple[str, ...]  # what all-linear adapts
     quirks: tuple[str, ...]  # what sovtune handles for this family, in words
+    hub_id: str = ""  # a real model of the family in the planner's offline table (sovtune plan without its config)
     system_message: str = "keep"  # the data.system_message the family's template needs
     vocab_size: int | None = None  # embedding rows of the real model, where it pads the vocabulary
     tokenizer_settings: dict[str, Any] = field(default_factory=dict)  # what the family's tokenizer.json sets and
@@ -55,6 +56,7 @@ class Family:
 GRID: tuple[Family, ...] = (
     Family(
         id="llama3",
+        hub_id="meta-llama/Llama-3.1-8B",
         name="Llama 3.x",
         model_type="llama",
         architecture="LlamaForCausalLM",
@@ -73,6 +75,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="llama2",
+        hub_id="meta-llama/Llama-2-7b-hf",
         name="Llama 2",
         model_type="llama",
         architecture="LlamaForCausalLM",
@@ -90,6 +93,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="mistral",
+        hub_id="mistralai/Mistral-7B-v0.1",
         name="Mistral",
         model_type="mistral",
         architecture="MistralForCausalLM",
@@ -107,6 +111,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="qwen2.5",
+        hub_id="Qwen/Qwen2.5-7B",
         name="Qwen2.5",
         model_type="qwen2",
         architecture="Qwen2ForCausalLM",
@@ -124,6 +129,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="qwen3",
+        hub_id="Qwen/Qwen3-8B",
         name="Qwen3",
         model_type="qwen3",
         architecture="Qwen3ForCausalLM",
@@ -141,6 +147,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="phi3",
+        hub_id="microsoft/Phi-3-mini-4k-instruct",
         name="Phi-3",
         model_type="phi3",
         architecture="Phi3ForCausalLM",
@@ -160,16 +167,18 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="gemma4",
+        hub_id="google/gemma-4-31B-it",
         name="Gemma 4",
         model_type="gemma4_text",
         architecture="Gemma4ForCausalLM",
-        config={
+        config={  # a sliding and a global layer with its own head size, as in Gemma 4 (per-layer config values)
+            "num_hidden_layers": 2,
             "intermediate_size": 32,
             "num_key_value_heads": 1,
             "head_dim": 8,
-            "global_head_dim": 8,
+            "global_head_dim": 16,
             "hidden_size_per_layer_input": 0,
-            "layer_types": ["full_attention"],
+            "layer_types": ["sliding_attention", "full_attention"],
         },
         vocab="gemma-4",
         template="gguf",
@@ -184,6 +193,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="gpt-neox",
+        hub_id="EleutherAI/pythia-1b",
         name="GPT-NeoX / Pythia",
         model_type="gpt_neox",
         architecture="GPTNeoXForCausalLM",
@@ -198,6 +208,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="falcon",
+        hub_id="tiiuae/falcon-7b",
         name="Falcon",
         model_type="falcon",
         architecture="FalconForCausalLM",
@@ -215,6 +226,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="starcoder2",
+        hub_id="bigcode/starcoder2-3b",
         name="StarCoder2",
         model_type="starcoder2",
         architecture="Starcoder2ForCausalLM",
@@ -233,6 +245,7 @@ GRID: tuple[Family, ...] = (
     ),
     Family(
         id="deepseek",
+        hub_id="deepseek-ai/deepseek-llm-7b-base",
         name="DeepSeek LLM",
         model_type="llama",
         architecture="LlamaForCausalLM",
@@ -378,8 +391,7 @@ def tiny_config(item: Family, tokenizer: Any) -> Any:
 
     return AutoConfig.for_model(
         item.model_type,
-        **TINY,
-        **item.config,
+        **{**TINY, **item.config},
         vocab_size=item.vocab_size or len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

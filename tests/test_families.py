@@ -236,3 +236,47 @@ def test_three_steps_then_plain_peft_reloads_the_adapter_and_merge_passes(
             assert not torch.equal(reloaded(input_ids=probe).logits, trained)  # the adapter does something
     merged = merge(result.run_dir, tmp_path / "merged")
     assert merged.check.passed, merged.check.describe()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The planner's offline table
+
+# Parameter counts the model cards publish (rounded as they give them), for the table's numbers.
+PUBLISHED = {
+    "EleutherAI/pythia-1b": 1_011_781_632,  # the Pythia suite's table, exact
+    "EleutherAI/pythia-6.9b": 6_857_302_016,  # the Pythia suite's table, exact
+    "tiiuae/falcon-7b": 7.0e9,
+    "Qwen/Qwen3-0.6B": 0.6e9,
+    "Qwen/Qwen3-8B": 8.2e9,
+    "Qwen/Qwen3-14B": 14.8e9,
+    "bigcode/starcoder2-3b": 3.0e9,
+    "deepseek-ai/deepseek-llm-7b-base": 7.0e9,
+    "google/gemma-3-1b-it": 1.0e9,
+    "google/gemma-4-31B-it": 31e9 - 0.4e9,  # text model only: the card's 31B includes a 0.4B vision tower
+    "microsoft/Phi-3-medium-4k-instruct": 14e9,
+}
+
+
+@pytest.mark.parametrize("item", GRID, ids=[item.id for item in GRID])
+def test_the_offline_table_has_a_real_model_of_every_family(item: Family) -> None:
+    found = planner.known_architecture(item.hub_id)
+    assert found is not None, item.hub_id
+    arch = planner._from_table(item.hub_id)
+    assert arch.model_type == item.model_type
+    assert planner.target_module_names(arch, planner.Settings.from_recipe(_table_recipe(item), device="cpu")) == sorted(
+        item.target_modules
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_table_counts_what_the_model_cards_publish(name: str) -> None:
+    total = planner._from_table(name).total_params
+    assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.03, f"{total:,}"
+
+
+def _table_recipe(item: Family) -> Recipe:
+    from sovtune.config import validate_recipe
+
+    return validate_recipe(
+        {"model": {"name_or_path": item.hub_id, "revision": "0" * 40}, "data": {"train": "train.jsonl"}}
+    )

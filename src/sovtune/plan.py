@@ -123,6 +123,18 @@ def _llama(
     }
 
 
+def _neox(vocab: int, hidden: int, layers: int, heads: int) -> dict[str, Any]:
+    """GPT-NeoX / Pythia: a 4x MLP, untied output head."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "tie_word_embeddings": False,
+    }
+
+
 def _as(model_type: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "model_type": model_type}
 
@@ -149,6 +161,64 @@ KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "google/gemma-2-2b": _as("gemma2", _llama(256000, 2304, 9216, 26, 8, 4, tied=True, head_dim=256)),
     "google/gemma-2-9b": _as("gemma2", _llama(256000, 3584, 14336, 42, 16, 8, tied=True, head_dim=256)),
     "microsoft/Phi-3-mini-4k-instruct": _as("phi3", _llama(32064, 3072, 8192, 32, 32, 32)),
+    "microsoft/Phi-3.5-mini-instruct": _as("phi3", _llama(32064, 3072, 8192, 32, 32, 32)),
+    "microsoft/Phi-3-medium-4k-instruct": _as("phi3", _llama(32064, 5120, 17920, 40, 40, 10)),
+    "Qwen/Qwen3-0.6B": _as("qwen3", _llama(151936, 1024, 3072, 28, 16, 8, tied=True, head_dim=128)),
+    "Qwen/Qwen3-1.7B": _as("qwen3", _llama(151936, 2048, 6144, 28, 16, 8, tied=True, head_dim=128)),
+    "Qwen/Qwen3-4B": _as("qwen3", _llama(151936, 2560, 9728, 36, 32, 8, tied=True, head_dim=128)),
+    "Qwen/Qwen3-8B": _as("qwen3", _llama(151936, 4096, 12288, 36, 32, 8, head_dim=128)),
+    "Qwen/Qwen3-14B": _as("qwen3", _llama(151936, 5120, 17408, 40, 40, 8, head_dim=128)),
+    "google/gemma-3-1b-it": _as("gemma3_text", _llama(262144, 1152, 6912, 26, 4, 1, tied=True, head_dim=256)),
+    # Gemma 4 31B's text model (its checkpoint adds a 0.4B vision tower the planner does not count).
+    "google/gemma-4-31B-it": _as(
+        "gemma4_text",
+        _llama(
+            262144,
+            5376,
+            21504,
+            60,
+            32,
+            16,
+            tied=True,
+            head_dim=256,
+            global_head_dim=512,
+            num_global_key_value_heads=4,
+            attention_k_eq_v=True,
+            hidden_size_per_layer_input=0,
+            sliding_window=1024,
+            layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10,
+        ),
+    ),
+    "deepseek-ai/deepseek-llm-7b-base": _llama(102400, 4096, 11008, 30, 32, 32),
+    "deepseek-ai/deepseek-llm-7b-chat": _llama(102400, 4096, 11008, 30, 32, 32),
+    "deepseek-ai/deepseek-llm-67b-base": _llama(102400, 8192, 22016, 95, 64, 8),
+    "bigcode/starcoder2-3b": _as("starcoder2", _llama(49152, 3072, 12288, 30, 24, 2, tied=True)),
+    "bigcode/starcoder2-7b": _as("starcoder2", _llama(49152, 4608, 18432, 32, 36, 4, tied=True)),
+    "EleutherAI/pythia-1b": {"model_type": "gpt_neox", **_neox(50304, 2048, 16, 8)},
+    "EleutherAI/pythia-6.9b": {"model_type": "gpt_neox", **_neox(50432, 4096, 32, 32)},
+    "EleutherAI/gpt-neox-20b": {"model_type": "gpt_neox", **_neox(50432, 6144, 44, 64)},
+    "tiiuae/falcon-7b": {
+        "model_type": "falcon",
+        "vocab_size": 65024,
+        "hidden_size": 4544,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 71,
+        "multi_query": True,
+        "parallel_attn": True,
+        "bias": False,
+        "new_decoder_architecture": False,
+    },
+    "tiiuae/falcon-40b": {
+        "model_type": "falcon",
+        "vocab_size": 65024,
+        "hidden_size": 8192,
+        "num_hidden_layers": 60,
+        "num_attention_heads": 128,
+        "num_kv_heads": 8,
+        "parallel_attn": True,
+        "bias": False,
+        "new_decoder_architecture": True,
+    },
 }
 # Fine-tuned variants share the base's architecture.
 _VARIANT_SUFFIXES = ("-instruct", "-chat-hf", "-chat", "-hf", "-it")
@@ -283,8 +353,8 @@ def architecture_from_model(model: Any, config: Any, name: str, source: str) -> 
         intermediate_size=_intermediate_size(text, linears, hidden),
         num_layers=text.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or hidden // heads,
+        num_kv_heads=_layer_value(text, "num_key_value_heads") or heads,
+        head_dim=_layer_value(text, "head_dim") or hidden // heads,
         linears=linears,
         embeddings=embeddings,
         output_head=head_name,
@@ -294,6 +364,17 @@ def architecture_from_model(model: Any, config: Any, name: str, source: str) -> 
         module_params=module_params,
         layer_params=sum(p.numel() for p in layer_modules[0].parameters()) if layer_modules else 0,
     )
+
+
+def _layer_value(config: Any, name: str) -> Any:
+    """A config value that may differ between layers (Gemma 4's global-attention layers have their own head size and
+    key-value heads, and transformers refuses a global read): the largest over the layers, for a conservative
+    estimate."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        values = [getattr(layer, name, None) for layer in config.per_layer_config]
+        return max((value for value in values if value is not None), default=None)
 
 
 def _intermediate_size(config: Any, linears: list[LinearLayer], hidden: int) -> int:
