@@ -48,6 +48,9 @@ class Example:
     row: dict[str, Any] = field(default_factory=dict)
     add_bos: bool = False  # prepend the tokenizer's BOS (plain-text formats; chat templates render their own)
     add_eos: bool = False  # append EOS as a supervised token (plain-text formats)
+    # Tokenised as one text (chat: what an inference server gets for the rendered conversation), else segment by
+    # segment (prompt_completion: the completion as generation produces it after the prompt; docs/evaluation.md).
+    joined: bool = False
 
     @property
     def text(self) -> str:
@@ -415,7 +418,7 @@ def render_chat(
     if len(full) > cursor:
         segments.append((full[cursor:], train_on_inputs))
     reference = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
-    return Example(origin="", segments=segments, prompt=prompt, reference=reference)
+    return Example(origin="", segments=segments, prompt=prompt, reference=reference, joined=True)
 
 
 def _assistant_spans(messages: list[dict[str, str]], tokenizer: Any, full: str) -> list[tuple[int, int]]:
@@ -589,11 +592,14 @@ def encode_example(example: Example, tokenizer: Any) -> tuple[Encoded, list[bool
     for segment, _ in example.segments:
         starts.append(position)
         position += len(segment)
-    cuts = sorted(
-        {starts[i] for i in range(1, len(starts)) if example.segments[i][1] != example.segments[i - 1][1]}
-        | ({len(example.prompt)} if 0 < len(example.prompt) < len(text) else set())
-    )
-    encoded = encode(text, cuts, tokenizer)
+    if example.joined:
+        cuts = sorted(
+            {starts[i] for i in range(1, len(starts)) if example.segments[i][1] != example.segments[i - 1][1]}
+            | ({len(example.prompt)} if 0 < len(example.prompt) < len(text) else set())
+        )
+        encoded = encode(text, cuts, tokenizer)
+    else:
+        encoded = _encode_apart(text, starts[1:], tokenizer)
     supervised = [
         example.segments[max(0, bisect.bisect_right(starts, _anchor(text, span)) - 1)][1] for span in encoded.spans
     ]
@@ -608,7 +614,8 @@ def adds_bos(tokenizer: Any) -> bool:
 
 
 def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
-    """Tokens of the rendered text as the tokenizer produces them for the whole text, labelled by segment.
+    """Tokens with labels: a chat example as the tokenizer tokenises its whole rendered text, other formats segment by
+    segment (Example.joined); each token labelled by the segment it belongs to.
 
     BOS is added for plain-text formats only where the tokenizer adds it itself (chat templates render their own).
     """
