@@ -201,6 +201,23 @@ def test_plan_counts_every_parameter_and_names_the_target_modules(case: Case) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What `sovtune init` writes
+
+
+def test_init_picks_the_family_template_and_target_modules_from_the_config(case: Case, tmp_path: Path) -> None:
+    path = tmp_path / "starter.yaml"
+    train = case.recipe.data.train[0].path
+    result = CliRunner().invoke(app, ["init", str(path), "--model", str(case.model_dir), "--data", train])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(path)
+    assert recipe.adapter.target_modules == sorted(case.family.target_modules)
+    builtin = case.family.template.removeprefix("builtin:") if case.family.template.startswith("builtin:") else None
+    assert recipe.data.chat_template == builtin  # the family's built-in where the tokenizer ships no template
+    if builtin is None:
+        assert "# chat_template: the tokenizer's own" in path.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Training, reloading, merging
 
 

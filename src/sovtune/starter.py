@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
-from sovtune.config import looks_like_local_path, validate_recipe
+from sovtune import plan
+from sovtune.config import Recipe, looks_like_local_path, validate_recipe
 from sovtune.core.files import atomic_write_text
 from sovtune.errors import RecipeError
 
@@ -34,12 +36,12 @@ adapter:
   r: 16                 # rank: 8-64; higher learns more, costs more memory
   alpha: 32             # usually alpha = 2 * r
   dropout: 0.05
-  target_modules: all-linear
+  target_modules: {targets}
 data:
   train: {data}
   eval_fraction: 0.1    # or eval: path/to/heldout.jsonl
   format: {format}        # messages | instruction | prompt_completion | text
-  max_length: {max_length}
+{template_line}  max_length: {max_length}
 train:
   epochs: 2
   batch_size: {batch}
@@ -50,6 +52,65 @@ train:
 """
 
 
+# Chat templates for bases whose tokenizer ships none, by the model's config: its model_type, and the vocabulary size
+# where one architecture serves several families. Anything else gets "plain", which works with any vocabulary.
+FAMILY_TEMPLATES = {"mistral": "mistral", "mixtral": "mistral", "starcoder2": "starcoder2"}
+LLAMA_VOCABULARIES = {128256: "llama3", 32000: "llama2", 102400: "deepseek"}
+
+
+def family_template(arch: plan.Architecture) -> str:
+    if arch.model_type == "llama":
+        return LLAMA_VOCABULARIES.get(arch.vocab_size, "plain")
+    return FAMILY_TEMPLATES.get(arch.model_type, "plain")
+
+
+def ships_chat_template(recipe: Recipe) -> bool | None:
+    """Whether the model's tokenizer comes with a chat template (None: its files cannot be read from here)."""
+    if recipe.model_is_local:
+        folder = Path(recipe.model_location)
+        if any((folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+            return True
+        return _has_template(folder / "tokenizer_config.json")
+    from huggingface_hub import hf_hub_download
+
+    try:  # only what is cached: init downloads nothing
+        found = hf_hub_download(
+            recipe.model.name_or_path, "tokenizer_config.json", revision=recipe.model.revision, local_files_only=True
+        )
+    except Exception:  # not cached: unknown, and the starter says so
+        return None
+    return _has_template(Path(found))
+
+
+def _has_template(config: Path) -> bool | None:
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def family_settings(recipe: Recipe, data_format: str) -> tuple[str, str]:
+    """The target_modules value and the chat-template line for the model's family, read from its config."""
+    try:
+        arch = plan.load_architecture(recipe)
+    except plan.PlanError:
+        return "all-linear     # the model's config could not be read here: every linear layer", ""
+    names = sorted({layer.leaf for layer in arch.quantisable()})
+    targets = f"[{', '.join(names)}]   # every linear layer of {arch.model_type} (= all-linear)"
+    if data_format not in ("messages", "instruction"):
+        return targets, ""
+    ships = ships_chat_template(recipe)
+    builtin = family_template(arch)
+    if ships:
+        return targets, "  # chat_template: the tokenizer's own\n"
+    if ships is None:
+        return (
+            targets,
+            f"  # chat_template: {builtin}   # built-in for {arch.model_type}, if its tokenizer ships none\n",
+        )
+    return targets, f"  chat_template: {builtin}   # built-in for {arch.model_type}: the tokenizer ships none\n"
+
+
 def starter_recipe(path: Path, model: str, data: str, data_format: str, gpu: str, revision: str | None) -> str:
     if gpu not in GPU_PRESETS:
         raise RecipeError(f"--gpu {gpu!r}: unknown; choose one of {', '.join(GPU_PRESETS)}")
@@ -57,7 +118,7 @@ def starter_recipe(path: Path, model: str, data: str, data_format: str, gpu: str
         raise RecipeError(f"--model {model!r} is a hub id: pass --revision <commit sha> so the run is reproducible")
     quant, batch, accumulation, max_length, optimizer, comment = GPU_PRESETS[gpu]
     name = path.stem
-    text = TEMPLATE.format(
+    fields = dict(
         name=name,
         model=model,
         data=data,
@@ -72,10 +133,17 @@ def starter_recipe(path: Path, model: str, data: str, data_format: str, gpu: str
         optimizer=optimizer,
         checkpointing="true" if gpu != "cpu" else "false",
     )
+    draft = _validated(TEMPLATE.format(**fields, targets="all-linear", template_line=""), path)
+    targets, template_line = family_settings(draft, data_format)
+    text = TEMPLATE.format(**fields, targets=targets, template_line=template_line)
+    _validated(text, path)
+    return text
+
+
+def _validated(text: str, path: Path) -> Recipe:
     data_dict = yaml.safe_load(text)
     data_dict["source_path"] = str(path.resolve())
-    validate_recipe(data_dict)
-    return text
+    return validate_recipe(data_dict)
 
 
 def write_starter(path: Path, text: str, overwrite: bool) -> None:
