@@ -50,7 +50,8 @@ class Family:
 
     @property
     def test_id(self) -> str:
-        return f"tests/test_families.py[{self.id}]"
+        """How to run this family's tests (every test of the grid carries the id)."""
+        return f"pytest tests/test_families.py -k {self.id}"
 
 
 GRID: tuple[Family, ...] = (

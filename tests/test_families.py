@@ -256,6 +256,28 @@ def test_three_steps_then_plain_peft_reloads_the_adapter_and_merge_passes(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# docs/model-families.md
+
+
+def test_the_families_doc_is_generated_from_this_grid_and_current(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = families.REPO / "scripts" / "gen_families_doc.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stale = tmp_path / "model-families.md"
+    stale.write_text((families.REPO / "docs" / "model-families.md").read_text().replace("Falcon", "Falkon"))
+    done = subprocess.run(
+        [sys.executable, str(script), "--check", "--out", str(stale)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "regenerate it with `python scripts/gen_families_doc.py`" in done.stderr
+    text = (families.REPO / "docs" / "model-families.md").read_text()
+    for item in GRID:  # one row per family, naming how to run its tests
+        assert f"| {item.name} | `{item.architecture}` |" in text and item.test_id in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The planner's offline table
 
 # Parameter counts the model cards publish (rounded as they give them), for the table's numbers.
