@@ -99,9 +99,10 @@ def check(recipe: Recipe) -> PreflightReport:
     add(
         Finding(
             "pad != eos",
-            tokenizer.pad_token_id != tokenizer.eos_token_id,
+            tokenizer.pad_token_id not in stop_token_ids(tokenizer),  # nor the turn terminator (<|im_end|>, ...)
             f"pad={tokenizer.pad_token!r} ({tokenizer.pad_token_id}), "
-            f"eos={tokenizer.eos_token!r} ({tokenizer.eos_token_id})",
+            f"eos={tokenizer.eos_token!r} ({tokenizer.eos_token_id})"
+            + (f", turns end with {', '.join(stops[1:])}" if len(stops) > 1 else ""),
         )
     )
     if recipe.data.format in ("messages", "instruction"):
