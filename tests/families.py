@@ -9,6 +9,7 @@ random model of its transformers architecture (hidden size 16, one layer), so th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -374,17 +375,32 @@ def tokenizer_folder(vocab: str, settings: dict[str, Any] | None = None) -> Path
     return target
 
 
-def load_tokenizer(item: Family) -> Any:
-    """The family's tokenizer with its chat template as the family ships it (none for built-in templates: the
-    recipe names those, as a user's would)."""
+@functools.lru_cache(maxsize=3)
+def _loaded(vocab: str, settings: tuple[tuple[str, Any], ...]) -> tuple[Any, str | None]:
+    """A loaded tokenizer and its pad token as shipped (loading a 262k vocabulary takes seconds: tests share it)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(item.vocab, item.tokenizer_settings)))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(vocab, dict(settings))))
+    return tokenizer, tokenizer.pad_token
+
+
+def load_tokenizer(item: Family) -> Any:
+    """The family's tokenizer with its chat template as the family ships it (none for built-in templates: the
+    recipe names those, as a user's would), and its pad token as shipped. Calls for one family share one object, put
+    back to that state each time."""
+    tokenizer, pad = _loaded(item.vocab, tuple(sorted(item.tokenizer_settings.items())))
+    tokenizer.pad_token = pad
+    tokenizer.chat_template = None
     if item.template.startswith("file:"):
         tokenizer.chat_template = (TEMPLATES / item.template.removeprefix("file:")).read_text(encoding="utf-8")
-    elif item.template.startswith("builtin:"):
-        tokenizer.chat_template = None
+    elif item.template == "gguf":
+        tokenizer.chat_template = _gguf_template(item.vocab, tuple(sorted(item.tokenizer_settings.items())))
     return tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf_template(vocab: str, settings: tuple[tuple[str, Any], ...]) -> str:
+    return (tokenizer_folder(vocab, dict(settings)) / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 def tiny_config(item: Family, tokenizer: Any) -> Any:
