@@ -68,14 +68,26 @@ def download(workdir: Path) -> Path:
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise SystemExit(f"pip download {PACKAGE}=={VERSION} failed: {last[0]}; check network access to the index")
+        raise SystemExit(f"pip download {PACKAGE}=={VERSION} failed: {_pip_failure(result.stderr or result.stdout)}")
     archives = sorted(workdir.glob("*.tar.gz"))
     if len(archives) != 1:
         raise SystemExit(f"pip download left {len(archives)} archives in {workdir}; expected one source distribution")
     if sha256_file(archives[0]) != SDIST_SHA256:  # pip checked it; a second look costs a fraction of a second
         raise SystemExit(f"{archives[0].name}: sha256 differs from the pinned {SDIST_SHA256}; not extracted")
     return archives[0]
+
+
+def _pip_failure(output: str) -> str:
+    """What went wrong, in one line: pip's hash report spans several lines and ends with the digest it got."""
+    lines = [" ".join(line.split()) for line in output.splitlines() if line.strip()]
+    got = next((line.split()[-1] for line in lines if line.startswith("Got ")), None)
+    if got is not None:
+        return (
+            f"the index served an archive with sha256 {got}, not the pinned {SDIST_SHA256}; nothing extracted: "
+            "check which index pip uses (pip config list)"
+        )
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
+    return f"{(errors or lines or ['no output'])[-1][:300]}; check network access to the index"
 
 
 def extract_vocabularies(archive: Path, staged: Path) -> dict[str, str]:

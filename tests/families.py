@@ -345,7 +345,7 @@ def tokenizer_folder(vocab: str, settings: dict[str, Any] | None = None) -> Path
 
     source = vocab_file(vocab)
     suffix = "-".join(f"{key}={value}" for key, value in sorted((settings or {}).items()))
-    target = source.parent.parent / f"converted-transformers-{transformers.__version__}" / f"{vocab}{suffix}"
+    target = source.parent.parent / f"converted-transformers-{transformers.__version__}" / "-".join(filter(None, [vocab, suffix]))
     if (target / "tokenizer.json").is_file():
         return target
     converted = PreTrainedTokenizerFast.from_pretrained(str(source.parent), gguf_file=source.name)
