@@ -344,8 +344,8 @@ def tokenizer_folder(vocab: str, settings: dict[str, Any] | None = None) -> Path
     from transformers import PreTrainedTokenizerFast
 
     source = vocab_file(vocab)
-    suffix = "-".join(f"{key}={value}" for key, value in sorted((settings or {}).items()))
-    target = source.parent.parent / f"converted-transformers-{transformers.__version__}" / "-".join(filter(None, [vocab, suffix]))
+    name = "-".join([vocab, *(f"{key}={value}" for key, value in sorted((settings or {}).items()))])
+    target = source.parent.parent / f"converted-transformers-{transformers.__version__}" / name
     if (target / "tokenizer.json").is_file():
         return target
     converted = PreTrainedTokenizerFast.from_pretrained(str(source.parent), gguf_file=source.name)
