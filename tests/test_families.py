@@ -213,6 +213,7 @@ def test_init_picks_the_family_template_and_target_modules_from_the_config(case:
     assert recipe.adapter.target_modules == sorted(case.family.target_modules)
     builtin = case.family.template.removeprefix("builtin:") if case.family.template.startswith("builtin:") else None
     assert recipe.data.chat_template == builtin  # the family's built-in where the tokenizer ships no template
+    assert recipe.data.system_message == case.family.system_message  # merge where the template has no system role
     if builtin is None:
         assert "# chat_template: the tokenizer's own" in path.read_text(encoding="utf-8")
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import yaml
 
-from sovtune import plan
+from sovtune import data, plan
+from sovtune import model as models
 from sovtune.config import Recipe, looks_like_local_path, validate_recipe
 from sovtune.core.files import atomic_write_text
-from sovtune.errors import RecipeError
+from sovtune.errors import RecipeError, SovtuneError
 
 # Per target GPU: (quantisation, batch size, gradient accumulation, max length, optimizer, comment).
 GPU_PRESETS = {
@@ -102,13 +103,34 @@ def family_settings(recipe: Recipe, data_format: str) -> tuple[str, str]:
     ships = ships_chat_template(recipe)
     builtin = family_template(arch)
     if ships:
-        return targets, "  # chat_template: the tokenizer's own\n"
+        return targets, "  # chat_template: the tokenizer's own\n" + _system_line(recipe, None)
     if ships is None:
         return (
             targets,
             f"  # chat_template: {builtin}   # built-in for {arch.model_type}, if its tokenizer ships none\n",
         )
-    return targets, f"  chat_template: {builtin}   # built-in for {arch.model_type}: the tokenizer ships none\n"
+    return (
+        targets,
+        f"  chat_template: {builtin}   # built-in for {arch.model_type}: the tokenizer ships none\n"
+        + _system_line(recipe, builtin),
+    )
+
+
+def _system_line(recipe: Recipe, builtin: str | None) -> str:
+    """`system_message: merge` where the chosen template rejects or drops system messages (Gemma, Mistral, Phi-3):
+    a local tokenizer is loaded to find out, nothing is downloaded; '' when it takes them or cannot be read here."""
+    if not recipe.model_is_local:
+        return ""
+    chosen = recipe.model_copy(update={"data": recipe.data.model_copy(update={"chat_template": builtin})})
+    try:
+        tokenizer = models.load_tokenizer(chosen)
+        data.place_system_text([{"role": "system", "content": "s"}], tokenizer, "keep")
+    except data.TemplateError as exc:
+        why = "rejects" if "rejects" in str(exc) else "drops"
+        return f"  system_message: merge   # the template {why} system messages: their text opens the first user turn\n"
+    except SovtuneError:  # the tokenizer cannot be read here: `sovtune check` says why
+        return ""
+    return ""
 
 
 def starter_recipe(path: Path, model: str, data: str, data_format: str, gpu: str, revision: str | None) -> str:
