@@ -31,8 +31,8 @@ transformers architecture**. For every family the grid proves: `sovtune check` p
 trip at 100%; the trained tokens decode to exactly the assistant contents plus the turn terminator (multi-turn, with
 system text); one BOS; a pad token that is neither EOS nor a turn terminator; generation stops at the turn end;
 `sovtune plan` counts every parameter and names the target modules, and knows a real model of the family offline;
-`sovtune init` writes the family's template and target modules; three training steps give an adapter that plain peft
-reloads with the same logits and that `sovtune merge` merges. Each quirk has its own test in
+`sovtune init` writes the family's template, target modules and `data.system_message`; three training steps give an
+adapter that plain peft reloads with the same logits and that `sovtune merge` merges. Each quirk has its own test in
 `tests/test_family_quirks.py`.
 
 What makes other families work the same way: the conversation is rendered once and each answer located in it (no
