@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
+from helpers import invoke, make_run
 from sovtune import audit
 from sovtune.config import load_recipe
 from sovtune.errors import GateFailed, SovtuneError
@@ -112,18 +112,15 @@ def test_unwritable_log_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cli_commands_write_events(make_recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from run_factory import make_run
-    from sovtune.cli import app
-
     log = tmp_path / "cli.jsonl"
     monkeypatch.setenv(audit.ENV_PATH, str(log))
     recipe_path = make_recipe("cliaudit")
-    result = CliRunner().invoke(app, ["check", str(recipe_path)])
+    result = invoke("check", str(recipe_path))
     assert result.exit_code == 0, result.output
     recipe = make_run(recipe_path)
     bundle_path = tmp_path / "b.tar"
-    assert CliRunner().invoke(app, ["export", str(recipe.run_dir), str(bundle_path)]).exit_code == 0
-    bad = CliRunner().invoke(app, ["check", str(tmp_path / "missing.yaml")])
+    assert invoke("export", str(recipe.run_dir), str(bundle_path)).exit_code == 0
+    bad = invoke("check", str(tmp_path / "missing.yaml"))
     assert bad.exit_code == 2
     events = [(e["event"], e["outcome"], e["destination"]) for e in lines(log)]
     assert events == [("check", "ok", None), ("export", "ok", str(bundle_path)), ("check", "failed", None)]
@@ -139,8 +136,6 @@ def test_push_and_pull_are_audited_without_the_token(
     from huggingface_hub import constants
 
     from hub_server import HubDouble
-    from run_factory import make_run
-    from sovtune.cli import app
     from sovtune.publish import hub as hub_module
 
     recipe = make_run(make_recipe("pushaudit"))
@@ -152,16 +147,11 @@ def test_push_and_pull_are_audited_without_the_token(
         monkeypatch.setattr(hub_module, "RETRY_WAIT_S", 0.0)
         log = tmp_path / "hub.jsonl"
         monkeypatch.setenv(audit.ENV_PATH, str(log))
-        runner = CliRunner()
-        pushed = runner.invoke(app, ["push", str(recipe.run_dir), "--repo", "acme/audited", "--endpoint", double.url])
+        pushed = invoke("push", str(recipe.run_dir), "--repo", "acme/audited", "--endpoint", double.url)
         assert pushed.exit_code == 0, pushed.output
-        pulled = runner.invoke(
-            app, ["pull", "acme/audited", "--endpoint", double.url, "--out", str(tmp_path / "pulled")]
-        )
+        pulled = invoke("pull", "acme/audited", "--endpoint", double.url, "--out", str(tmp_path / "pulled"))
         assert pulled.exit_code == 0, pulled.output
-        refused = runner.invoke(
-            app, ["push", str(recipe.run_dir), "--repo", "acme/other", "--endpoint", double.url + "/nope"]
-        )
+        refused = invoke("push", str(recipe.run_dir), "--repo", "acme/other", "--endpoint", double.url + "/nope")
         assert refused.exit_code == 2
     finally:
         double.stop()

@@ -3,18 +3,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from sovtune.cli import app
+from helpers import invoke, run_cli
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
@@ -87,7 +83,7 @@ def test_bad_input_gets_one_clear_line(case: dict[str, Any], workspace: Path) ->
         if torch.cuda.is_available():
             pytest.skip("this input is only bad on a machine without a GPU")
     before = snapshot(workspace)
-    result = CliRunner().invoke(app, command(case, workspace / "corpus"))
+    result = invoke(*command(case, workspace / "corpus"))
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # a bug would leave another exception
     assert "Traceback" not in result.output
@@ -102,15 +98,7 @@ def test_a_real_process_prints_only_the_line(case_id: str, workspace: Path) -> N
     """The same through a separate `python -m sovtune` process: its real stderr, exit code and files."""
     case = next(case for case in CASES if case["id"] == case_id)
     before = snapshot(workspace)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(
-        [sys.executable, "-m", "sovtune", *command(case, workspace / "corpus")],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_cli(*command(case, workspace / "corpus"), cwd=workspace)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stdout.strip() == ""
     message = the_error_line(done.stderr)

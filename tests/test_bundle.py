@@ -8,11 +8,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from run_factory import make_run
+from helpers import invoke, make_run
 from sovtune import pipeline
-from sovtune.cli import app
 from sovtune.publish import bundle
 from sovtune.run import verify as verification
 
@@ -40,7 +38,7 @@ def rewrite(source: Path, target: Path, change) -> None:
 
 def test_export_verify_round_trip(run, tmp_path: Path) -> None:
     path = tmp_path / "out" / "bundle.tar"
-    cli = CliRunner().invoke(app, ["export", str(run.run_dir), str(path)])
+    cli = invoke("export", str(run.run_dir), str(path))
     assert cli.exit_code == 0, cli.output
     files = members(path)
     assert {"bund/manifest.json", "bund/SHA256SUMS", "bund/README.md", "bund/recipe.yaml",
@@ -57,7 +55,7 @@ def test_export_verify_round_trip(run, tmp_path: Path) -> None:
     result = pipeline.verify(path)
     assert result.ok and "adapter/adapter_model.safetensors" in result.checked
     assert result.not_checked  # data and base-model files live outside the bundle
-    cli = CliRunner().invoke(app, ["verify", str(path)])
+    cli = invoke("verify", str(path))
     assert cli.exit_code == 0 and "match their recorded SHA-256" in cli.output
 
 
@@ -80,7 +78,7 @@ def test_tampered_member_fails_verify(run, tmp_path: Path) -> None:
     rewrite(good, bad, flip)
     with pytest.raises(verification.VerifyFailed, match="hash mismatch: adapter/adapter_model.safetensors"):
         pipeline.verify(bad)
-    cli = CliRunner().invoke(app, ["verify", str(bad)])
+    cli = invoke("verify", str(bad))
     assert cli.exit_code == 2 and "adapter/adapter_model.safetensors" in cli.output
 
 
@@ -135,7 +133,7 @@ def test_export_refuses_a_tampered_run_and_writes_nothing(run, tmp_path: Path) -
     weights = run.run_dir / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b"\0")
     target = tmp_path / "never.tar"
-    cli = CliRunner().invoke(app, ["export", str(run.run_dir), str(target)])
+    cli = invoke("export", str(run.run_dir), str(target))
     assert cli.exit_code == 2 and "refusing to export" in cli.output and "adapter_model.safetensors" in cli.output
     assert not target.exists() and not list(tmp_path.glob(".never.tar*"))
 
@@ -152,5 +150,5 @@ def test_unpacked_bundle_verifies_as_a_folder(run, tmp_path: Path) -> None:
 
 
 def test_export_needs_a_trained_run(tmp_path: Path) -> None:
-    cli = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), str(tmp_path / "x.tar")])
+    cli = invoke("export", str(tmp_path / "missing"), str(tmp_path / "x.tar"))
     assert cli.exit_code == 2 and "not a run directory" in cli.output

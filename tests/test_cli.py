@@ -7,32 +7,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 import sovtune
-from conftest import write_recipe
-from sovtune.cli import app
+from helpers import invoke, run_cli, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The real entry point (`python -m sovtune`) in a child process: what a user's shell sees."""
-    return subprocess.run(
-        [sys.executable, "-m", "sovtune", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})},
-    )
-
-
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
 
 
 def test_help_is_fast_and_imports_no_ml_library() -> None:

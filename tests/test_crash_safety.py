@@ -19,19 +19,14 @@ from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from conftest import write_recipe
+from helpers import invoke, write_recipe
 from sovtune.cli import app
 from sovtune.core import files
 from sovtune.core.files import atomic_write_json as write_json_atomic
 from sovtune.run import checkpoints, fingerprint, lock
 from sovtune.run.checkpoints import last_checkpoint
 from sovtune.training import save_adapter
-
-
-def invoke(*args: Any) -> Any:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def error_line(result: Any, exit_code: int = 2) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CORPUS, build_tokenizer, write_jsonl
+from helpers import CORPUS, build_tokenizer, write_jsonl
 from sovtune import model as models
 from sovtune.config import DataSource, Recipe, validate_recipe
 from sovtune.data import (

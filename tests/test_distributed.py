@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import qa_rows, write_jsonl
+from helpers import qa_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -13,12 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from helpers import invoke, write_jsonl
 from sovtune import evaluation as ev
 from sovtune import model as models
-from sovtune.cli import app
 from sovtune.config import load_recipe
 from sovtune.data import IGNORE_INDEX
 from sovtune.errors import DataError, GateFailed, RecipeError
@@ -245,7 +243,7 @@ def test_eval_cli_exits_3_naming_the_failing_gate(make_recipe: Any, tmp_path: Pa
     run_dir = tmp_path / "elsewhere"
     args = ["eval", str(run_dir), "--recipe", str(recipe_path), "--adapter", str(adapter), "--set",
             "eval.gates={sql_execution: {min_gain: 0.5}, general_perplexity: {max_increase: 100}}"]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    result = invoke(*args)
     assert result.exit_code == 3, result.output
     assert "gate failed: sql_execution (sql/sql_execution) min_gain 0.5" in " ".join(result.output.split())
     assert "general_perplexity" not in result.output.split("gate failed:")[1]  # only the failing gate is named
@@ -256,16 +254,16 @@ def test_eval_cli_passes_and_bad_input_exits_2(make_recipe: Any, tmp_path: Path,
     recipe_path = sql_recipe(make_recipe, tmp_path, company_db, gates={"sql_execution": {"min_gain": -1.0}})
     adapter = save_adapter(recipe_path)
     run_dir = adapter.parent
-    bad_gate = CliRunner().invoke(
-        app, ["eval", str(run_dir), "--recipe", str(recipe_path), "--set", "eval.gates={sql_exec: {min_gain: 0}}"]
+    bad_gate = invoke(
+        "eval", str(run_dir), "--recipe", str(recipe_path), "--set", "eval.gates={sql_exec: {min_gain: 0}}"
     )
     assert bad_gate.exit_code == 2 and "did you mean 'sql_execution'?" in bad_gate.output
     copied_base = shutil.copytree(load_recipe(recipe_path).model_location, tmp_path / "base-copy")
-    result = CliRunner().invoke(app, ["eval", str(run_dir), "--recipe", str(recipe_path), "--base", str(copied_base)])
+    result = invoke("eval", str(run_dir), "--recipe", str(recipe_path), "--base", str(copied_base))
     assert result.exit_code == 0, result.output
     assert "sql_execution" in result.output and "gate pass" in result.output
     assert json.loads((run_dir / "report.json").read_text())["base_model"]["name_or_path"] == str(copied_base)
-    missing = CliRunner().invoke(app, ["eval", str(tmp_path / "nothing-here")])
+    missing = invoke("eval", str(tmp_path / "nothing-here"))
     assert missing.exit_code == 2 and "pass --recipe" in missing.output
 
 
@@ -286,7 +284,7 @@ def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: An
         train={"max_steps": 2},
         eval={"generation": {"max_new_tokens": 4}, "gates": {"exact_match": {"min_value": 0.99}}},
     )
-    result = CliRunner().invoke(app, ["run", str(recipe_path)])
+    result = invoke("run", str(recipe_path))
     assert result.exit_code == 3, result.output
     output = " ".join(result.output.split())
     assert "gate failed: exact_match (eval/exact_match) min_value 0.99" in output
@@ -297,7 +295,7 @@ def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: An
     run_dir = load_recipe(recipe_path).run_dir
     assert (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "report.json").is_file()
     # `sovtune eval RUN_DIR` alone re-evaluates with the recipe the run saved.
-    again = CliRunner().invoke(app, ["eval", str(run_dir), "--set", "eval.gates={}", "--overwrite"])
+    again = invoke("eval", str(run_dir), "--set", "eval.gates={}", "--overwrite")
     assert again.exit_code == 0, again.output
     assert json.loads((run_dir / "report.json").read_text())["gates"] == []
 
@@ -335,7 +333,7 @@ def test_check_eval_warns_when_references_cannot_fit_the_generation_budget(
     assert enough.warnings == []
     one_short = ev.check_eval(load_recipe(recipe_path, [f"eval.generation.max_new_tokens={longest - 1}"]))
     assert len(one_short.warnings) == 1 and f"raise it to at least {longest}" in one_short.warnings[0]
-    result = CliRunner().invoke(app, ["check", str(recipe_path), "--json"])
+    result = invoke("check", str(recipe_path), "--json")
     checks = {check["check"]: check for check in json.loads(result.stdout)["checks"]}
     assert checks["generation budget"]["ok"] is False and tight.warnings[0] in checks["generation budget"]["detail"]
     assert result.exit_code == 0  # a warning, not a failure: the cap may be deliberate

@@ -9,22 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import CORPUS, write_jsonl
-from run_factory import make_run
+from helpers import CORPUS, invoke, make_run, qa_rows, write_jsonl
 from sovtune import evaluation as ev
 from sovtune import model as models
 from sovtune import report as reports
-from sovtune.cli import app
 from sovtune.config import load_recipe
 from sovtune.core.rundir import RunDir
 from sovtune.errors import RecipeError
 from sovtune.metrics import Scores, chrf, paired_bootstrap, rouge_l
-
-
-def invoke(*args: Any) -> Any:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def error_line(result: Any) -> str:
@@ -315,8 +308,6 @@ def tuned_values(run_dir: Path, metric: str) -> dict[tuple[str, str], tuple[floa
 def test_compare_pairs_runs_example_by_example_and_flags_different_example_sets(
     make_recipe: Any, tmp_path: Path
 ) -> None:
-    from conftest import qa_rows
-
     train = write_jsonl(tmp_path / "shared-train.jsonl", qa_rows())
     general = general_documents(tmp_path)
     runs = {}

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers import invoke, make_run, qa_rows, write_jsonl
 from hub_server import HubDouble
 
 REPO = "acme/support-adapter"
@@ -20,17 +21,10 @@ LFS_THRESHOLD = 8 * 1024  # tokenizer.json of the tiny model is larger: it must 
 @pytest.fixture(scope="session")
 def template_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A run directory as `sovtune run` leaves it: recipe.yaml + manifest (provenance), adapter/, report.json."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from conftest import qa_rows, write_jsonl
-    from sovtune.config import load_recipe
     from sovtune.metrics import Scores, paired_bootstrap
     from sovtune.report import MetricResult, Report
     from sovtune.run import manifest
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("hub-run")
     run_dir = root / "runs" / "support"
     data = write_jsonl(root / "train.jsonl", qa_rows(8))
@@ -47,16 +41,7 @@ def template_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
         ),
         encoding="utf-8",
     )
-    recipe = load_recipe(recipe_path)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    manifest.start(recipe, run_dir, tokenizer=tokenizer)
-    torch.manual_seed(0)
-    model = get_peft_model(
-        LlamaForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    )
-    model.save_pretrained(run_dir / "adapter")
-    tokenizer.save_pretrained(run_dir / "adapter")
-    manifest.record_train(run_dir, recipe, {"train_loss": 2.0})
+    make_run(recipe_path)
     comparison = paired_bootstrap(
         Scores.mean([0, 0, 1, 0, 0, 1]), Scores.mean([1, 1, 1, 0, 1, 1]), resamples=1000, seed=0
     )
@@ -443,40 +428,31 @@ def test_pull_needs_a_manifest(hub: HubDouble, tmp_path: Path) -> None:
 def test_cli_push_and_pull_exit_codes(
     run_dir: Path, hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from typer.testing import CliRunner
-
-    from sovtune.cli import app
-
-    runner = CliRunner()
-    done = runner.invoke(app, ["push", str(run_dir), "--repo", REPO, "--endpoint", hub.url])
+    done = invoke("push", str(run_dir), "--repo", REPO, "--endpoint", hub.url)
     assert done.exit_code == 0, done.output
     assert hub.repos[REPO].private is True
 
     monkeypatch.setenv("HF_ENDPOINT", hub.url)  # pull takes the endpoint from the environment
-    done = runner.invoke(app, ["pull", REPO, "--out", str(tmp_path / "pulled")])
+    done = invoke("pull", REPO, "--out", str(tmp_path / "pulled"))
     assert done.exit_code == 0, done.output
     assert (tmp_path / "pulled" / "adapter" / "adapter_model.safetensors").is_file()
 
     hub.commit_files(REPO, {"adapter_config.json": b"{}"})
-    done = runner.invoke(app, ["pull", REPO, "--out", str(tmp_path / "tampered")])
+    done = invoke("pull", REPO, "--out", str(tmp_path / "tampered"))
     assert done.exit_code == 2 and "hash mismatch: adapter/adapter_config.json" in done.output
     assert not (tmp_path / "tampered").exists()
 
     monkeypatch.setenv("HF_TOKEN", hub.read_token)
-    done = runner.invoke(app, ["push", str(run_dir), "--repo", "acme/other"])
+    done = invoke("push", str(run_dir), "--repo", "acme/other")
     assert done.exit_code == 2 and "403" in done.output and hub.read_token not in done.output
     assert done.output.count("\n") <= 2  # one error line (wrapped at most once by the terminal width)
 
 
 def test_cli_push_takes_repo_endpoint_and_visibility_from_the_runs_recipe(run_dir: Path, hub: HubDouble) -> None:
-    from typer.testing import CliRunner
-
-    from sovtune.cli import app
-
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     recipe["hub"] = {"repo": "acme/from-recipe", "endpoint": hub.url, "private": False}
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    done = CliRunner().invoke(app, ["push", str(run_dir)])
+    done = invoke("push", str(run_dir))
     assert done.exit_code == 0, done.output
     assert hub.repos["acme/from-recipe"].private is False
 

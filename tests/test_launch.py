@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from sovtune.cli import app
+from helpers import invoke
 from sovtune.config import load_recipe
 from sovtune.launch import LaunchError, build_command, check_strategy
 
@@ -250,7 +249,7 @@ def test_recipes_that_document_a_launch_are_consistent_with_it(monkeypatch: pyte
 def test_cli_dry_run_prints_the_command(recipe_file, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(ROOT)
     path = recipe_file()
-    result = CliRunner().invoke(app, ["launch", str(path), "--gpus", "2", "--dry-run", "--set", "train.seed=3"])
+    result = invoke("launch", str(path), "--gpus", "2", "--dry-run", "--set", "train.seed=3")
     assert result.exit_code == 0, result.output
     assert result.output.replace("\n", "") == (
         f"accelerate launch --config_file {ROOT}/configs/accelerate/ddp.yaml --num_processes 2 "
@@ -260,7 +259,7 @@ def test_cli_dry_run_prints_the_command(recipe_file, monkeypatch: pytest.MonkeyP
 
 def test_cli_refusal_is_one_line_exit_2(recipe_file):
     path = recipe_file(mode="8bit")
-    result = CliRunner().invoke(app, ["launch", str(path), "--gpus", "2", "--strategy", "fsdp", "--dry-run"])
+    result = invoke("launch", str(path), "--gpus", "2", "--strategy", "fsdp", "--dry-run")
     assert result.exit_code == 2
     assert "error: --strategy fsdp: 8-bit (LLM.int8) weights cannot be sharded" in result.output
     assert "Traceback" not in result.output
@@ -271,7 +270,7 @@ def test_a_failing_accelerate_launch_is_a_clear_error(recipe_file, tmp_path: Pat
     bad = tmp_path / "bad.yaml"
     bad.write_text("distributed_type: MULTI_GPU\nnot_a_setting: 1\n", encoding="utf-8")
     path = recipe_file()
-    result = CliRunner().invoke(app, ["launch", str(path), "--gpus", "2", "--config-file", str(bad)])
+    result = invoke("launch", str(path), "--gpus", "2", "--config-file", str(bad))
     assert result.exit_code == 2
     assert "error: accelerate launch exited with code 1: a process failed and the others were stopped" in result.output
 

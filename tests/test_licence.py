@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
+from helpers import invoke
 from sovtune.config import load_recipe
 from sovtune.licence import LicenceRefused, check_licence
 
@@ -74,15 +74,13 @@ def test_without_allow_list_the_licence_is_only_recorded(make_recipe, tmp_path: 
 
 
 def test_check_fails_and_train_stops_before_loading_weights(make_recipe, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from sovtune.cli import app
-
     folder = model_folder(tmp_path, "---\nlicense: cc-by-nc-4.0\n---\n", source=tiny_model_dir)
     recipe_path = make_recipe(
         "gated", model={"name_or_path": str(folder)}, sovereignty={"allowed_licenses": ["apache-2.0"]}
     )
-    check = CliRunner().invoke(app, ["check", str(recipe_path)])
+    check = invoke("check", str(recipe_path))
     assert check.exit_code == 2 and "cc-by-nc-4.0" in check.output and "FAIL" in check.output
-    train = CliRunner().invoke(app, ["train", str(recipe_path)])
+    train = invoke("train", str(recipe_path))
     assert train.exit_code == 2 and "not in sovereignty.allowed_licenses" in train.output
     assert not load_recipe(recipe_path).run_dir.exists()
 

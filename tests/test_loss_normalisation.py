@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from sovtune import model as models
 from sovtune import speed
 from sovtune import training as training

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from run_factory import make_run
+from helpers import invoke, make_run
 from sovtune import merge as merging
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -93,16 +93,12 @@ def test_refuses_existing_out_and_missing_adapter(make_recipe, tmp_path: Path) -
 
 
 def test_merge_cli(make_recipe, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from sovtune.cli import app
-
     recipe = make_run(make_recipe("cli"))
     out = tmp_path / "merged-cli"
-    result = CliRunner().invoke(app, ["merge", str(recipe.run_dir), str(out)])
+    result = invoke("merge", str(recipe.run_dir), str(out))
     assert result.exit_code == 0, result.output
     assert "top-1 agreement" in result.output and (out / "model.safetensors").is_file()
-    again = CliRunner().invoke(app, ["merge", str(recipe.run_dir), str(out)])
+    again = invoke("merge", str(recipe.run_dir), str(out))
     assert again.exit_code == 2 and "--overwrite" in again.output
     from sovtune.audit import log_path
 

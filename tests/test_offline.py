@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from helpers import invoke
 from sovtune import offline
 
 TEST_NET = "203.0.113.1"  # TEST-NET-3: never routed; the guard refuses before any packet is sent
@@ -171,16 +172,12 @@ def test_full_run_in_offline_mode_attempts_no_connection(
     """`sovtune run --offline`: data, model, training, evaluation and manifest with zero outbound attempts."""
     import json
 
-    from typer.testing import CliRunner
-
-    from sovtune.cli import app
-
     recipe_path = make_recipe(
         "offline-run",
         train={"max_steps": 1, "batch_size": 4, "gradient_checkpointing": False, "seed": 0, "save_steps": 10},
         eval={"max_examples": 2, "samples": 0, "generation": {"max_new_tokens": 4}},
     )
-    result = CliRunner().invoke(app, ["run", str(recipe_path), "--offline"])
+    result = invoke("run", str(recipe_path), "--offline")
     assert result.exit_code in (0, 3), result.output  # 3 = a gate said no: the run itself completed
     assert guard.is_active() and __import__("os").environ["HF_HUB_OFFLINE"] == "1"
     assert guard.refused_attempts() == []

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from helpers import CORPUS, build_tokenizer, invoke
 from sovtune import plan as planner
-from sovtune.cli import app
 from sovtune.config import load_recipe
 
 MB = 10**6
@@ -168,8 +167,6 @@ def measured_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Llama big enough that activations and the LM head, not bookkeeping, make up the peak (8 layers, hidden 256)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import build_tokenizer
-
     path = tmp_path_factory.mktemp("measured-llama")
     tokenizer = build_tokenizer(path)
     torch.manual_seed(0)
@@ -191,8 +188,6 @@ def measured_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _long_text_rows(n: int = 6) -> list[dict[str, str]]:
-    from conftest import CORPUS
-
     text = " ".join(CORPUS)
     return [{"text": text[i * 11 :] + " " + text} for i in range(n)]
 
@@ -412,16 +407,16 @@ def test_unknown_gpu_is_a_plan_error():
 
 
 def test_cli_plan_json(llama8b_recipe):
-    result = CliRunner().invoke(app, ["plan", str(llama8b_recipe), "--gpu", "a100-80gb", "--json"])
+    result = invoke("plan", str(llama8b_recipe), "--gpu", "a100-80gb", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["architecture_source"] == "built-in table"
     assert report["total_bytes"] == sum(c["bytes"] for c in report["components"])
     assert report["gpus"][0]["gpu"] == "a100-80gb" and isinstance(report["gpus"][0]["fits"], bool)
-    table = CliRunner().invoke(app, ["plan", str(llama8b_recipe), "--gpu", "l4-24gb"])
+    table = invoke("plan", str(llama8b_recipe), "--gpu", "l4-24gb")
     assert table.exit_code == 0 and "to fit on l4-24gb" in table.output and "--set " in table.output
 
 
 def test_cli_plan_bad_gpu_exit_2(llama8b_recipe):
-    result = CliRunner().invoke(app, ["plan", str(llama8b_recipe), "--gpu", "potato"])
+    result = invoke("plan", str(llama8b_recipe), "--gpu", "potato")
     assert result.exit_code == 2 and "error: --gpu 'potato': unknown GPU" in result.output

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import CORPUS, qa_rows, write_recipe
-from sovtune.cli import app
+from helpers import CORPUS, build_tiny_model, build_tokenizer, invoke, qa_rows, write_recipe
 
-# The tiny model (conftest): hidden 32, MLP 64, 2 layers, 4 query / 2 key-value heads of width 8, 400 tokens, untied.
+# The tiny model (helpers.build_tiny_model): hidden 32, MLP 64, 2 layers, 4 query / 2 key-value heads of width 8,
+# 400 tokens, untied.
 HIDDEN, MLP, KV, VOCAB, LAYERS = 32, 64, 16, 400, 2
 PER_LAYER = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV + 3 * HIDDEN * MLP + 2 * HIDDEN  # q,o + k,v + gate,up,down + norms
 PARAMETERS = 2 * VOCAB * HIDDEN + LAYERS * PER_LAYER + HIDDEN
@@ -31,10 +30,6 @@ def lora_parameters(r: int) -> int:
         (MLP, HIDDEN),
     ]
     return LAYERS * sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes)
-
-
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
 
 
 def one_line_error(result: Any) -> str:
@@ -130,7 +125,6 @@ def test_tied_embeddings_are_counted_once() -> None:
 def biased_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with attention and MLP biases and tied embeddings: every case of the count has something to
     add."""
-    from conftest import build_tiny_model, build_tokenizer
 
     path = tmp_path_factory.mktemp("biased-llama")
     return build_tiny_model(path, build_tokenizer(path), attention_bias=True, mlp_bias=True, tie_word_embeddings=True)

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from helpers import invoke, write_jsonl
 from sovtune import evaluation as ev
 from sovtune import model as models
-from sovtune.cli import app
 from sovtune.config import load_recipe
 from sovtune.data import IGNORE_INDEX, Row, to_example, tokenize
 from sovtune.errors import RecipeError
@@ -54,7 +52,7 @@ def test_the_separator_ends_the_prompt_and_is_never_trained(make_recipe: Any, tm
 
 
 def boundary(recipe: Path) -> dict[str, Any]:
-    result = CliRunner().invoke(app, ["check", str(recipe), "--json"])
+    result = invoke("check", str(recipe), "--json")
     assert result.exit_code == 0, result.output
     return next(
         check for check in json.loads(result.stdout)["checks"] if check["check"] == "prompt/completion boundary"

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import qa_rows, write_jsonl
+from helpers import qa_rows, write_jsonl
 from sovtune.config import DataSection, Recipe, load_recipe
 from sovtune.config.loader import _model_in_annotation
 from sovtune.data import Example, Row, RowError, Tokenized, _read_file, to_example, tokenize

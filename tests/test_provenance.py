@@ -10,12 +10,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from run_factory import make_run
+from helpers import invoke, make_run, qa_rows
 from sovtune import data as data_module
 from sovtune import pipeline
-from sovtune.cli import app
 from sovtune.run import manifest as manifests
 from sovtune.run import verify as verification
 
@@ -86,7 +84,7 @@ def test_manifest_records_inputs_environment_and_outputs(run, tiny_model_dir: Pa
 def test_verify_passes_on_untouched_run(run) -> None:
     result = pipeline.verify(run.run_dir)
     assert result.ok and "adapter/adapter_model.safetensors" in result.checked and not result.not_checked
-    cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
+    cli = invoke("verify", str(run.run_dir))
     assert cli.exit_code == 0 and "match their recorded SHA-256" in cli.output
 
 
@@ -94,7 +92,7 @@ def test_tampered_adapter_fails_with_exit_2(run) -> None:
     flip_byte(run.run_dir / "adapter" / "adapter_model.safetensors")
     with pytest.raises(verification.VerifyFailed, match="hash mismatch: adapter/adapter_model.safetensors"):
         pipeline.verify(run.run_dir)
-    cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
+    cli = invoke("verify", str(run.run_dir))
     assert cli.exit_code == 2 and "adapter/adapter_model.safetensors" in cli.output
 
 
@@ -102,7 +100,7 @@ def test_tampered_data_and_deleted_adapter_file_are_listed(run) -> None:
     data_file = Path(run.resolve(run.data.train[0].path))
     data_file.write_text(data_file.read_text() + '{"messages": []}\n')
     (run.run_dir / "adapter" / "adapter_config.json").unlink()
-    cli = CliRunner().invoke(app, ["verify", str(run.run_dir)])
+    cli = invoke("verify", str(run.run_dir))
     assert cli.exit_code == 2
     assert (
         str(data_file.resolve()) in cli.output.replace("\n", "")
@@ -154,8 +152,6 @@ def test_manifest_write_is_atomic(run, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_scan_counts_reach_the_manifest_without_values(make_recipe) -> None:
-    from conftest import qa_rows
-
     rows = qa_rows()
     rows[0]["messages"][1]["content"] = "mail jane.doe@example.org, card 4111 1111 1111 1111"
     recipe = make_run(make_recipe("scanned", rows=rows, sovereignty={"data_scan": "redact"}))

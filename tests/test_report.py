@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
+from helpers import invoke
 from sovtune import report as reports
-from sovtune.cli import app
 from sovtune.config import Recipe, load_recipe
 from sovtune.evaluation import PairedScores, SuiteOutcome
 from sovtune.metrics import Scores
@@ -150,7 +149,7 @@ def run_with_report(tmp_path: Path, name: str, seed: int, model: str = "/models/
 def test_compare_puts_runs_side_by_side_against_their_base(tmp_path: Path) -> None:
     run_a, run_b = run_with_report(tmp_path, "lora-r8", 0), run_with_report(tmp_path, "lora-r16", 1)
     out = tmp_path / "cmp"
-    result = CliRunner().invoke(app, ["compare", str(run_a), str(run_b), "--out", str(out)])
+    result = invoke("compare", str(run_a), str(run_b), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "lora-r8" in result.output and "lora-r16" in result.output
     comparison = json.loads((out / "compare.json").read_text())
@@ -165,9 +164,9 @@ def test_compare_puts_runs_side_by_side_against_their_base(tmp_path: Path) -> No
 def test_compare_refuses_different_bases_and_bad_reports(tmp_path: Path) -> None:
     run_a = run_with_report(tmp_path, "a", 0)
     run_b = run_with_report(tmp_path, "b", 1, model="/models/other")
-    result = CliRunner().invoke(app, ["compare", str(run_a), str(run_b)])
+    result = invoke("compare", str(run_a), str(run_b))
     assert result.exit_code == 2 and "different base models" in result.output
-    missing = CliRunner().invoke(app, ["compare", str(run_a), str(tmp_path / "none")])
+    missing = invoke("compare", str(run_a), str(tmp_path / "none"))
     assert missing.exit_code == 2 and "no report.json" in missing.output
     report = json.loads((run_b / "report.json").read_text())
     (run_b / "report.json").write_text(json.dumps({**report, "schema_version": 99}))

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import write_recipe
-from sovtune.cli import app
+from helpers import child_env, invoke, write_recipe
 from sovtune.run import checkpoints, fingerprint, lock
 
 MAX_STEPS = 6
@@ -39,23 +37,12 @@ app(sys.argv[1:], prog_name="sovtune")
 """
 
 
-def child_env() -> dict[str, str]:
-    # One thread, as in-process (see `single_thread`): the same float reduction order, so the same numbers.
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-        "SOVTUNE_TEST_STEP_DELAY": str(STEP_DELAY_S),
-    }
-
-
 def start_slow_cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", SLOW_CLI, *args],
         cwd=cwd,
-        env=child_env(),
+        # One thread, as in-process (see `single_thread`): the same float reduction order, so the same numbers.
+        env=child_env(PYTHONUNBUFFERED="1", SOVTUNE_TEST_STEP_DELAY=str(STEP_DELAY_S)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -76,10 +63,6 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], time
 
 def checkpoint_written(run_dir: Path, step: int) -> Callable[[], bool]:
     return lambda: checkpoints.checkpoint_is_complete(run_dir / "checkpoints" / f"checkpoint-{step}")
-
-
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def adapter_tensors(run_dir: Path) -> dict[str, Any]:

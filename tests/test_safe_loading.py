@@ -4,33 +4,21 @@ when the recipe trusts it (with a warning); a token in the environment never rea
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import write_recipe
-from sovtune.cli import app
+from helpers import invoke, run_cli, write_recipe
 
 TOKEN = "hf_sovtunePLANTEDtoken0123456789abcdefghijklmnop"
 PASSWORD = "sovtunePLANTEDpassword-42"
 
 
-def invoke(*args: Any) -> Any:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
-
-
 def snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,13 +133,12 @@ def remote_code_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
 def train_in_child(recipe: Path, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     """A separate process: transformers imports custom code once per process and caches it in HF_MODULES_CACHE."""
     marker = tmp_path / "marker"
-    done = subprocess.run(
-        [sys.executable, "-m", "sovtune", "train", str(recipe), *args],
+    done = run_cli(
+        "train",
+        recipe,
+        *args,
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=child_env(SOVTUNE_REMOTE_CODE_MARKER=str(marker), HF_MODULES_CACHE=str(tmp_path / "modules")),
+        env={"SOVTUNE_REMOTE_CODE_MARKER": str(marker), "HF_MODULES_CACHE": str(tmp_path / "modules")},
     )
     return done, marker
 
@@ -222,16 +209,13 @@ def test_a_planted_token_reaches_no_file_and_no_output(tiny_model_dir: Path, tmp
         train={"max_steps": 2, "save_steps": 1},
         eval={"samples": 1},
     )
-    env = child_env(HF_TOKEN=TOKEN, SOVTUNE_TEST_DB_PASSWORD=PASSWORD, SOVTUNE_AUDIT_LOG=str(tmp_path / "audit.jsonl"))
+    env = {"HF_TOKEN": TOKEN, "SOVTUNE_TEST_DB_PASSWORD": PASSWORD, "SOVTUNE_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
     outputs = []
     for args in (
         ["run", str(recipe), "--set", f"hub.revision={TOKEN}"],  # typed on the command line, too
         ["train", str(recipe), "--set", "train.batch_size=${HF_TOKEN}", "--set", "output.dir=runs/failed"],  # an error
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "sovtune", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-        )
-        outputs.append(done)
+        outputs.append(run_cli(*args, cwd=tmp_path, env=env))
     assert outputs[0].returncode == 0, outputs[0].stderr
     assert outputs[1].returncode == 2 and "train.batch_size" in outputs[1].stderr, outputs[1].stderr
     assert "[REDACTED:HF_TOKEN]" in outputs[1].stderr  # the error still says where the bad value came from

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from helpers import invoke, qa_rows
 from sovtune import scan
 from sovtune.data import Row
 from sovtune.errors import DataError
@@ -110,8 +111,6 @@ def test_block_passes_clean_data() -> None:
 
 
 def planted_rows() -> list[dict]:
-    from conftest import qa_rows
-
     rows = qa_rows()
     rows[0]["messages"][1]["content"] = f"Write to {EMAIL} using {HF} now."
     rows[1]["messages"][0]["content"] = f"My card is {CARD}"
@@ -119,11 +118,7 @@ def planted_rows() -> list[dict]:
 
 
 def test_check_reports_counts_never_values(make_recipe) -> None:
-    from typer.testing import CliRunner
-
-    from sovtune.cli import app
-
-    result = CliRunner().invoke(app, ["check", str(make_recipe("scanwarn", rows=planted_rows())), "--json"])
+    result = invoke("check", str(make_recipe("scanwarn", rows=planted_rows())), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["data"]["data_scan"]["findings"] == {"email": 1, "huggingface_token": 1, "card_number": 1}
@@ -147,13 +142,7 @@ def test_redact_happens_before_tokenising(make_recipe) -> None:
 
 
 def test_block_stops_check_with_exit_2(make_recipe) -> None:
-    from typer.testing import CliRunner
-
-    from sovtune.cli import app
-
-    result = CliRunner().invoke(
-        app, ["check", str(make_recipe("scanblock", rows=planted_rows(), sovereignty={"data_scan": "block"}))]
-    )
+    result = invoke("check", str(make_recipe("scanblock", rows=planted_rows(), sovereignty={"data_scan": "block"})))
     assert result.exit_code == 2
     assert "2 of 24 rows flagged" in result.output and "scanblock-train.jsonl:1" in result.output.replace("\n", "")
     assert EMAIL not in result.output and HF not in result.output

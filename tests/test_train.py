@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_tiny_model, qa_rows, write_recipe
+from helpers import build_tiny_model, build_tokenizer, qa_rows, write_recipe
 from sovtune import model as models
 from sovtune import training as training
 from sovtune.config import Recipe, load_recipe
@@ -346,8 +346,6 @@ def test_added_pad_token_resizes_the_model_and_the_adapter_carries_the_embedding
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import build_tokenizer
-
     model_dir = tmp_path / "no-pad"
     tokenizer = build_tokenizer(model_dir, pad_token=None, unk_token=None)
     tokenizer.pad_token = tokenizer.eos_token
@@ -406,8 +404,6 @@ def test_4bit_layers_bitsandbytes_cannot_repack_for_the_cpu_keep_the_unpacked_pa
 def test_qlora_base_with_a_688_wide_mlp_evaluates_on_the_cpu(tmp_path: Path) -> None:
     """The quickstart base's MLP is 688 wide: on CPUs with AVX512-BF16 its eval forward crashed inside bitsandbytes."""
     import bitsandbytes as bnb
-
-    from conftest import build_tiny_model, build_tokenizer
 
     model_dir = build_tiny_model(tmp_path / "m", build_tokenizer(tmp_path / "m"), hidden_size=64, intermediate_size=688)
     recipe = load_recipe(write_recipe(tmp_path, model_dir, "q", quantization={"mode": "4bit", "quant_type": "nf4"}))

@@ -7,11 +7,9 @@ import json
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import qa_rows
+from helpers import invoke, qa_rows
 from sovtune import evaluation
-from sovtune.cli import app
 from sovtune.config import load_recipe
 from sovtune.errors import RecipeError
 
@@ -47,7 +45,7 @@ def test_in_training_eval_scores_the_final_sample_batched_and_logs_generations(
         return real(model, sequences, batch_size, context)
 
     monkeypatch.setattr(evaluation, "teacher_forced_sums", counted)
-    result = CliRunner().invoke(app, ["run", str(recipe_path)])
+    result = invoke("run", str(recipe_path))
     assert result.exit_code == 0, result.output
     recipe = load_recipe(recipe_path)
     history = json.loads((recipe.run_dir / "train_metrics.json").read_text())["log_history"]

@@ -14,19 +14,14 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from conftest import write_recipe
-from run_factory import make_run
-from sovtune.cli import app
+from helpers import invoke, make_run, run_cli, write_recipe
 
 
 class Payload:
@@ -37,10 +32,6 @@ class Payload:
 
     def __reduce__(self) -> Any:
         return (exec, (f"open({self.marker!r}, 'w').write('payload ran')",))
-
-
-def invoke(*args: Any, stdin: str | None = None) -> Any:
-    return CliRunner().invoke(app, [str(arg) for arg in args], input=stdin)
 
 
 def error_line(result: Any) -> str:
@@ -165,7 +156,7 @@ def test_remote_code_in_a_received_recipe_needs_the_flag(
     model = remote_code_model(tiny_model_dir, tmp_path / "remote-model", marker)
     set_recipe(run_dir, lambda r: r["model"].update(trust_remote_code=True, name_or_path=str(model)))
     forge_manifest(run_dir)
-    line = error_line(invoke(*run_commands(run_dir, tmp_path)[command], stdin="y\nhello\n"))
+    line = error_line(invoke(*run_commands(run_dir, tmp_path)[command], input="y\nhello\n"))
     assert f"{run_dir / 'recipe.yaml'}: model.trust_remote_code: true would run code shipped with the model" in line
     assert "pass --trust-remote-code" in line
     assert not marker.exists() and not (tmp_path / "merged").exists()
@@ -179,11 +170,9 @@ def test_the_flag_lets_the_received_recipe_run_its_model_code(
     model = remote_code_model(tiny_model_dir, tmp_path / "remote-model", marker)
     set_recipe(run_dir, lambda r: r["model"].update(trust_remote_code=True, name_or_path=str(model)))
     forge_manifest(run_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run(
-        [sys.executable, "-m", "sovtune", "generate", str(run_dir), "--prompt", "hi", "--max-new-tokens", "2",
-         "--trust-remote-code"],
-        capture_output=True, text=True, env=env, timeout=600,
+    done = run_cli(
+        "generate", run_dir, "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code",
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert marker.read_text() == "remote code ran"
@@ -365,7 +354,7 @@ def test_tokenizer_code_in_the_adapter_never_runs_even_when_stdin_says_yes(
     )
     forge_manifest(run_dir)
     for args in (["chat", run_dir], ["generate", run_dir, "--prompt", "hi"]):
-        line = error_line(invoke(*args, stdin="y\nyes\nhello\n"))
+        line = error_line(invoke(*args, input="y\nyes\nhello\n"))
         assert "the tokenizer saved with the adapter cannot be loaded" in line and "auto_map" in line
         assert not marker.exists()
 
@@ -493,12 +482,12 @@ def test_a_tampered_adapter_is_refused_unless_no_verify(
     weights = run_dir / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # same size, other values
     args = run_commands(run_dir, tmp_path)[command]
-    line = error_line(invoke(*args, stdin="hello\n"))
+    line = error_line(invoke(*args, input="hello\n"))
     assert f"{run_dir}: hash mismatch: adapter/adapter_model.safetensors" in line
     assert "pass --no-verify to load it anyway" in line
     assert not (run_dir / "report.json").exists() and not (tmp_path / "merged").exists()
     if command in ("generate", "chat"):
-        result = invoke(*args, "--no-verify", stdin="hello\n")
+        result = invoke(*args, "--no-verify", input="hello\n")
         assert result.exit_code == 0, result.output
 
 

@@ -1,0 +1,238 @@
+"""What tests share: a tiny model and tokenizer built on the fly, recipe files, the CLI in-process and in a child
+process, a run directory as `sovtune train` leaves it.
+
+Plain functions only; the fixtures built on them live in conftest.py. Test modules import from here, never from
+conftest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from typer.testing import CliRunner
+
+from sovtune.cli import app
+from sovtune.config import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "SELECT name FROM employees WHERE salary > 1000;",
+    "What is the capital of France? Paris is the capital of France.",
+    "def add(a, b):\n    return a + b",
+    "Sovereign fine-tuning keeps data and models under your control.",
+    "How many employees work in the Sales department? Twelve people work there.",
+] * 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny model, its tokenizer, rows and recipes
+
+
+def build_tokenizer(path: Path, pad_token: str | None = "<pad>", unk_token: str | None = "<unk>") -> Any:
+    """A byte-level BPE trained on CORPUS; pad/unk can be renamed or left out to mimic other tokenizer families."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = [t for t in (unk_token, "<s>", "</s>", pad_token) if t] + ["<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=pad_token,
+        unk_token=unk_token,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=512,
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(path: Path, tokenizer: Any, seed: int = 0, **overrides: Any) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlamaConfig(**{**settings, **overrides})
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def qa_rows(n: int = 24) -> list[dict[str, Any]]:
+    """Chat rows with a learnable mapping (question -> fixed answer)."""
+    pairs = [
+        ("How many employees?", "SELECT COUNT(*) FROM employees;"),
+        ("List the names.", "SELECT name FROM employees;"),
+    ]
+    rows = []
+    for i in range(n):
+        question, answer = pairs[i % len(pairs)]
+        rows.append(
+            {"messages": [{"role": "user", "content": f"{question} #{i}"}, {"role": "assistant", "content": answer}]}
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(
+    folder: Path, model_dir: Path, name: str = "recipe", rows: list[dict[str, Any]] | None = None, **sections: Any
+) -> Path:
+    """A recipe YAML (and its training rows) in `folder`; sections given as dicts are merged over small defaults.
+
+    A plain function so module-scoped fixtures can share one trained run; the `make_recipe` fixture wraps it per test.
+    """
+    data_file = write_jsonl(folder / f"{name}-train.jsonl", rows if rows is not None else qa_rows())
+    recipe: dict[str, Any] = {
+        "name": name,
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": {"r": 4, "dropout": 0.0},
+        "data": {"train": str(data_file), "format": "messages", "max_length": 64, "eval_fraction": 0.25},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "gradient_checkpointing": False,
+            "seed": 0,
+        },
+        "output": {"dir": str(folder / "runs" / name)},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def invoke(*args: Any, input: str | None = None) -> Any:
+    """`sovtune ARGS...` in this process (Typer's CliRunner): exit code, stdout and stderr apart, the exception;
+    `input` is what the user types (prompts)."""
+    return CliRunner().invoke(app, [str(arg) for arg in args], input=input)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child `sovtune`: this worktree's sources, offline, one thread (as in-process)."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
+
+
+def run_cli(
+    *args: Any, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """The real entry point (`python -m sovtune ARGS...`) in a child process: what a user's shell sees.
+
+    `env` adds variables to `child_env()`. A test that runs `train`, `run` or `launch` this way trains a model out of
+    the training guard's reach: mark it slow by hand.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "sovtune", *(str(arg) for arg in args)],
+        cwd=cwd,
+        env=child_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run directory as `sovtune train` leaves it
+
+
+def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
+    """The run directory `sovtune train` leaves, built in seconds through training's own code paths, minus the
+    optimisation steps: the same lock and run-directory check, data_stats.json, heldout.json, run_fingerprint.json,
+    manifest.json started with the licence verdict, the adapter saved by `training.save_adapter` (its LoRA B weights
+    random, non-zero, so it changes the model), train_metrics.json and the train stage recorded in the manifest.
+    """
+    import torch
+    from transformers import set_seed
+
+    from sovtune import model as models
+    from sovtune.config import load_recipe
+    from sovtune.core.rundir import RunDir
+    from sovtune.inputs import prepare_recipe_data
+    from sovtune.licence import check_licence
+    from sovtune.run import fingerprint, manifest
+    from sovtune.run.directory import check_run_dir
+    from sovtune.run.lock import RunLock
+    from sovtune.training import save_adapter
+
+    torch.set_num_threads(1)
+    recipe = load_recipe(recipe_path)
+    with RunLock(recipe.run_dir):
+        licence = check_licence(recipe)
+        run = RunDir(recipe.run_dir)
+        check_run_dir(run.path, resume=False, overwrite=False)
+        tokenizer = models.load_tokenizer(recipe)
+        data = prepare_recipe_data(recipe, tokenizer)
+        set_seed(recipe.train.seed)
+        adapted = models.attach_adapter(models.load_base_model(recipe, tokenizer), recipe)
+        generator = torch.Generator().manual_seed(seed)
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:  # freshly initialised B is zero: the adapter would change nothing
+                parameter.data = torch.randn(parameter.shape, generator=generator) * scale
+        run.path.mkdir(parents=True, exist_ok=True)
+        fingerprint.write_fingerprint(run.path, fingerprint.run_fingerprint(recipe, data))
+        run.write_json(RunDir.DATA_STATS, data.stats)
+        run.write_json(RunDir.HELDOUT, {"origins": [example.origin for example in data.eval_examples]})
+        manifest.start(recipe, run.path, tokenizer, data_stats=data.stats, licence=licence.summary())
+        save_adapter(adapted, tokenizer, run.path)
+        metrics: dict[str, Any] = {"train_loss": 1.25, "global_step": 0}
+        run.write_json(RunDir.TRAIN_METRICS, metrics)
+        manifest.record_train(run.path, recipe, metrics)
+    return recipe
