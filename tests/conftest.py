@@ -1,5 +1,5 @@
 """Fixtures and hooks only (the plain helpers they use live in helpers.py): a tiny Llama-architecture model with a
-tokenizer trained on the fly, recipe files, the audit log in a temporary folder."""
+tokenizer trained on the fly, recipe files, the audit log in a temporary folder, and the training guard."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # workers made each training step ~20x slower. Set before anything imports torch (child processes inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from helpers import build_tiny_model, build_tokenizer, write_recipe  # noqa: E402
+from helpers import TrainingGuard, build_tiny_model, build_tokenizer, watch_training, write_recipe  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +43,9 @@ def make_recipe(tmp_path: Path, tiny_model_dir: Path):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs_cuda = [item for item in items if "requires_cuda" in item.keywords]
+    if not needs_cuda:
+        return  # no torch import (seconds on a loaded machine) when no collected test asks for a GPU
     try:
         import torch
 
@@ -50,6 +53,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     except ImportError:
         has_cuda = False
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "requires_cuda" in item.keywords and not has_cuda:
+    for item in needs_cuda:
+        if not has_cuda:
             item.add_marker(skip)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A test that trains in this process without the slow mark fails (child processes are marked by hand).
+    watch_training()
+    config.pluginmanager.register(TrainingGuard(), "sovtune-training-guard")

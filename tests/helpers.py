@@ -1,5 +1,5 @@
 """What tests share: a tiny model and tokenizer built on the fly, recipe files, the CLI in-process and in a child
-process, a run directory as `sovtune train` leaves it.
+process, a run directory as `sovtune train` leaves it, and the guard that keeps every training test marked slow.
 
 Plain functions only; the fixtures built on them live in conftest.py. Test modules import from here, never from
 conftest.
@@ -7,13 +7,18 @@ conftest.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Generator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -236,3 +241,84 @@ def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
         run.write_json(RunDir.TRAIN_METRICS, metrics)
         manifest.record_train(run.path, recipe, metrics)
     return recipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every test that trains a model is marked slow, and stays so
+
+TRAINED = pytest.StashKey[bool]()
+_RUNNING: list[pytest.Item] = []  # the test being run, innermost last (pytester runs a session inside a test)
+
+
+def _train_recorded(train: Any) -> Any:
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _RUNNING:
+            _RUNNING[-1].stash[TRAINED] = True
+        return train(self, *args, **kwargs)
+
+    recorded.__wrapped__ = train  # type: ignore[attr-defined]
+    recorded.records_training = True  # type: ignore[attr-defined]
+    return recorded
+
+
+def record_training(module: ModuleType) -> None:
+    """Wrap `module.Trainer.train` (transformers.trainer) so a call marks the running test as one that trained."""
+    trainer = module.Trainer
+    if not getattr(trainer.train, "records_training", False):
+        trainer.train = _train_recorded(trainer.train)
+
+
+class _RecordTrainingOnImport(importlib.abc.MetaPathFinder):
+    """Wraps `Trainer.train` as soon as transformers.trainer is imported, so a run that trains nothing does not pay
+    for importing it (and a test that imports it first is watched too)."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
+        if fullname != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, exec_module = spec.loader, spec.loader.exec_module
+
+        def exec_and_record(module: ModuleType) -> None:
+            exec_module(module)
+            record_training(module)
+
+        loader.exec_module = exec_and_record  # type: ignore[method-assign]
+        return spec
+
+
+def watch_training() -> None:
+    """Record every call of `transformers.Trainer.train`, whether transformers is imported already or later."""
+    if "transformers.trainer" in sys.modules:
+        record_training(sys.modules["transformers.trainer"])
+    if not any(isinstance(finder, _RecordTrainingOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RecordTrainingOnImport())
+
+
+class TrainingGuard:
+    """A pytest plugin: a test that trains a model in this process (its setup, its body or its fixtures reach
+    `transformers.Trainer.train`) but is not marked slow fails, so `pytest -m "not slow"` never trains."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
+        _RUNNING.append(item)
+        try:
+            return (yield)
+        finally:
+            _RUNNING.remove(item)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+        report = yield
+        if call.when == "teardown" and item.stash.get(TRAINED, False) and item.get_closest_marker("slow") is None:
+            report.outcome = "failed"
+            report.longrepr = (
+                f"{item.nodeid} trains a model (transformers.Trainer.train was called) but is not marked slow: "
+                'add @pytest.mark.slow so that `pytest -m "not slow"` stays fast'
+            )
+        return report

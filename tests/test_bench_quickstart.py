@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+pytestmark = pytest.mark.slow  # both scripts train the model in a child process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -132,6 +132,7 @@ def test_bad_data_on_train_writes_nothing(tmp_path: Path, tiny_model_dir: Path) 
     assert not (tmp_path / "runs").exists()  # neither the run directory nor a lock file beside it
 
 
+@pytest.mark.slow
 def test_train_then_refuse_to_overwrite(tmp_path: Path, tiny_model_dir: Path) -> None:
     recipe = write_recipe(tmp_path, tiny_model_dir, "cli", train={"max_steps": 2, "save_steps": 2})
     result = invoke("train", str(recipe))

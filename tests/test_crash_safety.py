@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import invoke, write_recipe
+from helpers import invoke, make_run, write_recipe
 from sovtune.cli import app
 from sovtune.core import files
 from sovtune.core.files import atomic_write_json as write_json_atomic
@@ -73,6 +73,7 @@ def test_installed_trainer_saves_trainer_state_after_weights_optimizer_and_rng()
     )
 
 
+@pytest.mark.slow
 def test_every_checkpoint_file_exists_before_trainer_state_is_written(
     make_recipe: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -397,6 +398,7 @@ def test_disk_check_refuses_before_anything_is_written(
     assert not (tmp_path / "out").exists()  # not even the folder the lock file needed
 
 
+@pytest.mark.slow
 def test_checkpoint_estimate_covers_what_the_trainer_writes(make_recipe: Any, tmp_path: Path) -> None:
     recipe = make_recipe(train={"max_steps": 1, "save_steps": 1})
     assert invoke("train", recipe).exit_code == 0
@@ -432,6 +434,7 @@ def safetensors_disk_full(monkeypatch: pytest.MonkeyPatch, when: str) -> None:
     monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)
 
 
+@pytest.mark.slow
 def test_full_disk_mid_run_keeps_the_last_good_checkpoint(
     make_recipe: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -451,6 +454,7 @@ def test_full_disk_mid_run_keeps_the_last_good_checkpoint(
     assert json.loads((run_dir / "train_metrics.json").read_text())["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_the_adapter(make_recipe: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = make_recipe(train={"max_steps": 2, "save_steps": 2})
     run_dir = tmp_path / "runs" / "recipe"
@@ -491,6 +495,7 @@ def small_filesystem(folder: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_mid_run(make_recipe: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same on a real file system that fills up (another process writes into it) while training runs."""
     disk = tmp_path / "disk"
@@ -539,6 +544,7 @@ with RunLock(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_directory_is_refused(make_recipe: Any, tmp_path: Path) -> None:
     recipe = make_recipe(train={"max_steps": 2})
     run_dir = tmp_path / "runs" / "recipe"
@@ -560,9 +566,7 @@ def test_a_second_run_into_the_same_directory_is_refused(make_recipe: Any, tmp_p
 
 def test_eval_refuses_a_run_directory_another_process_is_writing(make_recipe: Any, tmp_path: Path) -> None:
     """`sovtune eval RUN_DIR` writes the report into the run directory: it takes the same lock as train and run."""
-    recipe = make_recipe(train={"max_steps": 2})
-    assert invoke("train", recipe).exit_code == 0
-    run_dir = tmp_path / "runs" / "recipe"
+    run_dir = make_run(make_recipe(train={"max_steps": 2})).run_dir
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"

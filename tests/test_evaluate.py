@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import invoke, write_jsonl
+from helpers import invoke, make_run, write_jsonl
 from sovtune import evaluation as ev
 from sovtune import model as models
 from sovtune.config import load_recipe
@@ -36,14 +36,6 @@ def loaded(recipe_path: Path) -> tuple[Any, Any, Any]:
     recipe = load_recipe(recipe_path)
     tokenizer = models.load_tokenizer(recipe)
     return recipe, tokenizer, models.load_base_model(recipe, tokenizer)
-
-
-def save_adapter(recipe_path: Path) -> Path:
-    recipe, tokenizer, base = loaded(recipe_path)
-    adapter = recipe.run_dir / "adapter"
-    lora_on(base).save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    return adapter
 
 
 @pytest.fixture
@@ -208,7 +200,7 @@ def sql_recipe(make_recipe: Any, tmp_path: Path, company_db: Path, gates: dict[s
 
 def test_evaluate_writes_a_complete_report(make_recipe: Any, tmp_path: Path, company_db: Path) -> None:
     recipe_path = sql_recipe(make_recipe, tmp_path, company_db, gates={"general_perplexity": {"max_increase": 10.0}})
-    save_adapter(recipe_path)
+    make_run(recipe_path)
     recipe = load_recipe(recipe_path)
     import sovtune
 
@@ -239,7 +231,7 @@ def test_evaluate_writes_a_complete_report(make_recipe: Any, tmp_path: Path, com
 
 def test_eval_cli_exits_3_naming_the_failing_gate(make_recipe: Any, tmp_path: Path, company_db: Path) -> None:
     recipe_path = sql_recipe(make_recipe, tmp_path, company_db)
-    adapter = save_adapter(recipe_path)
+    adapter = make_run(recipe_path).run_dir / "adapter"
     run_dir = tmp_path / "elsewhere"
     args = ["eval", str(run_dir), "--recipe", str(recipe_path), "--adapter", str(adapter), "--set",
             "eval.gates={sql_execution: {min_gain: 0.5}, general_perplexity: {max_increase: 100}}"]  # fmt: skip
@@ -252,7 +244,7 @@ def test_eval_cli_exits_3_naming_the_failing_gate(make_recipe: Any, tmp_path: Pa
 
 def test_eval_cli_passes_and_bad_input_exits_2(make_recipe: Any, tmp_path: Path, company_db: Path) -> None:
     recipe_path = sql_recipe(make_recipe, tmp_path, company_db, gates={"sql_execution": {"min_gain": -1.0}})
-    adapter = save_adapter(recipe_path)
+    adapter = make_run(recipe_path).run_dir / "adapter"
     run_dir = adapter.parent
     bad_gate = invoke(
         "eval", str(run_dir), "--recipe", str(recipe_path), "--set", "eval.gates={sql_exec: {min_gain: 0}}"
@@ -274,11 +266,12 @@ def test_gate_failure_raises_from_the_api(make_recipe: Any, tmp_path: Path, comp
         company_db,
         gates={"general_perplexity": {"max_increase": 0.0}, "loss": {"max_value": 0.001}},
     )
-    save_adapter(recipe_path)
+    make_run(recipe_path)
     with pytest.raises(GateFailed, match=r"loss \(sql/loss\) max_value 0.001"):
         ev.evaluate(load_recipe(recipe_path))
 
 
+@pytest.mark.slow
 def test_run_trains_then_evaluates_and_exits_3_on_a_failing_gate(make_recipe: Any, tmp_path: Path) -> None:
     recipe_path = make_recipe(
         train={"max_steps": 2},

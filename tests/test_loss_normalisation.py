@@ -18,6 +18,7 @@ from sovtune import training as training
 from sovtune.config import load_recipe
 from sovtune.inputs import prepare_recipe_data as prepare_data
 
+pytestmark = pytest.mark.slow  # every test takes an optimizer step through Trainer.train
 LEARNING_RATE = 0.5
 # Answers of very different lengths: micro-batches of 2 hold very different numbers of supervised tokens.
 REPEATS = [1, 9, 1, 6, 1, 4, 2, 1]

@@ -294,6 +294,7 @@ def test_recipe_packing_values(make_recipe: Any) -> None:
         load_recipe(make_recipe(name="bad", data={"packing": "sometimes"}))
 
 
+@pytest.mark.slow
 def test_train_prints_the_plan(make_recipe: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="sovtune")
     recipe = load_recipe(make_recipe(train={"max_steps": 1}))

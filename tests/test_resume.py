@@ -19,6 +19,8 @@ import pytest
 from helpers import child_env, invoke, write_recipe
 from sovtune.run import checkpoints, fingerprint, lock
 
+pytestmark = pytest.mark.slow  # every test trains, in this process or in a child `sovtune train`
+
 MAX_STEPS = 6
 STEP_DELAY_S = 0.2  # per forward/backward (micro-batch); a step on the CPU is several
 TRAIN = {"max_steps": MAX_STEPS, "save_steps": 2, "save_total_limit": 10}
@@ -131,7 +133,6 @@ def resume_and_compare(recipe: Path, run_dir: Path, reference: dict[str, Any], m
     assert_same_adapter(run_dir, reference)
 
 
-@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_adapter(
     workspace: Path, tiny_model_dir: Path, reference: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,7 +149,6 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_adapter(
     resume_and_compare(recipe, run_dir, reference, monkeypatch)
 
 
-@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(
     workspace: Path, tiny_model_dir: Path, reference: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -188,7 +188,6 @@ def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int, times: int = 1
     monkeypatch.setattr(CallbackHandler, "on_step_begin", on_step_begin)
 
 
-@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resumes_exactly(
     workspace: Path, tiny_model_dir: Path, reference: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -51,6 +51,7 @@ def test_pickle_weights_are_refused_by_default(pickle_model_dir: Path, tmp_path:
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_pickle_weights_load_when_the_recipe_opts_in(
     pickle_model_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -69,6 +70,7 @@ def test_pickle_weights_load_when_the_recipe_opts_in(
     assert all((loaded[name] == original[name]).all() for name in loaded)
 
 
+@pytest.mark.slow
 def test_safetensors_beside_pickle_weights_are_used(
     pickle_model_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -163,6 +165,7 @@ def test_trusted_model_code_runs_with_a_warning(remote_code_model_dir: Path, tmp
     assert f"trust_remote_code is on: code shipped with {remote_code_model_dir} will run" in done.stderr
 
 
+@pytest.mark.slow
 def test_trust_remote_code_is_passed_only_when_set(make_recipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every from_pretrained call made by a run gets trust_remote_code=False unless the recipe says true."""
     import transformers

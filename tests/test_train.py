@@ -114,6 +114,7 @@ def plain_peft(base: Path, adapter: Path, **base_kwargs: Any) -> Any:
 # LoRA
 
 
+@pytest.mark.slow
 def test_lora_loss_falls(lora_run: TrainedRun) -> None:
     loss = losses(lora_run)
     assert len(loss) == STEPS  # logging_steps: 1
@@ -125,6 +126,7 @@ def test_lora_loss_falls(lora_run: TrainedRun) -> None:
     assert lora_run.result.metrics["resumed_from"] is None
 
 
+@pytest.mark.slow
 def test_lora_run_directory(lora_run: TrainedRun) -> None:
     run_dir = lora_run.result.run_dir
     adapter = run_dir / "adapter"
@@ -156,6 +158,7 @@ def test_lora_run_directory(lora_run: TrainedRun) -> None:
     assert checkpoints == ["checkpoint-10", "checkpoint-20"]
 
 
+@pytest.mark.slow
 def test_saved_lora_adapter_reloads_in_plain_peft_with_identical_logits(lora_run: TrainedRun) -> None:
     reloaded = plain_peft(Path(lora_run.recipe.model_location), lora_run.result.adapter_dir)
     with torch.no_grad():
@@ -167,6 +170,7 @@ def test_saved_lora_adapter_reloads_in_plain_peft_with_identical_logits(lora_run
     assert (base_logits - lora_run.logits).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_occupied_run_dir_is_refused(lora_run: TrainedRun) -> None:
     run_dir = lora_run.result.run_dir
     with pytest.raises(RunDirError) as info:
@@ -184,6 +188,7 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, learnable_model_
     assert not recipe.run_dir.exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_complete_checkpoint(lora_run: TrainedRun, tmp_path: Path) -> None:
     """Interrupt the LoRA run after step 10 (drop what came later), resume it, and land on the same adapter."""
     from safetensors.torch import load_file
@@ -217,6 +222,7 @@ def test_resume_continues_from_the_last_complete_checkpoint(lora_run: TrainedRun
 # QLoRA (bitsandbytes 4-bit runs on the CPU)
 
 
+@pytest.mark.slow
 def test_qlora_quantizes_the_base_to_nf4_with_double_quant(qlora_run: TrainedRun) -> None:
     import bitsandbytes as bnb
 
@@ -232,6 +238,7 @@ def test_qlora_quantizes_the_base_to_nf4_with_double_quant(qlora_run: TrainedRun
     assert set(trainable.values()) == {torch.float32}
 
 
+@pytest.mark.slow
 def test_qlora_loss_falls(qlora_run: TrainedRun) -> None:
     loss = losses(qlora_run)
     assert len(loss) == STEPS
@@ -240,6 +247,7 @@ def test_qlora_loss_falls(qlora_run: TrainedRun) -> None:
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 2.5, loss
 
 
+@pytest.mark.slow
 def test_saved_qlora_adapter_reloads_on_a_4bit_base_with_identical_logits(qlora_run: TrainedRun) -> None:
     from transformers import BitsAndBytesConfig
 
@@ -296,6 +304,7 @@ def test_lora_alpha_defaults_to_twice_the_rank(tmp_path: Path, tiny_model_dir: P
 # Batching changes memory, not the maths
 
 
+@pytest.mark.slow
 def test_accumulation_checkpointing_and_packing_leave_the_step_unchanged(
     tmp_path: Path, learnable_model_dir: Path
 ) -> None:
@@ -340,6 +349,7 @@ def test_accumulation_checkpointing_and_packing_leave_the_step_unchanged(
 # A vocabulary with no spare token for padding
 
 
+@pytest.mark.slow
 def test_added_pad_token_resizes_the_model_and_the_adapter_carries_the_embeddings(tmp_path: Path) -> None:
     """pad == eos and nothing to reuse: a pad token is added, both embedding matrices grow, and the adapter saves
     them. peft can then only load it on a base resized the same way, which is what this checks."""
