@@ -22,8 +22,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from sovtune import model as models
 from sovtune.cli import app
-from sovtune.config import Recipe
+from sovtune.config import Recipe, load_recipe
+from sovtune.core.rundir import RunDir
+from sovtune.inputs import prepare_recipe_data
+from sovtune.licence import check_licence
+from sovtune.run import fingerprint, manifest
+from sovtune.run.directory import check_run_dir
+from sovtune.run.lock import RunLock
+from sovtune.training import save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,16 +214,6 @@ def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
     """
     import torch
     from transformers import set_seed
-
-    from sovtune import model as models
-    from sovtune.config import load_recipe
-    from sovtune.core.rundir import RunDir
-    from sovtune.inputs import prepare_recipe_data
-    from sovtune.licence import check_licence
-    from sovtune.run import fingerprint, manifest
-    from sovtune.run.directory import check_run_dir
-    from sovtune.run.lock import RunLock
-    from sovtune.training import save_adapter
 
     torch.set_num_threads(1)
     recipe = load_recipe(recipe_path)

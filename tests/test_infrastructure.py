@@ -1,13 +1,18 @@
-"""Every test that trains a model is marked slow, and stays so: the guard registered in conftest.py fails a test whose
-body or fixtures reach `transformers.Trainer.train` without the mark, so `pytest -m "not slow"` never trains."""
+"""The test infrastructure stays one: test modules share tests/helpers.py (one invoke, one run_cli, one run-directory
+factory) and never import conftest; every test that trains a model is marked slow, kept so by the guard registered
+in conftest.py (a test whose body or fixtures reach `transformers.Trainer.train` without the mark fails)."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from helpers import TrainingGuard
+
+TESTS = Path(__file__).resolve().parent
 
 pytest_plugins = ["pytester"]
 
@@ -94,3 +99,22 @@ def test_a_test_that_trains_without_the_slow_mark_fails(
         "test_inner.py::test_trains_unmarked trains a model (transformers.Trainer.train was called) but is not marked "
         'slow: add @pytest.mark.slow so that `pytest -m "not slow"` stays fast'
     )
+
+
+def test_test_modules_share_helpers_and_never_import_conftest() -> None:
+    """One invoke (CliRunner), one run_cli (`python -m sovtune` in a child), one run-directory factory, in helpers."""
+    found = []
+    for path in sorted(TESTS.glob("*.py")):
+        if path.name in ("conftest.py", "helpers.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in ("conftest", "run_factory"):
+                found.append(f"{path.name}:{node.lineno}: from {node.module} import ...")
+            if isinstance(node, ast.Import) and any(alias.name in ("conftest", "run_factory") for alias in node.names):
+                found.append(f"{path.name}:{node.lineno}: import conftest/run_factory")
+            if isinstance(node, ast.FunctionDef) and node.name in ("invoke", "run_cli", "make_run"):
+                found.append(f"{path.name}:{node.lineno}: a copy of helpers.{node.name}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "CliRunner":
+                found.append(f"{path.name}:{node.lineno}: CliRunner() instead of helpers.invoke")
+    assert found == [], "\n".join(found)
+    assert not (TESTS / "run_factory.py").exists()
