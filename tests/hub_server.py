@@ -114,7 +114,10 @@ class HubDouble:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hub-double", daemon=True)
+        # shutdown() waits for the serving loop to notice, up to one poll interval (0.5 s by default, per test)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="hub-double", daemon=True
+        )
         self._thread.start()
         return self
 

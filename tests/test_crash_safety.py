@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import invoke, make_run, write_recipe
+from helpers import child_env, invoke, make_run, write_recipe
 from sovtune.cli import app
 from sovtune.core import files
 from sovtune.core.files import atomic_write_json as write_json_atomic
@@ -146,11 +146,10 @@ app(sys.argv[1:], prog_name="sovtune")
 def test_sigkill_while_saving_a_checkpoint_then_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
     recipe = write_recipe(tmp_path, tiny_model_dir, name="killed", train={"max_steps": 6, "save_steps": 2})
     run_dir = tmp_path / "runs" / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.run(
         [sys.executable, "-c", KILL_WHILE_SAVING, "train", str(recipe)],
         cwd=tmp_path,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=600,
