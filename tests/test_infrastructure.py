@@ -112,7 +112,7 @@ def test_test_modules_share_helpers_and_never_import_conftest() -> None:
                 found.append(f"{path.name}:{node.lineno}: from {node.module} import ...")
             if isinstance(node, ast.Import) and any(alias.name in ("conftest", "run_factory") for alias in node.names):
                 found.append(f"{path.name}:{node.lineno}: import conftest/run_factory")
-            if isinstance(node, ast.FunctionDef) and node.name in ("invoke", "run_cli", "make_run"):
+            if isinstance(node, ast.FunctionDef) and node.name in ("invoke", "run_cli", "child_env", "make_run"):
                 found.append(f"{path.name}:{node.lineno}: a copy of helpers.{node.name}")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "CliRunner":
                 found.append(f"{path.name}:{node.lineno}: CliRunner() instead of helpers.invoke")
