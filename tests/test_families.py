@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 import families
-from conftest import write_recipe
 from families import GRID, Family
+from helpers import invoke, write_recipe
 from sovtune import model as models
 from sovtune import plan as planner
-from sovtune.cli import app
 from sovtune.config import Recipe, load_recipe
 from sovtune.data import IGNORE_INDEX, Row, generation_prompt, stop_token_ids, to_example, tokenize
 from sovtune.preflight import architecture_summary
@@ -107,7 +105,7 @@ def assert_answer_and_terminator(run: str, content: str, terminator: str) -> Non
 
 
 def test_check_passes_with_the_template_round_trip_at_100_percent(case: Case) -> None:
-    result = CliRunner().invoke(app, ["check", str(case.recipe_path), "--json"])
+    result = invoke("check", str(case.recipe_path), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     checks = {item["check"]: item for item in report["checks"]}
@@ -207,7 +205,7 @@ def test_plan_counts_every_parameter_and_names_the_target_modules(case: Case) ->
 def test_init_picks_the_family_template_and_target_modules_from_the_config(case: Case, tmp_path: Path) -> None:
     path = tmp_path / "starter.yaml"
     train = case.recipe.data.train[0].path
-    result = CliRunner().invoke(app, ["init", str(path), "--model", str(case.model_dir), "--data", train])
+    result = invoke("init", str(path), "--model", str(case.model_dir), "--data", train)
     assert result.exit_code == 0, result.output
     recipe = load_recipe(path)
     assert recipe.adapter.target_modules == sorted(case.family.target_modules)

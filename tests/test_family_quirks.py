@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 import families
-from conftest import write_recipe
+from helpers import invoke, write_recipe
 from sovtune import model as models
-from sovtune.cli import app
 from sovtune.config import Recipe, load_recipe, validate_recipe
 from sovtune.data import (
     IGNORE_INDEX,
@@ -197,7 +195,7 @@ def test_phi3_fused_qkv_and_gate_up_projections_are_adapted(tmp_path: Path, phi3
     expected = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
     assert qkv.lora_B["default"].weight.shape[0] == expected
     # The unfused names a Llama recipe uses are refused in one line that names the fused ones.
-    result = CliRunner().invoke(app, ["check", str(path), "--set", "adapter.target_modules=[q_proj,v_proj]"])
+    result = invoke("check", str(path), "--set", "adapter.target_modules=[q_proj,v_proj]")
     assert result.exit_code == 2
     line = result.stderr.strip()
     assert "\n" not in line and "q_proj" in line and "qkv_proj" in line and "gate_up_proj" in line
@@ -220,7 +218,7 @@ def test_gemma_template_without_system_role_stops_in_one_line_naming_the_option(
     rows = [{"messages": WITH_SYSTEM}] * 8
     template = str(families.TEMPLATES / "gemma2.jinja")
     path = write_recipe(tmp_path, gemma_model, "gemma2", rows=rows, data={"chat_template": template})
-    result = CliRunner().invoke(app, ["check", str(path)])
+    result = invoke("check", str(path))
     assert result.exit_code == 2, result.output
     line = result.stderr.strip()
     assert "\n" not in line
