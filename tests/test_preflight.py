@@ -92,7 +92,7 @@ def test_check_json_is_parseable_and_complete(good_recipe: Path) -> None:
         "target modules",
     ):
         assert checks[name]["ok"] is True, checks[name]
-    assert checks["pad != eos"]["detail"] == "pad='<pad>' (3), eos='</s>' (2)"
+    assert checks["pad != eos"]["detail"] == "pad='<pad>' (3), eos='</s>' (2), turns end with <|im_end|>"
     assert checks["EOS supervised"]["detail"] == "100.0% of rows train a stop token (</s>, <|im_end|>)"
 
 
