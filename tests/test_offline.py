@@ -190,20 +190,28 @@ def test_full_run_in_offline_mode_attempts_no_connection(
     assert [e["event"] for e in events if e["destination"] == str(run_dir)][-2:] == ["train", "eval"]
 
 
-def test_recipe_switches_offline_and_allows_its_hub(guard: Any, make_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`sovereignty.offline: true` needs no flag; the recipe's hub endpoint is the configured private endpoint."""
+def test_recipe_switches_offline_and_allows_only_its_allowed_hosts(
+    guard: Any, make_recipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sovereignty.offline: true` needs no flag; reachable: loopback, allowed_hosts and (older name)
+    allowed_endpoints, nothing else, not even the recipe's hub.endpoint unless it is listed."""
     from sovtune.cli import commands
 
     path = make_recipe(
         "offline-recipe",
-        sovereignty={"offline": True, "allowed_endpoints": ["https://mirror.internal.example"]},
+        sovereignty={
+            "offline": True,
+            "allowed_hosts": ["Mirror.Internal.Example", "https://10.0.0.5:8443"],
+            "allowed_endpoints": ["https://old.internal.example"],
+        },
         hub={"endpoint": "https://hub.internal.example:8443"},
     )
     commands.load(path, None)
     assert guard.is_active()
-    assert offline._guard.allowed_hosts == {"mirror.internal.example", "hub.internal.example"}
-    with pytest.raises(offline.NetworkBlocked, match="huggingface.co"):
-        socket.getaddrinfo("huggingface.co", 443)
+    assert offline._guard.allowed_hosts == {"mirror.internal.example", "10.0.0.5", "old.internal.example"}
+    for host in ("huggingface.co", "hub.internal.example"):
+        with pytest.raises(offline.NetworkBlocked, match=host):
+            socket.getaddrinfo(host, 443)
 
 
 def test_online_recipe_installs_nothing(guard: Any, make_recipe) -> None:
@@ -219,12 +227,11 @@ def test_endpoints_are_validated_at_load(make_recipe) -> None:
     from sovtune.config import load_recipe
     from sovtune.errors import RecipeError
 
-    with pytest.raises(
-        RecipeError, match=r"sovereignty.allowed_endpoints: \['ftp://files', 'bad host'\] are not http\(s\)"
-    ):
-        load_recipe(
-            make_recipe("badend", sovereignty={"allowed_endpoints": ["ftp://files", "bad host", "https://ok.example"]})
-        )
+    for field in ("allowed_hosts", "allowed_endpoints"):
+        with pytest.raises(
+            RecipeError, match=rf"sovereignty.{field}: \['ftp://files', 'bad host'\] are not host names or http\(s\)"
+        ):
+            load_recipe(make_recipe("badend", sovereignty={field: ["ftp://files", "bad host", "https://ok.example"]}))
 
 
 def test_offline_push_needs_a_private_endpoint(make_recipe) -> None:
@@ -233,11 +240,12 @@ def test_offline_push_needs_a_private_endpoint(make_recipe) -> None:
 
     with pytest.raises(RecipeError, match="sovereignty.offline with hub.push needs hub.endpoint"):
         load_recipe(make_recipe("offpush", sovereignty={"offline": True}, hub={"repo": "acme/x", "push": True}))
+    hub = {"repo": "acme/x", "push": True, "endpoint": "https://hub.internal.example"}
+    with pytest.raises(RecipeError, match=r"the hub's host hub.internal.example is not in sovereignty.allowed_hosts"):
+        load_recipe(make_recipe("offpush2", sovereignty={"offline": True}, hub=hub))
     ok = load_recipe(
-        make_recipe(
-            "offpush2",
-            sovereignty={"offline": True},
-            hub={"repo": "acme/x", "push": True, "endpoint": "https://hub.internal.example"},
-        )
+        make_recipe("offpush3", sovereignty={"offline": True, "allowed_hosts": ["hub.internal.example"]}, hub=hub)
     )
     assert ok.hub.endpoint == "https://hub.internal.example"
+    loopback = {"repo": "acme/x", "push": True, "endpoint": "http://127.0.0.1:8080"}
+    assert load_recipe(make_recipe("offpush4", sovereignty={"offline": True}, hub=loopback)).hub.push

@@ -5,20 +5,21 @@ Light (no torch, transformers or huggingface_hub), so the CLI can install it bef
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from sovtune.config.validators import endpoint_host
+from sovtune.config.validators import endpoint_host, is_loopback
 from sovtune.errors import SovtuneError
 
 # huggingface_hub, transformers and datasets read these at import time; set them before importing those.
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class NetworkBlocked(SovtuneError):
@@ -56,20 +57,27 @@ def refused_attempts() -> list[Attempt]:
     return list(_guard.refused) if _guard else []
 
 
-def enable(allowed_endpoints: Iterable[str] = ()) -> None:
-    """Switch the HF libraries offline and install the guard; loopback and `allowed_endpoints` stay reachable.
+def switched_on_by_environment() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE, HF_DATASETS_OFFLINE) is set: the user asked the hub libraries to stay
+    offline, and commands that would talk to a hub honour it with the guard."""
+    return any((os.environ.get(name) or "").strip().upper() in _TRUE for name in OFFLINE_SWITCHES)
 
-    Calling it again adds endpoints. Modules already imported get their cached offline flags updated too.
+
+def enable(allowed_hosts: Iterable[str] = ()) -> None:
+    """Switch the HF libraries offline and install the guard; loopback and `allowed_hosts` (host names, IPs or
+    URLs, reduced to their host) stay reachable.
+
+    Calling it again adds hosts. Modules already imported get their cached offline flags updated too.
     """
     for name in OFFLINE_SWITCHES:
         os.environ[name] = "1"
     _update_imported_flags()
     hosts = set()
-    for endpoint in allowed_endpoints:
-        host = endpoint_host(endpoint)
+    for entry in allowed_hosts:
+        host = endpoint_host(entry)
         if host is None:
             raise SovtuneError(
-                f"allowed endpoint {endpoint!r} is not an http(s) URL or host name; e.g. https://hub.internal"
+                f"allowed host {entry!r} is not a host name, IP address or http(s) URL; e.g. hub.internal.example"
             )
         hosts.add(host)
     global _guard
@@ -81,14 +89,58 @@ def enable(allowed_endpoints: Iterable[str] = ()) -> None:
         _guard.allowed_addresses |= {host for host in hosts if _is_ip(host)}
 
 
-def enable_for(recipe: Any) -> None:
-    """Offline mode for a recipe: its allowed endpoints and its hub endpoint (the configured private hub) stay
-    reachable."""
-    endpoints = list(recipe.sovereignty.allowed_endpoints)
-    hub = getattr(recipe, "hub", None)
-    if hub is not None and hub.endpoint:
-        endpoints.append(hub.endpoint)
-    enable(endpoints)
+def enable_for(recipe: Any, extra_hosts: Iterable[str] = ()) -> None:
+    """Offline mode for a recipe: only loopback, `sovereignty.allowed_hosts` and `extra_hosts` (--allow-host)."""
+    enable([*recipe.sovereignty.allowed_hosts, *extra_hosts])
+
+
+@contextlib.contextmanager
+def session(on: bool, allowed_hosts: Iterable[str] = ()) -> Iterator[None]:
+    """Offline mode for one command (a block): the guard and switches when `on`, taken away again at the end if
+    this block installed them (a library caller keeps its process as it was). Already offline: hosts are added."""
+    if not on:
+        yield
+        return
+    if is_active():
+        enable(allowed_hosts)
+        yield
+        return
+    saved_env = {name: os.environ.get(name) for name in OFFLINE_SWITCHES}
+    saved_flags = _imported_flags()
+    enable(allowed_hosts)
+    try:
+        yield
+    finally:
+        disable()
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _restore_imported_flags(saved_flags)
+
+
+def describe() -> str:
+    """What offline mode lets through, for doctor."""
+    hosts = ", ".join(sorted(_guard.allowed_hosts)) if _guard else ""
+    return f"on: loopback{', ' + hosts if hosts else ''} only" if _guard else "off"
+
+
+def allowed(host: str) -> bool:
+    """Whether a connection to `host` would pass now (always, when the guard is not installed)."""
+    return _guard is None or _allowed(_guard, host)
+
+
+def check_endpoint_allowed(endpoint: str, what: str = "the hub") -> None:
+    """Refuse a URL whose host offline mode does not allow, before any name lookup or connection is attempted."""
+    host = endpoint_host(endpoint)
+    if _guard is None or host is None or _allowed(_guard, host):
+        return
+    listed = ", ".join(sorted(_guard.allowed_hosts)) or "none"
+    raise NetworkBlocked(
+        f"offline mode: {what} at {endpoint} is not on the allow-list (allowed: loopback, {listed}); nothing was "
+        f"sent. If {host} is your own server, add it to sovereignty.allowed_hosts or pass --allow-host {host}"
+    )
 
 
 def disable() -> None:
@@ -104,14 +156,30 @@ def disable() -> None:
     _guard = None
 
 
+# The offline flags hub libraries cache at import time.
+_FLAG_MODULES = {
+    "huggingface_hub.constants": ("HF_HUB_OFFLINE",),
+    "datasets.config": ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"),
+}
+
+
+def _imported_flags() -> dict[tuple[str, str], Any]:
+    return {
+        (module_name, name): getattr(sys.modules[module_name], name)
+        for module_name, names in _FLAG_MODULES.items()
+        if module_name in sys.modules
+        for name in names
+        if hasattr(sys.modules[module_name], name)
+    }
+
+
+def _restore_imported_flags(flags: dict[tuple[str, str], Any]) -> None:
+    for (module_name, name), value in flags.items():
+        setattr(sys.modules[module_name], name, value)
+
+
 def _update_imported_flags() -> None:
-    hub_constants = sys.modules.get("huggingface_hub.constants")
-    if hub_constants is not None:
-        hub_constants.HF_HUB_OFFLINE = True
-    datasets_config = sys.modules.get("datasets.config")
-    if datasets_config is not None:
-        datasets_config.HF_HUB_OFFLINE = True
-        datasets_config.HF_DATASETS_OFFLINE = True
+    _restore_imported_flags({key: True for key in _imported_flags()})
 
 
 def _is_ip(host: str) -> bool:
@@ -122,18 +190,9 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower().rstrip(".") in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def _allowed(guard: _Guard, host: str) -> bool:
     host = host.lower().rstrip(".")
-    return _is_loopback(host) or host in guard.allowed_hosts or host in guard.allowed_addresses
+    return is_loopback(host) or host in guard.allowed_hosts or host in guard.allowed_addresses
 
 
 def _refuse(guard: _Guard, call: str, host: str, port: Any) -> None:
@@ -144,7 +203,8 @@ def _refuse(guard: _Guard, call: str, host: str, port: Any) -> None:
     allowed = ", ".join(sorted(guard.allowed_hosts)) or "none"
     raise NetworkBlocked(
         f"offline mode refused a connection to {where} (allowed: loopback, {allowed}); "
-        "add the host to sovereignty.allowed_endpoints if it is your own server, or run without offline mode"
+        "add the host to sovereignty.allowed_hosts (or pass --allow-host) if it is your own server, or run without "
+        "offline mode"
     )
 
 

@@ -11,7 +11,13 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sovtune.config.validators import check_endpoint, check_repo_id, endpoint_host, looks_like_local_path
+from sovtune.config.validators import (
+    check_endpoint,
+    check_repo_id,
+    endpoint_host,
+    is_loopback,
+    looks_like_local_path,
+)
 from sovtune.core.secrets import redact_secrets
 
 SCHEMA_VERSION = 1
@@ -275,9 +281,23 @@ class HubSection(Section):
         default=None, description="Your hub's URL, e.g. https://hub.internal.example; default: $HF_ENDPOINT."
     )
     revision: str | None = Field(default=None, description="Branch to publish to (created when missing); default main.")
-    private: bool = Field(default=True, description="Create the repository private; false makes it public.")
+    private: bool = Field(
+        default=True,
+        description="Create the repository private; false makes it public. An existing repository keeps its "
+        "visibility unless `sovtune push --public/--private` says otherwise.",
+    )
     push: bool = Field(
         default=False, description="Publish at the end of `sovtune run` (after evaluation and its gates)."
+    )
+    include_examples: bool = Field(
+        default=False,
+        description="Also publish report.json's example generations (held-out prompts, references, predictions); "
+        "by default they stay on this machine.",
+    )
+    signing_key: str | None = Field(
+        default=None,
+        description="PEM private key (ECDSA, e.g. P-256) that signs the published files (OpenSSF model signing); "
+        "relative to the recipe. Password: $SOVTUNE_SIGNING_KEY_PASSWORD.",
     )
 
     @field_validator("repo")
@@ -594,12 +614,16 @@ class EvalSection(Section):
 class SovereigntySection(Section):
     offline: bool = Field(
         default=False,
-        description="Refuse every network connection except loopback and allowed_endpoints; "
-        "sets the HF offline switches.",
+        description="Refuse every network connection except loopback and allowed_hosts; sets the HF offline switches.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts reachable in offline mode (push, pull and downloads), e.g. [hub.internal.example]; "
+        "a URL is reduced to its host. Loopback is always reachable.",
     )
     allowed_endpoints: list[str] = Field(
         default_factory=list,
-        description="Hosts reachable in offline mode, e.g. [https://hub.internal.example] (your private hub).",
+        description="Older name of allowed_hosts (URLs); their hosts are added to allowed_hosts.",
     )
     audit_log: str | None = Field(
         default=None, description="Append-only JSONL audit log; default $SOVTUNE_AUDIT_LOG or ~/.sovtune/audit.jsonl."
@@ -614,13 +638,25 @@ class SovereigntySection(Section):
         description="Base-model licences allowed (e.g. [apache-2.0, mit]); empty = no licence gate.",
     )
 
-    @field_validator("allowed_endpoints")
+    @field_validator("allowed_hosts", "allowed_endpoints")
     @classmethod
-    def _valid_endpoints(cls, value: list[str]) -> list[str]:
-        bad = [endpoint for endpoint in value if endpoint_host(endpoint) is None]
+    def _valid_hosts(cls, value: list[str]) -> list[str]:
+        bad = [entry for entry in value if endpoint_host(entry) is None]
         if bad:
-            raise ValueError(f"{bad} are not http(s) URLs or host names; write e.g. https://hub.internal.example")
+            raise ValueError(
+                f"{bad} are not host names or http(s) URLs; write e.g. hub.internal.example or https://10.0.0.5:8443"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _merge_hosts(self) -> SovereigntySection:
+        # Stored as bare hosts (lower case, IPs normalised): what the network guard compares.
+        hosts = [endpoint_host(entry) for entry in [*self.allowed_hosts, *self.allowed_endpoints]]
+        merged = list(dict.fromkeys(host for host in hosts if host))
+        if merged != self.allowed_hosts:
+            # validate_assignment would run this validator again; set the field without it.
+            self.__dict__["allowed_hosts"] = merged
+        return self
 
     @field_validator("allowed_licenses")
     @classmethod
@@ -630,9 +666,10 @@ class SovereigntySection(Section):
             raise ValueError(f"{bad} are not licence ids; use SPDX-style ids such as apache-2.0, mit, llama3.1")
         return [name.lower() for name in value]
 
-    @property
-    def allowed_hosts(self) -> list[str]:
-        return [host for host in (endpoint_host(endpoint) for endpoint in self.allowed_endpoints) if host]
+
+def _reachable_offline(host: str, sovereignty: SovereigntySection) -> bool:
+    """Loopback or an allowed host: what offline mode lets through (sovtune.offline enforces the same rule)."""
+    return is_loopback(host) or host in sovereignty.allowed_hosts
 
 
 class Recipe(Section):
@@ -709,6 +746,12 @@ class Recipe(Section):
             raise ValueError(
                 "sovereignty.offline with hub.push needs hub.endpoint (your private hub); "
                 "offline mode refuses the public hub that $HF_ENDPOINT or the default would reach"
+            )
+        host = endpoint_host(self.hub.endpoint) if self.hub.endpoint else None
+        if self.sovereignty.offline and self.hub.push and host and not _reachable_offline(host, self.sovereignty):
+            raise ValueError(
+                f"sovereignty.offline with hub.push: the hub's host {host} is not in sovereignty.allowed_hosts, so "
+                f"offline mode would refuse the push after training; add it: allowed_hosts: [{host}]"
             )
         return self
 

@@ -69,3 +69,17 @@ def endpoint_host(endpoint: str) -> str | None:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return host.lower() if _HOST.match(host) else None
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or a loopback name: never leaves the machine."""
+    host = host.lower().rstrip(".")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
