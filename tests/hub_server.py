@@ -1,8 +1,11 @@
 """A small in-memory double of a private Hugging Face hub on 127.0.0.1, for tests of push/pull (not a product feature).
 
-It answers the endpoints the real `huggingface_hub` client uses to publish and download (see ../shared/ANCHORS.md),
-has no Xet storage (like most private hubs) and can be told to fail: bad tokens (401), read-only tokens (403),
-conflicts (409), a branch that moves under a commit (412), metadata rejected by validate-yaml (400), outages (503).
+It answers the endpoints the real `huggingface_hub` client uses to publish and download (see ../shared/ANCHORS.md):
+repository creation and settings (visibility), branch creation, the tree at a branch or commit, preupload, LFS batch
+upload, commits that add and delete files, resolve. It has no Xet storage (like most private hubs) and can be told
+to fail: bad tokens (401), read-only tokens (403), conflicts (409), a branch that moves under a commit (412),
+metadata rejected by validate-yaml (400), outages (503); and to hand out LFS upload URLs on another host (as real
+hubs hand out pre-signed storage URLs).
 """
 
 from __future__ import annotations
@@ -91,8 +94,9 @@ class HubError(Exception):
 class HubDouble:
     """State of the fake hub. `url` is its endpoint; `tokens` maps token -> (user, "write" | "read")."""
 
-    def __init__(self, lfs_threshold: int = 10 * 1024 * 1024) -> None:
+    def __init__(self, lfs_threshold: int = 10 * 1024 * 1024, upload_base: str | None = None) -> None:
         self.lfs_threshold = lfs_threshold
+        self.upload_base = upload_base  # where LFS upload URLs point (default: this hub)
         self.tokens: dict[str, tuple[str, str]] = {}
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
@@ -161,6 +165,14 @@ class HubDouble:
                 new_files[path] = self._store(path, data)
             return self._new_commit(repo, branch, parent.oid, message, new_files)
 
+    def delete_files(self, repo_id: str, paths: list[str], branch: str = "main", message: str = "delete") -> str:
+        """Delete files in a commit directly (as another client would), bypassing HTTP."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            parent = repo.commits[repo.branches[branch]]
+            new_files = {path: stored for path, stored in parent.files.items() if path not in paths}
+            return self._new_commit(repo, branch, parent.oid, message, new_files)
+
     def file_bytes(self, repo_id: str, path: str, revision: str = "main") -> bytes:
         stored = self.repos[repo_id].commit_for(revision).files[path]
         return self.lfs_store[stored.lfs_oid] if stored.lfs_oid else stored.data
@@ -217,6 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
         ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
         ("POST", rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", "commit"),
         ("POST", rf"/api/models/{REPO}/branch/(?P<rev>[^/]+)", "branch"),
+        ("PUT", rf"/api/models/{REPO}/settings", "settings"),
         ("GET", rf"/api/models/{REPO}", "model_info"),
         ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", "lfs_batch"),
         ("POST", rf"/{REPO}\.git/info/lfs/objects/verify", "lfs_verify"),
@@ -247,7 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.body = self._read_body()
         route, match = "unknown", None
         for verb, pattern, name in self.ROUTES:
-            match = re.fullmatch(pattern, unquote(parts.path)) if verb == method else None
+            # Matched before unquoting: a branch such as release/v1 arrives as release%2Fv1, one path segment.
+            match = re.fullmatch(pattern, parts.path) if verb == method else None
             if match:
                 route = name
                 break
@@ -262,7 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._injected(route)
             if match is None:
                 raise HubError(404, f"no route for {method} {parts.path}")
-            status, headers, payload = getattr(self, f"r_{route}")(**match.groupdict())
+            arguments = {key: unquote(value) if value else value for key, value in match.groupdict().items()}
+            status, headers, payload = getattr(self, f"r_{route}")(**arguments)
         except HubError as err:
             status, headers = err.status, {}
             if err.error_code:
@@ -321,6 +336,11 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             raise HubError(400, "request body is not JSON") from None
 
+    def _base(self) -> str:
+        """This hub's URL as the client named it (the Host header), like a real hub behind its own name."""
+        host = self.headers.get("Host")
+        return f"http://{host}" if host else self.state.url
+
     # -- auth and lookups --------------------------------------------------------------------------------------
     def _token_role(self) -> tuple[str, str] | None:
         header = self.headers.get("Authorization")
@@ -371,7 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("type", "model") != "model":
             raise HubError(400, "this hub only hosts model repositories")
         repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
-        url = f"{self.state.url}/{repo_id}"
+        url = f"{self._base()}/{repo_id}"
         with self.state.lock:
             if repo_id in self.state.repos:
                 # The real client reads `url` from a 409 body when exist_ok=True.
@@ -405,6 +425,18 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(409, f"Branch {branch} already exists")
             start = self._commit(found, body.get("startingPoint") or "main")
             found.branches[branch] = start.oid
+        return 200, {}, {}
+
+    def r_settings(self, repo: str) -> tuple:
+        found = self._repo(repo, write=True)
+        body = self._json()
+        visibility = body.get("visibility")
+        if visibility is None and isinstance(body.get("private"), bool):
+            visibility = "private" if body["private"] else "public"
+        if visibility not in ("public", "private") or set(body) - {"visibility", "private", "gated"}:
+            raise HubError(400, f"unsupported settings {body}")
+        with self.state.lock:
+            found.private = visibility == "private"
         return 200, {}, {}
 
     def r_tree(self, repo: str, rev: str, path: str | None = None) -> tuple:
@@ -455,8 +487,8 @@ class _Handler(BaseHTTPRequestHandler):
             entry: dict[str, Any] = {"oid": oid, "size": size}
             if oid not in self.state.lfs_store:
                 # A pre-signed URL: the client sends no Authorization header to it.
-                href = f"{self.state.url}/_lfs/{oid}?sig={self.state.sign(oid)}&size={size}"
-                verify = f"{self.state.url}/{repo}.git/info/lfs/objects/verify"
+                href = f"{self.state.upload_base or self._base()}/_lfs/{oid}?sig={self.state.sign(oid)}&size={size}"
+                verify = f"{self._base()}/{repo}.git/info/lfs/objects/verify"
                 entry["actions"] = {"upload": {"href": href}, "verify": {"href": verify}}
             objects.append(entry)
         return 200, {"Content-Type": "application/vnd.git-lfs+json"}, {"transfer": "basic", "objects": objects}
@@ -520,7 +552,7 @@ class _Handler(BaseHTTPRequestHandler):
             200,
             {},
             {
-                "commitUrl": f"{self.state.url}/{repo}/commit/{oid}",
+                "commitUrl": f"{self._base()}/{repo}/commit/{oid}",
                 "commitOid": oid,
                 "pullRequestUrl": None,
                 "success": True,

@@ -146,9 +146,9 @@ def test_local_base_stays_out_of_metadata_and_goes_into_the_body(tmp_path: Path)
     card = ModelCard(text)
     assert card.data.base_model is None
     assert not any(tag.startswith("base_model:") for tag in card.data.tags)
-    header = text.split("\n---\n", 1)[0]
-    assert "/srv/models" not in header and "/home/ana" not in header
-    assert "a local base model (`/srv/models/llama-8b`, not on a hub; its 1 files are hashed" in card.text
+    # Named by its folder's name: no path of the training machine anywhere in the card (issue 15).
+    assert "/srv/models" not in text and "/home/ana" not in text
+    assert "a local base model (`llama-8b`, not on a hub; its 1 files are hashed" in card.text
     assert f"`model.safetensors` sha256 `{'ab' * 32}`" in card.text
     # Local data appears by file name and hash only, never its folder.
     assert f"local file `tickets.jsonl` (sha256 `{'12' * 32}`)" in card.text and "/home/ana" not in card.text

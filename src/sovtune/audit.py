@@ -17,13 +17,14 @@ from typing import Any, Iterator
 from sovtune import __version__
 from sovtune.config import Recipe
 from sovtune.core.hashing import now, sha256_text
+from sovtune.core.rundir import RunDir
 from sovtune.core.secrets import redact_secrets
 from sovtune.data import data_file_hashes
 from sovtune.errors import GateFailed, SovtuneError
 from sovtune.licence import LicenceRefused
 from sovtune.offline import NetworkBlocked
 
-EVENTS = ("check", "train", "eval", "run", "push", "pull", "export", "merge", "verify")
+EVENTS = ("check", "train", "eval", "run", "push", "pull", "sign", "export", "merge", "verify")
 ENV_PATH = "SOVTUNE_AUDIT_LOG"
 DEFAULT_PATH = "~/.sovtune/audit.jsonl"
 _SECRET_KEYS = ("token", "password", "secret", "api_key", "apikey", "authorization")
@@ -75,7 +76,10 @@ def event_record(
     destination: str | None = None,
     error: str | None = None,
     details: dict[str, Any] | None = None,
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """One audit line. `run_dir`: the event acted on a run directory (push, sign, verify, ...): it is recorded, and
+    `recipe` names the recipe that run recorded, not the file it was once trained from."""
     record: dict[str, Any] = {
         "time": now(),
         "event": event,
@@ -89,8 +93,12 @@ def event_record(
         "data": [],
         "destination": destination,
     }
+    if run_dir is not None:
+        record["run_dir"] = os.path.abspath(run_dir)
     if recipe is not None:
         record["recipe"] = recipe.source_path or recipe.name
+        if run_dir is not None:
+            record["recipe"] = os.path.abspath(RunDir(run_dir) / RunDir.RECIPE)
         record["recipe_sha256"] = sha256_text(recipe.to_yaml())
         with contextlib.suppress(OSError):  # data that cannot be read is the command's error to report, not ours
             record["data"] = data_file_hashes(recipe.data, recipe.base_dir)
@@ -136,7 +144,11 @@ REFUSALS: tuple[type[Exception], ...] = (GateFailed, LicenceRefused, NetworkBloc
 
 @contextlib.contextmanager
 def audited(
-    event: str, recipe: Recipe | None = None, destination: str | None = None, details: dict[str, Any] | None = None
+    event: str,
+    recipe: Recipe | None = None,
+    destination: str | None = None,
+    details: dict[str, Any] | None = None,
+    run_dir: Path | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Record `event` when the block ends: outcome ok, failed (with the one-line error), refused or interrupted.
 
@@ -152,6 +164,7 @@ def audited(
             destination=extra["destination"],
             error=error,
             details=extra["details"] or None,
+            run_dir=run_dir,
         )
 
     try:

@@ -10,6 +10,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovtune import offline
+from sovtune.config import check_endpoint
+from sovtune.publish.hub import probe
+
 REQUIRED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "huggingface_hub")
 MIN_FREE_DISK_GB = 5.0
 
@@ -29,7 +33,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-def diagnose(run_root: Path = Path("runs")) -> list[Row]:
+def diagnose(run_root: Path = Path("runs"), endpoint: str | None = None) -> list[Row]:
+    """Every row of `sovtune doctor`. The hub named by `endpoint` (else $HF_ENDPOINT) is probed; none is, if neither
+    is set: sovtune never contacts a hub it was not given."""
     rows = [
         Row(
             "python",
@@ -51,7 +57,7 @@ def diagnose(run_root: Path = Path("runs")) -> list[Row]:
     rows += _torch_rows()
     rows += _optional_rows()
     rows.append(_disk_row(run_root))
-    rows += _hub_rows()
+    rows += _hub_rows(endpoint or os.environ.get("HF_ENDPOINT"))
     return rows
 
 
@@ -128,25 +134,30 @@ def _disk_row(run_root: Path) -> Row:
     )
 
 
-def _hub_rows() -> list[Row]:
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co (default)"
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+def _hub_rows(endpoint: str | None) -> list[Row]:
+    offline_on = offline.is_active()
     try:
         from huggingface_hub import get_token
 
         has_token = get_token() is not None  # the value itself is never shown
     except ImportError:
         has_token = bool(os.environ.get("HF_TOKEN"))
-    return [
-        Row("hub endpoint", endpoint, "ok"),
+    rows = [
         Row(
             "hub token",
             "set" if has_token else "not set (push/private pulls need one)",
             "ok" if has_token else "warn",
-            "" if has_token else "export HF_TOKEN=... or huggingface-cli login",
+            "" if has_token else "export HF_TOKEN=... or hf auth login",
         ),
-        Row("offline mode", "on (HF_HUB_OFFLINE=1)" if offline else "off", "ok"),
+        Row("offline mode", offline.describe() if offline_on else "off", "ok"),
     ]
+    if not endpoint:
+        return [Row("hub endpoint", "not set: not probed (push and pull need --endpoint or HF_ENDPOINT)", "ok"), *rows]
+    try:
+        status, text = probe(check_endpoint(endpoint))
+    except ValueError as exc:
+        return [Row("hub endpoint", endpoint, "warn", str(exc)), *rows]
+    return [Row("hub endpoint", f"{endpoint}: {text}", status), *rows]
 
 
 def healthy(rows: list[Row]) -> bool:

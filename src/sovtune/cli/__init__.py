@@ -91,8 +91,16 @@ OfflineOpt = Annotated[
     bool,
     typer.Option(
         "--offline",
-        help="Refuse every network connection but loopback and sovereignty.allowed_endpoints "
+        help="Refuse every network connection but loopback and sovereignty.allowed_hosts "
         "(as sovereignty.offline: true).",
+    ),
+]
+AllowHostOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--allow-host",
+        help="In offline mode (--offline, the run's recipe, or HF_HUB_OFFLINE=1), also allow this host, e.g. "
+        "hub.internal.example (repeatable; loopback is always allowed).",
     ),
 ]
 
@@ -134,9 +142,15 @@ def doctor(
     run_root: Annotated[
         Path, typer.Option("--runs", help="Where run directories go (for the free-disk check).")
     ] = Path("runs"),
+    endpoint: Annotated[
+        Optional[str],
+        typer.Option("--endpoint", help="Hub to probe (whoami with the token); default $HF_ENDPOINT, else none."),
+    ] = None,
+    offline: OfflineOpt = False,
+    allow_host: AllowHostOpt = None,
 ) -> None:
     """One table of what matters for training here: Python, torch/CUDA, GPUs, bf16, bitsandbytes, disk, hub."""
-    if not guarded(lambda: bodies().doctor(run_root)):
+    if not guarded(lambda: bodies().doctor(run_root, endpoint, offline, allow_host or [])):
         raise typer.Exit(1)
 
 
@@ -302,11 +316,45 @@ def push(
     ] = None,
     endpoint: EndpointOpt = None,
     revision: RevisionOpt = None,
-    public: Annotated[bool, typer.Option("--public", help="Create the repository public (default: private).")] = False,
+    public: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--public/--private",
+            help="Make the repository public or private (also an existing one). Default: a new repository is "
+            "private (hub.private), an existing one keeps its visibility.",
+            show_default=False,
+        ),
+    ] = None,
+    sign_key: Annotated[
+        Optional[Path],
+        typer.Option("--sign-key", help="PEM private key: sign the published files (default: hub.signing_key)."),
+    ] = None,
+    include_examples: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--include-examples/--no-examples",
+            help="Publish report.json's example generations (held-out prompts); default: hub.include_examples, off.",
+            show_default=False,
+        ),
+    ] = None,
+    offline: OfflineOpt = False,
+    allow_host: AllowHostOpt = None,
 ) -> None:
-    """Publish the adapter, tokenizer, chat template, report, manifest and model card in one commit \
-(token: $HF_TOKEN or `hf auth login`)."""
-    guarded(lambda: bodies().push(run_dir, repo, endpoint, revision, public))
+    """Make the repository hold exactly the run's adapter, tokenizer, report, manifest, card and publish manifest.
+
+    One commit; none when nothing changed. Token: $HF_TOKEN or `hf auth login`.
+    """
+    guarded(
+        lambda: bodies().push(
+            run_dir, repo, endpoint, revision, public, sign_key, include_examples, offline, allow_host or []
+        )
+    )
+
+
+TrustOpt = Annotated[
+    Optional[Path],
+    typer.Option("--trust", help="PEM public key: require a signature (model.sig) by its private key."),
+]
 
 
 @app.command()
@@ -315,22 +363,50 @@ def pull(
     revision: RevisionOpt = None,
     endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub URL; default: $HF_ENDPOINT.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="New folder for the download; default: ./NAME.")] = None,
+    trust: TrustOpt = None,
+    offline: OfflineOpt = False,
+    allow_host: AllowHostOpt = None,
 ) -> None:
-    """Download a published adapter and check every file against its manifest (mismatch: exit 2, nothing written)."""
-    guarded(lambda: bodies().pull(repo, revision, endpoint, out))
+    """Download exactly the files the publish manifest lists and check each one (mismatch: exit 2, nothing written)."""
+    guarded(lambda: bodies().pull(repo, revision, endpoint, out, trust, offline, allow_host or []))
+
+
+@app.command()
+def sign(
+    run_dir: RunDirArg,
+    key: Annotated[Path, typer.Option("--key", help="PEM private key (ECDSA P-256; see README).", show_default=False)],
+    repo: Annotated[
+        Optional[str],
+        typer.Option("--repo", help="Repository the run will be pushed to (the card names it); default: hub.repo."),
+    ] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch it will be pushed to.")] = None,
+    include_examples: Annotated[
+        Optional[bool],
+        typer.Option("--include-examples/--no-examples", help="As for push.", show_default=False),
+    ] = None,
+) -> None:
+    """Sign the files a push of RUN_DIR publishes (OpenSSF model signing, offline) into RUN_DIR/model.sig.
+
+    `sovtune push` publishes the signature with the files.
+    """
+    guarded(lambda: bodies().sign(run_dir, key, repo, revision, include_examples))
 
 
 @app.command()
 def verify(
     target: Annotated[
-        Path, typer.Argument(help="Run directory or bundle (.tar) from `sovtune export`.", show_default=False)
+        Path,
+        typer.Argument(
+            help="Run directory, bundle (.tar) from `sovtune export`, or pulled folder.", show_default=False
+        ),
     ],
     strict: Annotated[
         bool, typer.Option("--strict", help="Also fail when files outside the run (data, local base model) are absent.")
     ] = False,
+    trust: TrustOpt = None,
 ) -> None:
-    """Recompute every SHA-256 the manifest records; exit 2 listing any file that changed or is missing."""
-    guarded(lambda: bodies().verify(target, strict))
+    """Recompute every SHA-256 recorded for a run, bundle or pulled folder; exit 2 naming changed or missing files."""
+    guarded(lambda: bodies().verify(target, strict, trust))
 
 
 @app.command()

@@ -27,10 +27,9 @@ from sovtune.evaluation import HeldOut, evaluate
 from sovtune.generate import complete, load_run, render_prompt
 from sovtune.launch import launch as run_launch
 from sovtune.merge import merge as merge_adapter
-from sovtune.offline import enable_for
+from sovtune.offline import enable_for, switched_on_by_environment
+from sovtune.offline import session as offline_session
 from sovtune.publish.bundle import export as export_bundle
-from sovtune.publish.hub import pull as pull_adapter
-from sovtune.publish.hub import push_run
 from sovtune.report import compare as compare_runs
 from sovtune.run.verify import verify_before_loading
 from sovtune.starter import starter_recipe, write_starter
@@ -94,8 +93,9 @@ def run(recipe: Path, overrides: list[str] | None, resume: bool, overwrite: bool
     console.print(f"run finished: [bold]{result.run_dir}[/]")
 
 
-def doctor(run_root: Path) -> bool:
-    rows = checks.diagnose(run_root)
+def doctor(run_root: Path, endpoint: str | None, offline: bool, allow_hosts: list[str]) -> bool:
+    with offline_session(offline or switched_on_by_environment(), allow_hosts):
+        rows = checks.diagnose(run_root, endpoint)
     doctor_rows(rows, console)
     return checks.healthy(rows)
 
@@ -183,25 +183,40 @@ def compare(run_dirs: list[Path], out: Path) -> None:
     console.print(f"comparison written to [bold]{out / 'compare.md'}[/]")
 
 
-def push(run_dir: Path, repo: str | None, endpoint: str | None, revision: str | None, public: bool) -> None:
-    with audited("push", run_recipe(run_dir), destination=repo) as event:
-        result = push_run(run_dir, repo_id=repo, endpoint=endpoint, revision=revision, public=public)
-        event["destination"] = f"{result.endpoint}/{result.repo_id}@{result.commit}"
-        event["details"].update(private=result.private, files=len(result.files))
-    console.print(f"[bold]{result.endpoint}/{result.repo_id}[/] @ {result.commit}", highlight=False)
+def push(
+    run_dir: Path,
+    repo: str | None,
+    endpoint: str | None,
+    revision: str | None,
+    public: bool | None,
+    sign_key: Path | None,
+    include_examples: bool | None,
+    offline: bool,
+    allow_hosts: list[str],
+) -> None:
+    pipeline.push(run_dir, repo, endpoint, revision, public, sign_key, include_examples, offline, allow_hosts)
 
 
-def pull(repo: str, revision: str | None, endpoint: str | None, out: Path | None) -> None:
-    with audited("pull", destination=str(out) if out else None, details={"source": repo}) as event:
-        result = pull_adapter(repo, endpoint=endpoint, revision=revision, out=out)
-        event["destination"] = str(result.out_dir)
-        event["details"]["source"] = f"{result.endpoint}/{result.repo_id}@{result.commit}"
-    console.print(f"adapter verified in [bold]{result.out_dir}[/]", highlight=False)
+def pull(
+    repo: str,
+    revision: str | None,
+    endpoint: str | None,
+    out: Path | None,
+    trust: Path | None,
+    offline: bool,
+    allow_hosts: list[str],
+) -> None:
+    result = pipeline.pull(repo, endpoint, revision, out, trust, offline, allow_hosts)
+    console.print(f"verified in [bold]{result.out_dir}[/]: {result.signature}", highlight=False)
 
 
-def verify(target: Path, strict: bool) -> None:
+def sign(run_dir: Path, key: Path, repo: str | None, revision: str | None, include_examples: bool | None) -> None:
+    pipeline.sign(run_dir, key, repo, revision, include_examples)
+
+
+def verify(target: Path, strict: bool, trust: Path | None) -> None:
     with audited("verify", run_recipe(target), destination=str(target)):
-        result = pipeline.verify(target, strict=strict)
+        result = pipeline.verify(target, strict=strict, trust=trust)
     console.print(result.describe(), highlight=False)
 
 

@@ -52,6 +52,8 @@ class RunDir:
     REPORT_FILES = (REPORT, REPORT_MD, REPORT_PNG, PREDICTIONS)
     CARD = "README.md"
     CHECKSUMS = "SHA256SUMS"  # an exported bundle's checksum list
+    PUBLISH_MANIFEST = "publish_manifest.json"  # a published repository's (and a pulled folder's) list of files
+    SIGNATURE = "model.sig"  # OpenSSF model signature (Sigstore bundle) over the published files
     ADAPTER = "adapter"
     ADAPTER_CONFIG = "adapter_config.json"
     CHECKPOINTS = "checkpoints"

@@ -6,6 +6,7 @@ Metadata a hub validates (base model, datasets) only ever holds hub ids; local o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -84,6 +85,15 @@ def base_model_facts(recipe: dict[str, Any], manifest: dict[str, Any] | None) ->
         "local": local or not is_hub_id(name),
         "files": [entry for entry in record.get("files") or [] if isinstance(entry, dict)],
     }
+
+
+def public_base_name(base: dict[str, Any]) -> str:
+    """What a published file calls the base model: the hub id of a hub base; for a local base the name its recipe
+    declares for it, reduced to the folder's name (never a path of this machine)."""
+    name = str(base.get("name") or "")
+    if not base.get("local"):
+        return name
+    return re.split(r"[/\\]", name.rstrip("/\\"))[-1] or "local-base-model"
 
 
 def dataset_facts(recipe: dict[str, Any], manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -295,7 +305,7 @@ def _intro(repo_id: str, revision: str | None, recipe: dict[str, Any], base: dic
         hashed = (
             f"its {len(base['files'])} files are hashed in `manifest.json`" if base["files"] else "see `manifest.json`"
         )
-        origin = f"a local base model (`{base['name']}`, not on a hub; {hashed})"
+        origin = f"a local base model (`{public_base_name(base)}`, not on a hub; {hashed})"
         load_base = '"/path/to/the/same/base/model"'
     else:
         pinned = base["commit"] or base["revision"]
@@ -326,7 +336,11 @@ def _intro(repo_id: str, revision: str | None, recipe: dict[str, Any], base: dic
         ),
         "```",
         "",
-        f"`sovtune pull {repo_id}` downloads it and checks every adapter file against `manifest.json`.",
+        (
+            f"`sovtune pull {repo_id}` downloads exactly the files listed in `publish_manifest.json` and checks each "
+            "one (this card too) against it and against the run's `manifest.json`; `--trust PUBKEY.pem` also "
+            "requires a valid signature (`model.sig`)."
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -1,11 +1,14 @@
-"""Publish a run's adapter to a hub you name, and pull one back verified against its manifest.
+"""Publish a run to a hub you name, and pull a publication back, verified file by file.
 
-Every call gets its endpoint and token explicitly: huggingface_hub reads HF_ENDPOINT once, at import.
+Every call gets its endpoint and token explicitly: huggingface_hub reads HF_ENDPOINT once, at import. In offline mode
+(`sovtune.offline`) the endpoint's host must be on the allow-list; that is checked before anything is sent, and the
+socket guard refuses any other host the hub might send the client to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -14,20 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sovtune import __version__
-from sovtune.config import HubSection, check_endpoint, check_repo_id
-from sovtune.core.hashing import RUN_ROOT, sha256_file
+from sovtune import __version__, offline
+from sovtune.config import HubSection, SovereigntySection, check_endpoint, check_repo_id, endpoint_host
 from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
-from sovtune.publish.card import build_card
-from sovtune.run.manifest import recorded_files
-from sovtune.run.verify import run_file_kind, unrecorded_adapter_files
+from sovtune.publish import publication as publishing
+from sovtune.publish.publication import PUBLISH_MANIFEST, SIGNATURE, Publication, PublishError
+from sovtune.publish.signing import check_public_key
 
-CARD = RunDir.CARD
-MANIFEST = RunDir.MANIFEST
-RUN_FILES = (RunDir.REPORT, MANIFEST)  # published next to the adapter files, at the repository root
-# peft writes a placeholder card into the adapter folder; the repository's README.md is ours.
-NOT_PUBLISHED = {"adapter/README.md"}
+HUB_FILES = {".gitattributes"}  # the hub's own file in every repository: neither published nor deleted by a push
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 RETRY_ATTEMPTS = 4
 RETRY_WAIT_S = 2.0  # doubled after each failed attempt
@@ -36,7 +34,7 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 log = logging.getLogger(__name__)
 
 
-class HubError(SovtuneError):
+class HubError(PublishError):
     """A push or pull failed: the hub refused, could not be reached, or the files do not match their manifest."""
 
 
@@ -45,10 +43,25 @@ class PushResult:
     repo_id: str
     endpoint: str
     revision: str
-    commit: str
+    commit: str  # the new commit, or the branch head when nothing changed
     url: str
-    private: bool
-    files: list[str] = field(default_factory=list)
+    private: bool | None  # the repository's visibility after the push (None: the hub did not say)
+    files: list[str] = field(default_factory=list)  # what the repository holds now (the publication)
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)  # files of an earlier push this run does not publish
+    visibility_changed: bool = False
+    signed: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.uploaded or self.deleted)
+
+    @property
+    def visibility(self) -> str:
+        shown = {True: "private", False: "public", None: "visibility not reported by the hub"}[self.private]
+        if self.visibility_changed:
+            shown += f", changed from {'public' if self.private else 'private'}"
+        return shown
 
 
 @dataclass
@@ -59,6 +72,20 @@ class PullResult:
     commit: str
     out_dir: Path
     verified: list[str] = field(default_factory=list)
+    signature: str = "not signed"
+
+
+@dataclass
+class PushSettings:
+    """Where and how a run is published: command-line flags first, then the recipe's hub section."""
+
+    repo_id: str
+    endpoint: str
+    revision: str | None = None
+    public: bool | None = None  # --public / --private; None: an existing repository keeps its visibility
+    create_private: bool = True  # a new repository (hub.private)
+    include_examples: bool = False
+    sign_key: Path | None = None
 
 
 @dataclass
@@ -110,7 +137,7 @@ def check_push_settings(hub: HubSection) -> None:
 
 def checked_repo_id(repo_id: str | None, source: str = "--repo") -> str:
     if not repo_id:
-        raise HubError("no repository: pass --repo ORG/NAME or set hub.repo in the recipe")
+        raise HubError(f"no repository: pass {source} ORG/NAME or set hub.repo in the recipe")
     try:
         return check_repo_id(repo_id)
     except ValueError as exc:
@@ -124,135 +151,73 @@ def _checked_branch(revision: str | None) -> str | None:
         raise HubError(f"--revision: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
-def run_hub_settings(run_dir: Path) -> HubSection:
-    """The hub section of the recipe the run recorded (defaults when it has none)."""
+def _recorded_section(run_dir: Path, name: str, section: Any) -> Any:
+    """One section of the recipe the run recorded, validated on its own (defaults when the run has no recipe)."""
     run = RunDir(run_dir)
     path = run / RunDir.RECIPE
     if not path.exists():
-        return HubSection()
+        return section()
     try:
-        return HubSection.model_validate(run.recipe_data().get("hub") or {})
+        return section.model_validate(run.recipe_data().get(name) or {})
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
         where = ".".join(str(part) for part in first["loc"])
-        raise HubError(f"{path}: hub.{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise HubError(f"{path}: {name}.{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# What is published, and checking it against the manifest
+def run_hub_settings(run_dir: Path) -> HubSection:
+    """The hub section of the recipe the run recorded (defaults when it has none)."""
+    return _recorded_section(run_dir, "hub", HubSection)
 
 
-def publish_files(run_dir: Path) -> dict[str, Path]:
-    """Run-relative path -> file: the adapter folder's files (weights, config, tokenizer, chat template) and
-    report.json / manifest.json. The adapter folder becomes the repository root so peft loads the repo as is."""
-    run_dir = Path(run_dir)
-    adapter = RunDir(run_dir).adapter_dir
-    if not adapter.is_dir():
-        raise HubError(f"{adapter}: no adapter folder; train first (`sovtune train RECIPE`) or give the run directory")
-    files = {
-        f"adapter/{path.relative_to(adapter).as_posix()}": path
-        for path in sorted(adapter.rglob("*"))
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(adapter).parts)
-    }
-    files = {name: path for name, path in files.items() if name not in NOT_PUBLISHED}
-    weights = [name for name in files if Path(name).name.startswith("adapter_model.")]
-    missing = [
-        name
-        for name, ok in (
-            ("adapter_config.json", "adapter/adapter_config.json" in files),
-            ("adapter_model.safetensors", weights),
-        )
-        if not ok
-    ]
-    if missing:
-        raise HubError(
-            f"{adapter}: {', '.join(missing)} missing; the adapter was not saved completely, re-run training"
-        )
-    clashes = sorted(name for name in files if repo_path(name) in (CARD, *RUN_FILES))
-    if clashes:
-        raise HubError(
-            f"{adapter}: {', '.join(clashes)} would overwrite the run's own file at the repository root; rename it"
-        )
-    for name in RUN_FILES:
-        if (run_dir / name).is_file():
-            files[name] = run_dir / name
-    # Never through a symbolic link: it could publish any file of this machine (export refuses them too).
-    links = sorted(
-        {name for name in files if run_file_kind(run_dir, name) != "file"}
-        | set(unrecorded_adapter_files(run_dir, set(files))[1])
-    )
-    if links:
-        raise HubError(f"{run_dir}: {', '.join(links)}: symbolic links are not published; replace them with the files")
-    if MANIFEST not in files:
-        raise HubError(
-            f"{run_dir / MANIFEST}: missing; a published adapter carries its manifest so `sovtune pull` can verify it "
-            "(runs written by `sovtune train` have one)"
-        )
-    return files
+def run_sovereignty(run_dir: Path) -> SovereigntySection:
+    """The sovereignty section of the recipe the run recorded: offline mode and its allowed hosts travel with a run."""
+    return _recorded_section(run_dir, "sovereignty", SovereigntySection)
 
 
-def repo_path(run_path: str) -> str:
-    """Where a run file lives in the repository: adapter files at the root, run files beside them."""
-    return run_path.removeprefix("adapter/")
+def recipe_folder(run_dir: Path) -> Path:
+    """The folder of the recipe the run was trained from (relative recipe paths resolve there), else the run."""
+    run = RunDir(run_dir)
+    source = run.recipe_data().get("source_path") if (run / RunDir.RECIPE).is_file() else None
+    return Path(source).parent if isinstance(source, str) and source else Path(run_dir)
 
 
-def run_path(path_in_repo: str) -> str:
-    """The inverse of `repo_path`."""
-    return path_in_repo if path_in_repo in (CARD, *RUN_FILES) else f"adapter/{path_in_repo}"
-
-
-def check_against_manifest(manifest: dict[str, Any], present: dict[str, Path], where: str) -> list[str]:
-    """Compare files (run-relative path -> local file) with the manifest's SHA-256; HubError names every difference.
-
-    Every adapter file the manifest records must be present and match; adapter files it does not record are refused
-    too (something was added after training). Other recorded files that are present (report.json) must match.
-    """
-    expected = {path: digest for (root, path), digest in recorded_files(manifest).items() if root == RUN_ROOT}
-    adapter_expected = sorted(path for path in expected if path.startswith("adapter/") and path not in NOT_PUBLISHED)
-    if not adapter_expected:
-        raise HubError(
-            f"{where}: manifest.json records no adapter files (training did not finish?); nothing to verify against"
-        )
-    mismatched, missing, checked = [], [], []
-    for path in adapter_expected + sorted(p for p in present if p in expected and not p.startswith("adapter/")):
-        if path not in present:
-            missing.append(path)
-        elif sha256_file(present[path]) != expected[path]:
-            mismatched.append(path)
-        else:
-            checked.append(path)
-    unlisted = sorted(p for p in present if p.startswith("adapter/") and p not in expected and p not in NOT_PUBLISHED)
-    problems = [
-        f"{label}: {', '.join(paths)}"
-        for label, paths in (("hash mismatch", mismatched), ("missing", missing), ("not in the manifest", unlisted))
-        if paths
-    ]
-    if problems:
-        raise HubError(f"{where}: files do not match manifest.json ({'; '.join(problems)})")
-    return checked
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Push
-
-
-def push_run(
+def push_settings(
     run_dir: Path,
     repo_id: str | None = None,
     endpoint: str | None = None,
     revision: str | None = None,
-    public: bool = False,
+    public: bool | None = None,
+    sign_key: Path | None = None,
+    include_examples: bool | None = None,
     hub: HubSection | None = None,
-) -> PushResult:
-    """`sovtune push`: flags first, then the run's recipe (hub section), then $HF_ENDPOINT."""
-    hub = hub if hub is not None else run_hub_settings(run_dir)
-    return push(
-        run_dir,
-        checked_repo_id(repo_id or hub.repo, "--repo" if repo_id else "hub.repo"),
+    base_dir: Path | None = None,
+) -> PushSettings:
+    """Flags first, then the hub section (the given one, else the run's recorded recipe), then $HF_ENDPOINT."""
+    if hub is None:
+        hub, base_dir = run_hub_settings(run_dir), recipe_folder(run_dir)
+    key = sign_key
+    if key is None and hub.signing_key:
+        recorded = Path(os.path.expanduser(hub.signing_key))
+        key = recorded if recorded.is_absolute() else Path(base_dir or ".") / recorded
+    return PushSettings(
+        repo_id=checked_repo_id(repo_id or hub.repo, "--repo" if repo_id else "hub.repo"),
         endpoint=resolve_endpoint(endpoint, hub.endpoint),
         revision=revision or hub.revision,
-        private=not public and hub.private,
+        public=public,
+        create_private=hub.private,
+        include_examples=hub.include_examples if include_examples is None else include_examples,
+        sign_key=key,
     )
+
+
+def push_run(run_dir: Path, **flags: Any) -> PushResult:
+    """`sovtune push` as a library call: `push_settings(run_dir, **flags)`, then `push`."""
+    return push(run_dir, **vars(push_settings(run_dir, **flags)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Push
 
 
 def push(
@@ -260,64 +225,178 @@ def push(
     repo_id: str,
     endpoint: str,
     revision: str | None = None,
-    private: bool = True,
+    public: bool | None = None,
+    create_private: bool = True,
+    include_examples: bool = False,
+    sign_key: Path | None = None,
     token: str | None = None,
 ) -> PushResult:
-    """Upload adapter, tokenizer, chat template, report, manifest and model card to `repo_id` in one commit.
+    """Make the branch of `repo_id` hold exactly the run's publication, in one commit (none if nothing changed).
 
-    The repository is created private unless `private=False`; an existing public one is refused when private was
-    asked for. The commit names the branch head it was built on, so a concurrent push fails (412) instead of
-    silently interleaving.
+    Files an earlier push left that this run does not publish are deleted in the same commit. A new repository is
+    private unless `create_private=False`; an existing one keeps its visibility unless `public` says otherwise, and
+    an existing public one is refused when the push is private by default. The commit names the branch head it was
+    built on, so a concurrent push fails (412) instead of silently interleaving.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     run_dir = Path(run_dir)
     repo_id, endpoint = checked_repo_id(repo_id), resolve_endpoint(endpoint)
     branch = _checked_branch(revision) or "main"
-    files = publish_files(run_dir)
-    manifest = RunDir(run_dir).manifest()
-    check_against_manifest(manifest, files, str(run_dir))
-    card_bytes = str(build_card(run_dir, repo_id, revision=branch)).encode("utf-8")
+    offline.check_endpoint_allowed(endpoint)
+    published, signature = _prepared(run_dir, repo_id, branch, include_examples, sign_key)
+    contents: dict[str, Any] = {path: published.files[path] for path in published.paths}
     token = token or resolve_token(endpoint, required=True)
     target = _Target(endpoint, repo_id, branch, token, "push")
     api = HfApi(endpoint=endpoint, token=token, library_name="sovtune", library_version=__version__)
 
-    def operations() -> list[Any]:
+    def operations(uploads: list[str], deletes: list[str]) -> list[Any]:
         # A fresh list per attempt: the client marks operations as committed and refuses to reuse them.
         adds = [
-            CommitOperationAdd(path_in_repo=repo_path(name), path_or_fileobj=str(path)) for name, path in files.items()
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=signature if path == SIGNATURE else _content(file))
+            for path, file in ((path, contents.get(path)) for path in uploads)
         ]
-        return adds + [CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card_bytes)]
+        return adds + [CommitOperationDelete(path_in_repo=path) for path in deletes]
 
     with _client_switches():
-        _call("create the repository", target, lambda: api.create_repo(repo_id, private=private, exist_ok=True))
-        info = _call("read the repository", target, lambda: api.model_info(repo_id))
-        if private and info.private is False:
+        created_private = create_private if public is None else not public
+        _call("create the repository", target, lambda: api.create_repo(repo_id, private=created_private, exist_ok=True))
+        private_now = _call("read the repository", target, lambda: api.model_info(repo_id)).private
+        if public is None and private_now is False and create_private:
             raise HubError(
-                f"{repo_id} exists on {endpoint} and is public, but the push is private; make the repository private "
-                "on the hub, or pass --public to publish there"
+                f"{repo_id} exists on {endpoint} and is public, but the push is private; pass --public to publish "
+                "there, or --private to make the repository private first"
             )
+        wanted_private = private_now if public is None else not public
+        changes_visibility = public is not None and private_now is not wanted_private
+        if changes_visibility and wanted_private:
+            _set_visibility(api, target, private=True)  # before the upload: nothing lands in a public repository
         if branch != "main":
             _call("create the branch", target, lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
         head = _call("read the branch head", target, lambda: api.model_info(repo_id, revision=branch)).sha
-        run_name = (manifest.get("run") or {}).get("name") or run_dir.name
-        commit = _upload(
-            target,
-            lambda: api.create_commit(
-                repo_id,
-                operations=operations(),
-                commit_message=f"sovtune: adapter from run {run_name}",
-                commit_description="Adapter, tokenizer, chat template, report.json, manifest.json and model card.",
-                revision=branch,
-                parent_commit=head,
-            ),
-        )
-    published = sorted([repo_path(name) for name in files] + [CARD])
-    log.info(
-        f"published {len(published)} files to {endpoint}/{repo_id} ({'private' if private else 'public'}) "
-        f"on {branch} at {commit.oid}"
+        tree = _tree(api, target, head)
+        expected = {**published.digests(), **({SIGNATURE: _sha256(signature)} if signature else {})}
+        uploads = [
+            path
+            for path, digest in sorted(expected.items())
+            if not _holds(tree.get(path), path, digest, contents, signature)
+        ]
+        deletes = sorted(set(tree) - set(expected) - HUB_FILES)
+        commit_oid, url = head, f"{endpoint}/{repo_id}/tree/{branch}"
+        if uploads or deletes:
+            commit = _upload(
+                target,
+                lambda: api.create_commit(
+                    repo_id,
+                    operations=operations(uploads, deletes),
+                    commit_message=f"sovtune: adapter from run {_run_name(run_dir)}",
+                    commit_description=(
+                        f"Exactly the files listed in {PUBLISH_MANIFEST}: adapter, tokenizer, chat template, "
+                        "report.json, manifest.json and model card."
+                    ),
+                    revision=branch,
+                    parent_commit=head,
+                ),
+            )
+            commit_oid, url = commit.oid, commit.commit_url
+        if changes_visibility and not wanted_private:
+            _set_visibility(api, target, private=False)  # after the upload: a failed push never makes it public
+    result = PushResult(
+        repo_id,
+        endpoint,
+        branch,
+        commit_oid,
+        url,
+        wanted_private,
+        sorted(expected),
+        uploads,
+        deletes,
+        changes_visibility,
+        signature is not None,
     )
-    return PushResult(repo_id, endpoint, branch, commit.oid, commit.commit_url, private, published)
+    _log_push(result, published)
+    return result
+
+
+def _prepared(
+    run_dir: Path, repo_id: str, branch: str, include_examples: bool, sign_key: Path | None
+) -> tuple[Publication, bytes | None]:
+    """The publication and its signature: made with `sign_key`, else the one `sovtune sign` left in the run."""
+    existing = RunDir(run_dir) / SIGNATURE
+    signed = sign_key is not None or existing.is_file()
+    published = publishing.build(run_dir, repo_id, branch, include_examples, signed=signed)
+    if sign_key is not None:
+        return published, publishing.sign(published, sign_key)
+    if signed:
+        signature = existing.read_bytes()
+        publishing.check_signature_covers(published, signature, str(existing))
+        return published, signature
+    return published, None
+
+
+def _content(file: Any) -> Any:
+    return file.data if file.data is not None else str(file.source)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _holds(entry: Any, path: str, digest: str, contents: dict[str, Any], signature: bytes | None) -> bool:
+    """Whether the hub's file (a tree entry) already has these bytes: the LFS sha256, else the git blob id."""
+    if entry is None:
+        return False
+    if entry.lfs is not None:
+        return bool(entry.lfs.sha256 == digest)
+    data = signature if path == SIGNATURE else contents[path].read_bytes()
+    return bool(entry.blob_id == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+
+
+def _tree(api: Any, target: _Target, commit: str) -> dict[str, Any]:
+    """path -> file entry of every file at `commit` (folders left out)."""
+    from huggingface_hub.hf_api import RepoFile
+
+    listing = _call(
+        "list the repository's files",
+        target,
+        lambda: list(api.list_repo_tree(target.repo_id, revision=commit, recursive=True)),
+    )
+    return {entry.path: entry for entry in listing if isinstance(entry, RepoFile)}
+
+
+def _set_visibility(api: Any, target: _Target, private: bool) -> None:
+    _call(
+        f"make the repository {'private' if private else 'public'}",
+        target,
+        lambda: api.update_repo_settings(target.repo_id, visibility="private" if private else "public"),
+    )
+
+
+def _run_name(run_dir: Path) -> str:
+    manifest = RunDir(run_dir).read_json(RunDir.MANIFEST, "manifest") or {}
+    return str((manifest.get("run") or {}).get("name") or run_dir.name)
+
+
+def _log_push(result: PushResult, published: Publication) -> None:
+    where = f"{result.endpoint}/{result.repo_id} ({result.visibility})"
+    for note in published.withheld:
+        log.info(f"not published: {note.removeprefix('withheld: ')}")
+    signed = "signed" if result.signed else "unsigned"
+    if not result.changed:
+        log.info(
+            f"no change: {where} already holds exactly these {len(result.files)} files ({signed}) on "
+            f"{result.revision} at {result.commit}; no commit made"
+        )
+        return
+    deleted = (
+        f"; deleted {len(result.deleted)} left by an earlier push: {', '.join(result.deleted)}"
+        if result.deleted
+        else ""
+    )
+    log.info(
+        f"published {len(result.files)} files ({signed}) to {where} on {result.revision} at {result.commit}: "
+        f"{len(result.uploaded)} uploaded{deleted}"
+    )
 
 
 def _upload(target: _Target, commit: Callable[[], Any]) -> Any:
@@ -326,6 +405,9 @@ def _upload(target: _Target, commit: Callable[[], Any]) -> Any:
     from huggingface_hub import constants
 
     wanted = _xet_wanted()
+    if offline.is_active():
+        constants.HF_HUB_DISABLE_XET = True  # set by _client_switches: LFS only
+        return _call("upload", target, commit)
     constants.HF_HUB_DISABLE_XET = wanted is False
     try:
         return _call("upload", target, commit, explain_xet=wanted is True)
@@ -348,17 +430,29 @@ def _client_switches() -> Iterator[None]:
     """The huggingface_hub switches a push or pull needs, restored afterwards.
 
     HF_HUB_OFFLINE stops the libraries' implicit downloads; a push or pull is an explicit transfer to a named
-    endpoint, so it is lifted for the call. In offline mode the socket guard (sovtune.offline) still decides which
-    hosts are reachable: only loopback and `sovereignty.allowed_endpoints`.
+    endpoint, so it is lifted for the call. Offline mode still holds: the endpoint was checked against the
+    allow-list, the socket guard (sovtune.offline, installed for the whole command) refuses every other host, and
+    Xet (whose Rust client the guard cannot see) is off.
     """
     from huggingface_hub import constants
 
-    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET
+    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET, constants.HF_HUB_DISABLE_TELEMETRY
+    # Telemetry off: with it, building the request headers fetches an "agent harnesses" list from
+    # constants.ENDPOINT (the public hub unless HF_ENDPOINT was set before import): a call nobody asked for.
+    constants.HF_HUB_DISABLE_TELEMETRY = True
+    if offline.is_active():
+        # Xet's transfers run in Rust on sockets the guard cannot see: offline mode moves files over LFS only.
+        if _xet_wanted() is True:
+            raise HubError(
+                "offline mode and HF_HUB_DISABLE_XET=0 do not go together: Xet transfers open their own connections, "
+                "which offline mode cannot check; unset HF_HUB_DISABLE_XET (files then go over LFS)"
+            )
+        constants.HF_HUB_DISABLE_XET = True
     constants.HF_HUB_OFFLINE = False
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET, constants.HF_HUB_DISABLE_TELEMETRY = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,14 +465,19 @@ def pull(
     revision: str | None = None,
     out: Path | None = None,
     token: str | None = None,
+    trust: Path | None = None,
 ) -> PullResult:
-    """Download a published adapter into `out` (the run-directory layout: adapter/, report.json, manifest.json,
-    README.md) and check every adapter file against the manifest's SHA-256. Nothing is written to `out` unless
-    everything matches: the files land in a temporary folder beside it and are renamed at the end."""
-    from huggingface_hub import HfApi, snapshot_download
+    """Download a publication into `out`: exactly the files its publish manifest lists, each checked against it and
+    against the run's manifest.json; with `trust`, its signature too. A revision holding files the publish manifest
+    does not list is refused before anything else is downloaded. Nothing is written to `out` unless everything
+    matches: the files land in a temporary folder beside it and are renamed at the end."""
+    from huggingface_hub import HfApi
 
-    repo_id = checked_repo_id(repo_id)
+    repo_id = checked_repo_id(repo_id, "REPO")
     endpoint = resolve_endpoint(endpoint)
+    offline.check_endpoint_allowed(endpoint)
+    if trust is not None:
+        check_public_key(trust)
     out = Path(out) if out is not None else Path(repo_id.split("/")[1])
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HubError(f"{out}: exists and is not empty; pass --out to a new folder or remove it")
@@ -392,48 +491,100 @@ def pull(
         with _client_switches():
             # Pin the commit first: every file then comes from the same snapshot, even if the branch moves meanwhile.
             commit = _call("read the repository", target, lambda: api.model_info(repo_id, revision=target.revision)).sha
-            download = work / "download"
-            _call(
-                "download",
-                target,
-                lambda: snapshot_download(
-                    repo_id,
-                    revision=commit,
-                    endpoint=endpoint,
-                    token=token,
-                    local_dir=download,
-                    cache_dir=work / "cache",
-                ),
-            )
-        present = _arrange(download, work / "run")
-        where = f"{endpoint}/{repo_id}@{commit}"
-        if MANIFEST not in present:
-            raise HubError(
-                f"{where}: no manifest.json, so the adapter cannot be verified; publish it with `sovtune push`"
-            )
-        manifest = RunDir(work / "run").manifest()
-        verified = check_against_manifest(manifest, present, where)
+            where = f"{endpoint}/{repo_id}@{commit}"
+            tree = _tree(api, target, commit)
+            if PUBLISH_MANIFEST not in tree:
+                raise HubError(
+                    f"{where}: no {PUBLISH_MANIFEST}, so the files cannot be verified; it was not published by "
+                    "`sovtune push` (or by a version before publish manifests): push the run again"
+                )
+            folder = work / "files"
+            _download(api, target, commit, PUBLISH_MANIFEST, work, folder)
+            listing = publishing.read_publish_manifest((folder / PUBLISH_MANIFEST).read_bytes(), where)
+            _check_tree(set(tree), listing, where, trust)
+            for path in sorted(publishing.listed_paths(listing) - {PUBLISH_MANIFEST}):
+                _download(api, target, commit, path, work, folder)
+        result = publishing.verify_published(folder, trust, where=where)
+        if not result.ok:
+            raise HubError(f"{where}: {result.problems()}; nothing was written")
         if out.exists():
             out.rmdir()  # empty (checked above)
-        os.replace(work / "run", out)
+        os.replace(folder, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info(f"pulled {repo_id}@{commit} into {out}: {len(verified)} files match manifest.json")
-    return PullResult(repo_id, endpoint, target.revision, commit, out, verified)
+    matched = f"{len(result.checked)} files match {PUBLISH_MANIFEST}"
+    log.info(f"pulled {repo_id}@{commit} into {out}: {matched}; {result.signature}")
+    return PullResult(repo_id, endpoint, target.revision, commit, out, result.checked, result.signature or "not signed")
 
 
-def _arrange(download: Path, run: Path) -> dict[str, Path]:
-    """Move downloaded files into the run-directory layout; returns run-relative path -> file."""
-    present: dict[str, Path] = {}
-    for path in sorted(download.rglob("*")):
-        relative = path.relative_to(download).as_posix()
-        if not path.is_file() or relative.startswith(".cache/") or relative == ".gitattributes":
-            continue
-        destination = run / run_path(relative)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, destination)
-        present[run_path(relative)] = destination
-    return present
+def _check_tree(tree: set[str], listing: dict[str, Any], where: str, trust: Path | None) -> None:
+    """The revision must hold exactly the listed files (and the hub's own), before any of them is downloaded."""
+    expected = publishing.listed_paths(listing)
+    unlisted = sorted(tree - expected - HUB_FILES)
+    absent = sorted(expected - tree)
+    problems = [
+        f"{label}: {', '.join(paths)}"
+        for label, paths in ((f"not listed in {PUBLISH_MANIFEST}", unlisted), ("missing", absent))
+        if paths
+    ]
+    if problems:
+        raise HubError(
+            f"{where}: the revision does not hold exactly the published files ({'; '.join(problems)}); "
+            "it was changed after the push, nothing was downloaded"
+        )
+    if trust is not None and not listing.get("signature"):
+        raise HubError(f"{where}: not signed, but --trust {trust} requires a signature; nothing was downloaded")
+
+
+def _download(api: Any, target: _Target, commit: str, path: str, work: Path, folder: Path) -> None:
+    """One file at the pinned commit into `folder` (the client keeps its metadata beside, in `work`)."""
+    from huggingface_hub import hf_hub_download
+
+    downloaded = _call(
+        "download",
+        target,
+        lambda: hf_hub_download(
+            target.repo_id,
+            path,
+            revision=commit,
+            endpoint=target.endpoint,
+            token=target.token,
+            local_dir=work / "download",
+        ),
+    )
+    destination = folder / path
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(downloaded, destination)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# doctor's probe
+
+
+def probe(endpoint: str) -> tuple[str, str]:
+    """(status, text) for doctor: one unretried GET of the endpoint's whoami with the token, if one is set. Offline
+    mode decides first whether the host may be contacted at all. The token is never shown."""
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    host = endpoint_host(endpoint) or endpoint
+    if not offline.allowed(host):
+        return "warn", f"not contacted: offline mode allows loopback and the allow-list only (--allow-host {host})"
+    token = resolve_token(endpoint, required=False)
+    try:
+        with _client_switches():
+            headers = build_hf_headers(token=token or False, library_name="sovtune", library_version=__version__)
+            response = get_session().get(f"{endpoint}/api/whoami-v2", headers=headers, timeout=10)
+    except SovtuneError as exc:  # the guard
+        return "warn", _first_line(exc)
+    except Exception as exc:
+        network = _network_error(exc) or exc
+        return "warn", _scrub(f"cannot reach it ({_first_line(network) or type(network).__name__})", token)
+    if response.status_code == 200:
+        name = response.json().get("name") if "json" in response.headers.get("content-type", "") else None
+        return "ok", f"reachable; the token is accepted{f' (user {name})' if name else ''}"
+    if response.status_code == 401:
+        return ("warn", "reachable; the token was rejected (401)") if token else ("ok", "reachable; no token set")
+    return "warn", f"reachable, but it answered {response.status_code} to whoami"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,6 +603,10 @@ def _call(step: str, target: _Target, fn: Callable[[], Any], explain_xet: bool =
         except SovtuneError:
             raise  # e.g. the offline guard refusing a host: already one clear line
         except Exception as exc:
+            # The client wraps errors of its worker threads (LFS uploads): a guard refusal stays what it is.
+            refused = next((e for e in _chain(exc) if isinstance(e, SovtuneError)), None)
+            if refused is not None:
+                raise refused from None
             if _xet_missing(exc) and not explain_xet:
                 raise _XetMissing() from None
             reason = _transient(exc)
@@ -556,6 +711,12 @@ def _explain(exc: BaseException, step: str, target: _Target, attempts: int) -> s
         return (
             f"{step}: the token may not {need} {repo} on {endpoint} (403 Forbidden{said}); "
             f"use a token with {need} access to {repo.split('/')[0]}"
+        )
+    if status == 404 and step == "create the branch" and code != "RepoNotFound":
+        return (
+            f"{step}: the hub at {endpoint} answered 404 to creating branch {rev!r} in {repo} "
+            f"({code or 'no error code'}{said}); the hub may not support creating branches through its API: "
+            f"create {rev!r} on the hub, or push to main"
         )
     if status == 404 and code == "RevisionNotFound":
         return f"{step}: revision {rev!r} is not in {repo} on {endpoint} (404); check --revision"

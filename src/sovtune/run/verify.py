@@ -29,31 +29,44 @@ class VerifyFailed(SovtuneError):
 class VerifyResult:
     target: str
     checked: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)  # present, but not recorded in the manifest
+    mismatched: list[str] = field(default_factory=list)  # present, but not the bytes that were recorded
+    missing: list[str] = field(default_factory=list)  # recorded, but not present
+    unexpected: list[str] = field(default_factory=list)  # present, but not recorded (manifest, publish manifest)
     links: list[str] = field(default_factory=list)  # symbolic links and other non-regular files: never followed
     not_checked: list[str] = field(default_factory=list)  # outside the run (data, base model) and not present here
+    absent_by_design: list[str] = field(default_factory=list)  # recorded by the run, left out when it was published
+    unexpected_label: str = "not recorded in the manifest"
+    signature: str | None = None  # a published folder's signature state
 
     @property
     def ok(self) -> bool:
         return not (self.mismatched or self.missing or self.unexpected or self.links)
 
-    def describe(self) -> str:
+    def problems(self) -> str:
+        """What is wrong, changed and missing files named apart; empty when nothing is."""
         parts = [
-            f"{label}: {', '.join(paths)}"
-            for label, paths in (
-                ("hash mismatch", self.mismatched),
-                ("missing", self.missing),
-                ("not recorded in the manifest", self.unexpected),
-                ("not a regular file (links are not followed)", self.links),
+            f"{label}: {', '.join(paths)}{note}"
+            for label, paths, note in (
+                ("hash mismatch", self.mismatched, " (changed after they were recorded)"),
+                ("missing", self.missing, " (recorded, not present)"),
+                (self.unexpected_label, self.unexpected, ""),
+                ("not a regular file (links are not followed)", self.links, ""),
             )
             if paths
         ]
-        if parts:
-            return f"{self.target}: {'; '.join(parts)} ({len(self.checked)} files checked)"
-        skipped = f"; {len(self.not_checked)} external files not present here, not checked" if self.not_checked else ""
-        return f"{self.target}: {len(self.checked)} files match their recorded SHA-256{skipped}"
+        return "; ".join(parts)
+
+    def describe(self) -> str:
+        if self.problems():
+            return f"{self.target}: {self.problems()} ({len(self.checked)} files checked)"
+        notes = [f"{len(self.checked)} files match their recorded SHA-256"]
+        if self.absent_by_design:
+            notes.append(f"not published, absent by design: {', '.join(self.absent_by_design)}")
+        if self.not_checked:
+            notes.append(f"{len(self.not_checked)} external files not present here, not checked")
+        if self.signature:
+            notes.append(self.signature)
+        return f"{self.target}: {'; '.join(notes)}"
 
 
 def run_file_kind(run_dir: Path, relative: str) -> str:
