@@ -678,13 +678,16 @@ def test_cli_push_takes_repo_endpoint_and_visibility_from_the_runs_recipe(run_di
 
 
 def test_preflight_of_push_settings_and_a_bad_hub_section_in_the_run(
-    run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch
+    run_dir: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from sovtune.config import HubSection
+    from sovtune.errors import SovtuneError
     from sovtune.publish.hub import HubError, check_push_settings, run_hub_settings
 
     check_push_settings(HubSection())  # nothing to publish, nothing to check
     check_push_settings(HubSection(repo=REPO, endpoint=hub.url, push=True))
+    with pytest.raises(SovtuneError, match="keys/missing.pem: no such signing key file"):
+        check_push_settings(HubSection(signing_key="keys/missing.pem"), tmp_path)
     with pytest.raises(HubError, match="no hub endpoint"):
         check_push_settings(HubSection(repo=REPO, push=True))
     monkeypatch.delenv("HF_TOKEN")
@@ -744,6 +747,11 @@ def test_sign_then_push_then_pull_trust_and_the_reference_cli_verifies_the_pulle
     done = cli("sign", run_dir, "--key", private, "--repo", REPO)
     assert done.exit_code == 0, done.output
     assert (run_dir / "model.sig").is_file() and "sovtune push` publishes it" in said(done)
+    from sovtune.audit import log_path
+
+    event = json.loads(log_path().read_text().splitlines()[-1])
+    assert (event["event"], event["outcome"], event["run_dir"]) == ("sign", "ok", str(run_dir))
+    assert event["destination"] == str(run_dir / "model.sig") and event["details"]["repo"] == REPO
 
     done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url)
     assert done.exit_code == 0, done.output
@@ -943,7 +951,8 @@ def test_offline_push_and_pull_refuse_a_host_not_allowed_with_zero_connection_at
         done, events = run_with_socket_audit(command, env, tmp_path / f"events-{number}.json")
         assert done.returncode == 2, done.stdout + done.stderr
         errors = [line for line in done.stderr.splitlines() if line.strip()]
-        assert len(errors) == 1 and errors[0].startswith("error: offline mode: the hub at https://hub.example.com")
+        why = {"HF_HUB_OFFLINE": "HF_HUB_OFFLINE is set", "run recipe": "sovereignty.offline: true"}.get(source, source)
+        assert len(errors) == 1 and errors[0].startswith(f"error: offline mode ({why}): the hub at https://hub.example")
         assert "--allow-host hub.example.com" in errors[0] and "nothing was sent" in errors[0]
         assert [event for event in events if "example.com" in event[1]] == []
         assert [event for event in events if event[0] != "socket.getaddrinfo"] == []  # no connect at all

@@ -38,6 +38,7 @@ class _Guard:
     allowed_hosts: set[str] = field(default_factory=set)
     allowed_addresses: set[str] = field(default_factory=set)
     refused: list[Attempt] = field(default_factory=list)
+    reason: str | None = None  # what switched offline mode on, for the messages (e.g. "HF_HUB_OFFLINE is set")
     originals: dict[str, Any] = field(
         default_factory=dict
     )  # what the wrappers call (tests may stand in for the network)
@@ -57,10 +58,15 @@ def refused_attempts() -> list[Attempt]:
     return list(_guard.refused) if _guard else []
 
 
-def switched_on_by_environment() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE, HF_DATASETS_OFFLINE) is set: the user asked the hub libraries to stay
-    offline, and commands that would talk to a hub honour it with the guard."""
-    return any((os.environ.get(name) or "").strip().upper() in _TRUE for name in OFFLINE_SWITCHES)
+def reason_for(flag: bool, recipe_offline: bool = False) -> str | None:
+    """What switches offline mode on for a command, in words; None: it stays off. The hub libraries' switches in
+    the environment (HF_HUB_OFFLINE & co.) count: a user who set them asked for no network."""
+    if flag:
+        return "--offline"
+    if recipe_offline:
+        return "sovereignty.offline: true"
+    switched = [name for name in OFFLINE_SWITCHES if (os.environ.get(name) or "").strip().upper() in _TRUE]
+    return f"{switched[0]} is set" if switched else None
 
 
 def enable(allowed_hosts: Iterable[str] = ()) -> None:
@@ -95,9 +101,10 @@ def enable_for(recipe: Any, extra_hosts: Iterable[str] = ()) -> None:
 
 
 @contextlib.contextmanager
-def session(on: bool, allowed_hosts: Iterable[str] = ()) -> Iterator[None]:
+def session(on: bool, allowed_hosts: Iterable[str] = (), reason: str | None = None) -> Iterator[None]:
     """Offline mode for one command (a block): the guard and switches when `on`, taken away again at the end if
-    this block installed them (a library caller keeps its process as it was). Already offline: hosts are added."""
+    this block installed them (a library caller keeps its process as it was). Already offline: hosts are added.
+    `reason` (what switched it on) is named in refusals."""
     if not on:
         yield
         return
@@ -108,6 +115,8 @@ def session(on: bool, allowed_hosts: Iterable[str] = ()) -> Iterator[None]:
     saved_env = {name: os.environ.get(name) for name in OFFLINE_SWITCHES}
     saved_flags = _imported_flags()
     enable(allowed_hosts)
+    assert _guard is not None
+    _guard.reason = reason
     try:
         yield
     finally:
@@ -136,11 +145,16 @@ def check_endpoint_allowed(endpoint: str, what: str = "the hub") -> None:
     host = endpoint_host(endpoint)
     if _guard is None or host is None or _allowed(_guard, host):
         return
-    listed = ", ".join(sorted(_guard.allowed_hosts)) or "none"
+    why = f" ({_guard.reason})" if _guard.reason else ""
     raise NetworkBlocked(
-        f"offline mode: {what} at {endpoint} is not on the allow-list (allowed: loopback, {listed}); nothing was "
+        f"offline mode{why}: {what} at {endpoint} is not on the allow-list ({_allow_list(_guard)}); nothing was "
         f"sent. If {host} is your own server, add it to sovereignty.allowed_hosts or pass --allow-host {host}"
     )
+
+
+def _allow_list(guard: _Guard) -> str:
+    hosts = ", ".join(sorted(guard.allowed_hosts))
+    return f"allowed: loopback, {hosts}" if hosts else "allowed: loopback only"
 
 
 def disable() -> None:
@@ -200,9 +214,8 @@ def _refuse(guard: _Guard, call: str, host: str, port: Any) -> None:
     with guard.lock:
         guard.refused.append(Attempt(call=call, host=host, port=port_number))
     where = f"{host}:{port}" if port_number is not None else host
-    allowed = ", ".join(sorted(guard.allowed_hosts)) or "none"
     raise NetworkBlocked(
-        f"offline mode refused a connection to {where} (allowed: loopback, {allowed}); "
+        f"offline mode refused a connection to {where} ({_allow_list(guard)}); "
         "add the host to sovereignty.allowed_hosts (or pass --allow-host) if it is your own server, or run without "
         "offline mode"
     )

@@ -113,8 +113,9 @@ def push(
         if recipe is None:
             event["recipe"] = _run_recipe(run_dir)
         sovereignty = recipe.sovereignty if recipe is not None else run_sovereignty(run_dir)
-        going_offline = offline_flag or sovereignty.offline or offline.switched_on_by_environment()
-        with offline.session(going_offline, [*sovereignty.allowed_hosts, *allow_hosts]):
+        reason = offline.reason_for(offline_flag, sovereignty.offline)
+        going_offline = reason is not None
+        with offline.session(going_offline, [*sovereignty.allowed_hosts, *allow_hosts], reason):
             hub, folder = (recipe.hub, recipe.base_dir) if recipe is not None else (None, None)
             flags = {"public": public, "sign_key": sign_key, "include_examples": include_examples}
             settings = push_settings(run_dir, repo, endpoint, revision, hub=hub, base_dir=folder, **flags)
@@ -149,8 +150,9 @@ def pull(
     holds for the whole pull, with loopback and `allow_hosts` reachable."""
     destination = Path(out) if out is not None else Path(repo.split("/")[-1] or repo)
     with audited("pull", destination=os.path.abspath(destination), details={"source": repo}) as event:
-        going_offline = offline_flag or offline.switched_on_by_environment()
-        with offline.session(going_offline, allow_hosts):
+        reason = offline.reason_for(offline_flag)
+        going_offline = reason is not None
+        with offline.session(going_offline, allow_hosts, reason):
             endpoint = resolve_endpoint(endpoint)
             event["details"].update(endpoint=endpoint, source=f"{endpoint}/{repo}", offline=going_offline)
             result = pull_from_hub(repo, endpoint=endpoint, revision=revision, out=destination, trust=trust)

@@ -57,7 +57,8 @@ def before_training(recipe: Recipe, tokenizer: Any, data: PreparedData) -> list[
     settings, publishing can work, and evaluation can run (eval data read, SQL references executed, user metric
     files imported). Broken settings raise now, not after hours of training; returns warnings worth showing."""
     models.check_device_support(recipe)
-    check_push_settings(recipe.hub)  # hub.push without an endpoint or token fails now, not after training
+    # hub.push without an endpoint or token, or an unusable signing key, fails now, not after training
+    check_push_settings(recipe.hub, recipe.base_dir)
     if not recipe.eval.enabled:
         return []
     return check_eval(recipe, tokenizer, HeldOut.from_data(data)).warnings

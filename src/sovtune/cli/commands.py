@@ -27,7 +27,8 @@ from sovtune.evaluation import HeldOut, evaluate
 from sovtune.generate import complete, load_run, render_prompt
 from sovtune.launch import launch as run_launch
 from sovtune.merge import merge as merge_adapter
-from sovtune.offline import enable_for, switched_on_by_environment
+from sovtune.offline import enable_for
+from sovtune.offline import reason_for as offline_reason
 from sovtune.offline import session as offline_session
 from sovtune.publish.bundle import export as export_bundle
 from sovtune.report import compare as compare_runs
@@ -94,7 +95,8 @@ def run(recipe: Path, overrides: list[str] | None, resume: bool, overwrite: bool
 
 
 def doctor(run_root: Path, endpoint: str | None, offline: bool, allow_hosts: list[str]) -> bool:
-    with offline_session(offline or switched_on_by_environment(), allow_hosts):
+    reason = offline_reason(offline)
+    with offline_session(reason is not None, allow_hosts, reason):
         rows = checks.diagnose(run_root, endpoint)
     doctor_rows(rows, console)
     return checks.healthy(rows)

@@ -23,7 +23,7 @@ from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
 from sovtune.publish import publication as publishing
 from sovtune.publish.publication import PUBLISH_MANIFEST, SIGNATURE, Publication, PublishError
-from sovtune.publish.signing import check_public_key
+from sovtune.publish.signing import check_private_key, check_public_key
 
 HUB_FILES = {".gitattributes"}  # the hub's own file in every repository: neither published nor deleted by a push
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
@@ -128,11 +128,19 @@ def resolve_token(endpoint: str, required: bool) -> str | None:
     return token
 
 
-def check_push_settings(hub: HubSection) -> None:
-    """For `sovtune check`: a recipe with hub.push must be able to publish after training (no network used)."""
+def check_push_settings(hub: HubSection, base_dir: Path | None = None) -> None:
+    """For `sovtune check`: a recipe with hub.push must be able to publish after training (no network used); its
+    signing key (relative to `base_dir`, the recipe's folder) must be a usable key."""
     if hub.push:
         checked_repo_id(hub.repo, "hub.repo")
         resolve_token(resolve_endpoint(None, hub.endpoint), required=True)
+    if hub.signing_key:
+        check_private_key(_signing_key(hub.signing_key, base_dir))
+
+
+def _signing_key(recorded: str, base_dir: Path | None) -> Path:
+    path = Path(os.path.expanduser(recorded))
+    return path if path.is_absolute() else Path(base_dir or ".") / path
 
 
 def checked_repo_id(repo_id: str | None, source: str = "--repo") -> str:
@@ -196,10 +204,7 @@ def push_settings(
     """Flags first, then the hub section (the given one, else the run's recorded recipe), then $HF_ENDPOINT."""
     if hub is None:
         hub, base_dir = run_hub_settings(run_dir), recipe_folder(run_dir)
-    key = sign_key
-    if key is None and hub.signing_key:
-        recorded = Path(os.path.expanduser(hub.signing_key))
-        key = recorded if recorded.is_absolute() else Path(base_dir or ".") / recorded
+    key = sign_key if sign_key is not None or not hub.signing_key else _signing_key(hub.signing_key, base_dir)
     return PushSettings(
         repo_id=checked_repo_id(repo_id or hub.repo, "--repo" if repo_id else "hub.repo"),
         endpoint=resolve_endpoint(endpoint, hub.endpoint),

@@ -41,11 +41,11 @@ def _hashing(ignored: list[str]) -> Any:
     return model_signing.hashing.Config().set_ignored_paths(paths=ignored, ignore_git_paths=True)
 
 
-def sign_folder(folder: Path, private_key: Path) -> bytes:
-    """Sign every file of `folder`; returns the signature, also written to `folder/model.sig`."""
+def check_private_key(private_key: Path) -> Any:
+    """The signing configuration for a PEM private key; SigningError (one line) when it cannot be one."""
     import model_signing.signing
 
-    folder, private_key = Path(folder), Path(private_key)
+    private_key = Path(private_key)
     _readable(private_key, "signing key")
     password = os.environ.get(PASSWORD_ENV) or None
     try:
@@ -63,6 +63,13 @@ def sign_folder(folder: Path, private_key: Path) -> bytes:
             f"{private_key}: not a usable signing key ({_reason(exc)}); it must be a PEM elliptic-curve private key: "
             f"{KEY_HELP}"
         ) from None
+    return config
+
+
+def sign_folder(folder: Path, private_key: Path) -> bytes:
+    """Sign every file of `folder`; returns the signature, also written to `folder/model.sig`."""
+    folder = Path(folder)
+    config = check_private_key(private_key)
     try:
         config.set_hashing_config(_hashing([SIGNATURE])).sign(folder, folder / SIGNATURE)
     except OSError as exc:
