@@ -786,6 +786,15 @@ def test_push_signs_with_a_key_from_the_command_line_or_the_recipe(
     done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url, "--sign-key", private)
     assert done.exit_code == 0, done.output
     assert not (run_dir / "model.sig").exists()  # signed for the push, not left in the run
+    # ECDSA signs differently each time; the hub's signature by this key over these files is kept.
+    before = commits(hub)
+    done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url, "--sign-key", private)
+    assert done.exit_code == 0 and "no change:" in said(done) and commits(hub) == before
+    other_private, _ = write_key_pair(tmp_path, "other")
+    done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url, "--sign-key", other_private)
+    assert done.exit_code == 0 and commits(hub) == before + 1  # another key: a new signature is published
+    done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url, "--sign-key", private)
+    assert done.exit_code == 0 and commits(hub) == before + 2
     assert cli("pull", REPO, "--endpoint", hub.url, "--out", tmp_path / "a", "--trust", public).exit_code == 0
 
     # hub.signing_key, relative to the folder of the recipe the run was trained from.
@@ -1083,3 +1092,28 @@ def test_every_hub_event_is_audited_with_its_endpoint_run_and_destination(
     assert all(e["details"]["endpoint"] == hub.url for e in pulls)
     assert pulls[0]["details"]["source"].startswith(f"{hub.url}/{REPO}@")
     assert "hf_not_a_token_this_hub_knows" not in log.read_text() and hub.write_token not in log.read_text()
+
+
+@pytest.mark.slow
+def test_run_with_hub_push_publishes_after_its_gates_through_the_same_push(
+    make_recipe: Any, hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sovtune run` with hub.push: train, evaluate, then the same audited push as `sovtune push` (offline here, as
+    the recipe says, with the hub's host allowed)."""
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("SOVTUNE_AUDIT_LOG", str(log))
+    recipe = make_recipe(
+        "published",
+        eval={"generation": {"max_new_tokens": 8}},
+        hub={"repo": REPO, "endpoint": hub.url, "push": True},
+        sovereignty={"offline": True, "allowed_hosts": ["127.0.0.1"]},
+    )
+    done = cli("run", recipe)
+    assert done.exit_code == 0, done.output
+    run_dir = tmp_path / "runs" / "published"
+    held = repo_files(hub)
+    assert json.loads(held["report.json"])["results"] and json.loads(held["report.json"])["samples"] == []
+    assert set(held) >= {"adapter_model.safetensors", "publish_manifest.json", "README.md", "manifest.json"}
+    event = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    assert (event["event"], event["outcome"], event["run_dir"]) == ("push", "ok", str(run_dir))
+    assert event["details"]["endpoint"] == hub.url and event["details"]["offline"] is True

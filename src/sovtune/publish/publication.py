@@ -23,7 +23,14 @@ from sovtune.core.hashing import RUN_ROOT, sha256_bytes, sha256_file
 from sovtune.core.rundir import RunDir, RunFileError
 from sovtune.errors import SovtuneError
 from sovtune.publish.card import base_model_facts, build_card, public_base_name
-from sovtune.publish.signing import SIGNATURE, SigningError, sign_folder, signed_digests, verify_folder
+from sovtune.publish.signing import (
+    SIGNATURE,
+    SigningError,
+    sign_folder,
+    signed_digests,
+    verifies_with_private_key,
+    verify_folder,
+)
 from sovtune.run.manifest import recorded_files
 from sovtune.run.verify import VerifyResult, run_file_kind, unrecorded_adapter_files
 
@@ -269,6 +276,13 @@ def sign(publication: Publication, key: Path) -> bytes:
     """A signature over exactly the publication's files, as they will lie in a pulled folder."""
     with publication.staged() as folder:
         return sign_folder(folder, key)
+
+
+def signature_holds(publication: Publication, signature: bytes, key: Path) -> bool:
+    """Whether `signature` is a valid signature by `key` (its public half) over exactly the publication's files."""
+    with publication.staged() as folder:
+        (folder / SIGNATURE).write_bytes(signature)
+        return verifies_with_private_key(folder, key)
 
 
 def check_signature_covers(publication: Publication, signature: bytes, where: str) -> None:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,22 @@ def verify_folder(folder: Path, public_key: Path, signature: str = SIGNATURE) ->
         detail = _differences(folder, signature) if mismatch else _reason(exc)
         reason = f"{signature} does not verify with {public_key}: {detail}"
         raise SigningError(f"{folder}/{reason}", reason) from None
+
+
+def verifies_with_private_key(folder: Path, private_key: Path, signature: str = SIGNATURE) -> bool:
+    """Whether `folder/signature` verifies with the public half of `private_key` (a key already checked usable)."""
+    from cryptography.hazmat.primitives import serialization
+
+    password = os.environ.get(PASSWORD_ENV)
+    key = serialization.load_pem_private_key(Path(private_key).read_bytes(), password.encode() if password else None)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with tempfile.TemporaryDirectory(prefix="sovtune-key-") as tmp:
+        (Path(tmp) / "public.pem").write_bytes(public)
+        try:
+            verify_folder(folder, Path(tmp) / "public.pem", signature)
+        except SigningError:
+            return False
+    return True
 
 
 def signed_digests(signature: bytes, where: str) -> dict[str, str]:
