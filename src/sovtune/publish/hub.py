@@ -244,89 +244,94 @@ def push(
     an existing public one is refused when the push is private by default. The commit names the branch head it was
     built on, so a concurrent push fails (412) instead of silently interleaving.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import HfApi
 
     run_dir = Path(run_dir)
     repo_id, endpoint = checked_repo_id(repo_id), resolve_endpoint(endpoint)
     branch = _checked_branch(revision) or "main"
     offline.check_endpoint_allowed(endpoint)
     published, signature = _prepared(run_dir, repo_id, branch, include_examples, sign_key)
-    contents: dict[str, Any] = {path: published.files[path] for path in published.paths}
     token = token or resolve_token(endpoint, required=True)
     target = _Target(endpoint, repo_id, branch, token, "push")
     api = HfApi(endpoint=endpoint, token=token, library_name="sovtune", library_version=__version__)
-
-    def operations(uploads: list[str], deletes: list[str]) -> list[Any]:
-        # A fresh list per attempt: the client marks operations as committed and refuses to reuse them.
-        adds = [
-            CommitOperationAdd(path_in_repo=path, path_or_fileobj=signature if path == SIGNATURE else _content(file))
-            for path, file in ((path, contents.get(path)) for path in uploads)
-        ]
-        return adds + [CommitOperationDelete(path_in_repo=path) for path in deletes]
-
     with _client_switches():
-        created_private = create_private if public is None else not public
-        _call("create the repository", target, lambda: api.create_repo(repo_id, private=created_private, exist_ok=True))
-        private_now = _call("read the repository", target, lambda: api.model_info(repo_id)).private
-        if public is None and private_now is False and create_private:
-            raise HubError(
-                f"{repo_id} exists on {endpoint} and is public, but the push is private; pass --public to publish "
-                "there, or --private to make the repository private first"
-            )
-        wanted_private = private_now if public is None else not public
-        changes_visibility = public is not None and private_now is not wanted_private
-        if changes_visibility and wanted_private:
+        private, changes_visibility = _visibility(api, target, public, create_private)
+        if changes_visibility and private:
             _set_visibility(api, target, private=True)  # before the upload: nothing lands in a public repository
         if branch != "main":
             _call("create the branch", target, lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
         head = _call("read the branch head", target, lambda: api.model_info(repo_id, revision=branch)).sha
-        tree = _tree(api, target, head)
-        expected = {**published.digests(), **({SIGNATURE: _sha256(signature)} if signature else {})}
-        uploads = [
-            path
-            for path, digest in sorted(expected.items())
-            if not _holds(tree.get(path), path, digest, contents, signature)
-        ]
-        deletes = sorted(set(tree) - set(expected) - HUB_FILES)
+        files = {path: published.files[path].source or published.files[path].read_bytes() for path in published.paths}
+        if signature is not None:
+            files[SIGNATURE] = signature
+        uploads, deletes = _differences(api, target, head, files)
         if sign_key is not None and uploads == [SIGNATURE] and not deletes:
             # ECDSA signatures differ each time: the hub's signature is kept when it is ours over these files.
             held = _remote_bytes(api, target, head, SIGNATURE)
             if publishing.signature_holds(published, held, sign_key):
-                signature, uploads = held, []
-        commit_oid, url = head, f"{endpoint}/{repo_id}/tree/{branch}"
+                files[SIGNATURE], uploads = held, []
+        commit, url = (head, f"{endpoint}/{repo_id}/tree/{branch}")
         if uploads or deletes:
-            commit = _upload(
-                target,
-                lambda: api.create_commit(
-                    repo_id,
-                    operations=operations(uploads, deletes),
-                    commit_message=f"sovtune: adapter from run {_run_name(run_dir)}",
-                    commit_description=(
-                        f"Exactly the files listed in {PUBLISH_MANIFEST}: adapter, tokenizer, chat template, "
-                        "report.json, manifest.json and model card."
-                    ),
-                    revision=branch,
-                    parent_commit=head,
-                ),
-            )
-            commit_oid, url = commit.oid, commit.commit_url
-        if changes_visibility and not wanted_private:
+            commit, url = _commit(api, target, head, files, uploads, deletes, _run_name(run_dir))
+        if changes_visibility and not private:
             _set_visibility(api, target, private=False)  # after the upload: a failed push never makes it public
     result = PushResult(
-        repo_id,
-        endpoint,
-        branch,
-        commit_oid,
-        url,
-        wanted_private,
-        sorted(expected),
-        uploads,
-        deletes,
-        changes_visibility,
+        repo_id, endpoint, branch, commit, url, private, sorted(files), uploads, deletes, changes_visibility,
         signature is not None,
-    )
+    )  # fmt: skip
     _log_push(result, published)
     return result
+
+
+def _visibility(api: Any, target: _Target, public: bool | None, create_private: bool) -> tuple[bool | None, bool]:
+    """Create the repository if needed; (private after the push, whether the push changes it). Visibility changes
+    only when `public` asks; an existing public repository is refused for a push that is private by default."""
+    created_private = create_private if public is None else not public
+    repo_id, endpoint = target.repo_id, target.endpoint
+    _call("create the repository", target, lambda: api.create_repo(repo_id, private=created_private, exist_ok=True))
+    private_now = _call("read the repository", target, lambda: api.model_info(repo_id)).private
+    if public is None and private_now is False and create_private:
+        raise HubError(
+            f"{repo_id} exists on {endpoint} and is public, but the push is private; pass --public to publish "
+            "there, or --private to make the repository private first"
+        )
+    wanted = private_now if public is None else not public
+    return wanted, public is not None and private_now is not wanted
+
+
+def _differences(api: Any, target: _Target, head: str, files: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(files the hub does not hold as they are, files it holds that are not published), from the tree at `head`."""
+    tree = _tree(api, target, head)
+    uploads = [path for path, content in sorted(files.items()) if not _holds(tree.get(path), content)]
+    return uploads, sorted(set(tree) - set(files) - HUB_FILES)
+
+
+def _commit(
+    api: Any, target: _Target, head: str, files: dict[str, Any], uploads: list[str], deletes: list[str], run: str
+) -> tuple[str, str]:
+    """One commit on top of `head`: the uploads and the deletions; (commit id, its URL)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    def operations() -> list[Any]:
+        # A fresh list per attempt: the client marks operations as committed and refuses to reuse them.
+        adds = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=_upload_form(files[path])) for path in uploads]
+        return adds + [CommitOperationDelete(path_in_repo=path) for path in deletes]
+
+    commit = _upload(
+        target,
+        lambda: api.create_commit(
+            target.repo_id,
+            operations=operations(),
+            commit_message=f"sovtune: adapter from run {run}",
+            commit_description=(
+                f"Exactly the files listed in {PUBLISH_MANIFEST}: adapter, tokenizer, chat template, report.json, "
+                "manifest.json and model card."
+            ),
+            revision=target.revision,
+            parent_commit=head,
+        ),
+    )
+    return commit.oid, commit.commit_url
 
 
 def _prepared(
@@ -351,21 +356,17 @@ def _remote_bytes(api: Any, target: _Target, commit: str, path: str) -> bytes:
         return (Path(tmp) / "files" / path).read_bytes()
 
 
-def _content(file: Any) -> Any:
-    return file.data if file.data is not None else str(file.source)
+def _upload_form(content: Path | bytes) -> str | bytes:
+    return str(content) if isinstance(content, Path) else content
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _holds(entry: Any, path: str, digest: str, contents: dict[str, Any], signature: bytes | None) -> bool:
+def _holds(entry: Any, content: Path | bytes) -> bool:
     """Whether the hub's file (a tree entry) already has these bytes: the LFS sha256, else the git blob id."""
     if entry is None:
         return False
+    data = content.read_bytes() if isinstance(content, Path) else content
     if entry.lfs is not None:
-        return bool(entry.lfs.sha256 == digest)
-    data = signature if path == SIGNATURE else contents[path].read_bytes()
+        return bool(entry.lfs.sha256 == hashlib.sha256(data).hexdigest())
     return bool(entry.blob_id == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
 
 
