@@ -127,7 +127,14 @@ def test_no_held_out_example_local_path_user_or_host_name_in_any_pushed_byte(
     for path, data in files.items():
         for text in forbidden:
             assert text.encode("utf-8") not in data, f"{path} carries {text!r}"
-    assert json.loads(files["report.json"])["samples"] == []
+    published = json.loads(files["report.json"])
+    assert published["samples"] == []
+    # The most frequent answer per dataset is a prediction too: its count is published, its text is not.
+    frequent = {name: outputs["most_frequent"] for name, outputs in local_report["outputs"].items()}
+    assert frequent and all(entry["text"] is not None for entry in frequent.values())
+    assert {name: outputs["most_frequent"] for name, outputs in published["outputs"].items()} == {
+        name: {"text": None, "count": entry["count"]} for name, entry in frequent.items()
+    }
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "tiny-base"
     assert "`tiny-base`" in files["README.md"].decode()
 
@@ -142,6 +149,8 @@ def test_include_examples_publishes_the_samples_and_says_so(machine: dict[str, A
     ]
     # Their origins still lose the local folder: examples opt in, paths do not.
     assert [s["origin"] for s in samples] == [Path(s["origin"]).name for s in local]
+    local_outputs = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))["outputs"]
+    assert json.loads(pushed_bytes(hub)["report.json"])["outputs"] == local_outputs
     assert "not published" not in done.output
     listing = json.loads(pushed_bytes(hub)["publish_manifest.json"])
     changes = next(entry for entry in listing["files"] if entry["path"] == "report.json")["derived_from"]["changes"]

@@ -347,6 +347,19 @@ def _public_report(report: dict[str, Any], base_name: str, include_examples: boo
             "references and predictions); "
             "hub.include_examples: true publishes them"
         )
+    frequent = [
+        outputs["most_frequent"]
+        for outputs in (report.get("outputs") or {}).values()
+        if isinstance(outputs, dict) and isinstance(outputs.get("most_frequent"), dict)
+    ]
+    withheld_texts = [entry for entry in frequent if entry.get("text") is not None]
+    if withheld_texts and not include_examples:
+        for entry in withheld_texts:
+            entry["text"] = None  # its count stays: how often the tuned model gave one answer
+        changes.append(
+            f"withheld: the most frequent answer of {len(withheld_texts)} dataset"
+            f"{'s' if len(withheld_texts) != 1 else ''} (a prediction on held-out data; its count stays)"
+        )
     base = report.get("base_model")
     if isinstance(base, dict) and base.get("name_or_path") != base_name:
         base["name_or_path"] = base_name
