@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from sovtune import model as models
 from sovtune import offline, preflight, training
 from sovtune.audit import audited
-from sovtune.config import Recipe, load_run_recipe
+from sovtune.config import Recipe, RunOptIns, load_run_recipe
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process
 from sovtune.errors import SovtuneError
@@ -111,7 +111,7 @@ def push(
     run_dir = Path(run_dir)
     with audited("push", recipe, run_dir=run_dir) as event:
         if recipe is None:
-            event["recipe"] = _run_recipe(run_dir)
+            event["recipe"] = recorded_recipe(run_dir)
         sovereignty = recipe.sovereignty if recipe is not None else run_sovereignty(run_dir)
         reason = offline.reason_for(offline_flag, sovereignty.offline)
         going_offline = reason is not None
@@ -173,7 +173,7 @@ def sign(
     """`sovtune sign`: sign what a push of the run publishes (the card names the repository: --repo, else the
     recipe's hub.repo); the signature is RUN_DIR/model.sig, which `sovtune push` publishes with the files."""
     run_dir = Path(run_dir)
-    with audited("sign", _run_recipe(run_dir), run_dir=run_dir) as event:
+    with audited("sign", recorded_recipe(run_dir), run_dir=run_dir) as event:
         hub = run_hub_settings(run_dir)
         repo_id = checked_repo_id(repo or hub.repo, "--repo" if repo else "hub.repo")
         branch = revision or hub.revision or "main"
@@ -188,11 +188,12 @@ def sign(
     return RunDir(run_dir) / RunDir.SIGNATURE
 
 
-def _run_recipe(run_dir: Path) -> Recipe | None:
-    """The recipe a run saved, for an audit record (its hash, data hashes and audit-log setting); None if
-    unreadable."""
+def recorded_recipe(run_dir: Path) -> Recipe | None:
+    """The recipe a run saved, for the audit record (its hash, data hashes and audit-log setting); None if
+    unreadable. Read for the record only, so its opt-in settings are let through: nothing it names is run."""
     try:
-        return load_run_recipe(run_dir) if (RunDir(run_dir) / RunDir.RECIPE).is_file() else None
+        recorded = RunOptIns(trust_remote_code=True, allow_pickle_weights=True, allow_user_metrics=True)
+        return load_run_recipe(run_dir, opt_ins=recorded) if (RunDir(run_dir) / RunDir.RECIPE).is_file() else None
     except SovtuneError:
         return None
 

@@ -22,7 +22,6 @@ from sovtune.config import Recipe, RunOptIns, load_recipe, load_run_recipe
 from sovtune.core.hashing import sha256_file
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process
-from sovtune.errors import SovtuneError
 from sovtune.evaluation import HeldOut, evaluate
 from sovtune.generate import complete, load_run, render_prompt
 from sovtune.launch import launch as run_launch
@@ -61,13 +60,8 @@ def opt_ins(trust_remote_code: bool, allow_pickle_weights: bool, allow_user_metr
 
 
 def run_recipe(run_dir: Path) -> Recipe | None:
-    """The recipe a run saved, for the audit record (its hash, data hashes and audit-log setting); None if
-    unreadable. Read for the record only, so its opt-in settings are let through: nothing it names is run."""
-    try:
-        recorded = RunOptIns(trust_remote_code=True, allow_pickle_weights=True, allow_user_metrics=True)
-        return load_run_recipe(run_dir, opt_ins=recorded) if (RunDir(run_dir) / RunDir.RECIPE).is_file() else None
-    except SovtuneError:
-        return None
+    """The recipe a run saved, for the audit record (pipeline.recorded_recipe)."""
+    return pipeline.recorded_recipe(run_dir)
 
 
 def check(recipe: Path, overrides: list[str] | None, as_json: bool, offline: bool) -> None:
