@@ -49,7 +49,11 @@ class VerifyResult:
             for label, paths, note in (
                 ("hash mismatch", self.mismatched, " (changed after they were recorded)"),
                 ("missing", self.missing, " (recorded, not present)"),
-                (self.unexpected_label, self.unexpected, ""),
+                (
+                    self.unexpected_label,
+                    self.unexpected,
+                    " (the files changed after they were recorded: remove these or restore the original)",
+                ),
                 ("not a regular file (links are not followed)", self.links, ""),
             )
             if paths
