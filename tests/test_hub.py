@@ -366,7 +366,7 @@ def test_without_a_flag_an_existing_private_repo_stays_private_even_if_the_recip
     recipe["hub"] = {"repo": REPO, "endpoint": hub.url, "private": False}
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     hub.create_repo(REPO, private=True)
-    done = cli("push", run_dir)
+    done = cli("push", run_dir, "--use-run-hub")
     assert done.exit_code == 0, done.output
     assert hub.repos[REPO].private is True and "(private)" in done.output and "public" not in done.output
     assert not any(r["route"] == "settings" for r in hub.requests)
@@ -668,11 +668,13 @@ def test_cli_push_and_pull_exit_codes(
     assert done.output.count("\n") <= 2  # one error line (wrapped at most once by the terminal width)
 
 
-def test_cli_push_takes_repo_endpoint_and_visibility_from_the_runs_recipe(run_dir: Path, hub: HubDouble) -> None:
+def test_cli_push_takes_repo_endpoint_and_visibility_from_the_runs_recipe_when_asked(
+    run_dir: Path, hub: HubDouble
+) -> None:
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     recipe["hub"] = {"repo": "acme/from-recipe", "endpoint": hub.url, "private": False}
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    done = cli("push", run_dir)
+    done = cli("push", run_dir, "--use-run-hub")
     assert done.exit_code == 0, done.output
     assert hub.repos["acme/from-recipe"].private is False
 
@@ -805,7 +807,7 @@ def test_push_signs_with_a_key_from_the_command_line_or_the_recipe(
     recipe["source_path"] = str(recipes / "support.yaml")
     recipe["hub"] = {"repo": "acme/from-recipe", "endpoint": hub.url, "signing_key": "keys/release.pem"}
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    done = cli("push", run_dir)
+    done = cli("push", run_dir, "--use-run-hub")
     assert done.exit_code == 0, done.output
     out = tmp_path / "b"
     assert cli("pull", "acme/from-recipe", "--endpoint", hub.url, "--out", out, "--trust", other_public).exit_code == 0
@@ -1117,3 +1119,130 @@ def test_run_with_hub_push_publishes_after_its_gates_through_the_same_push(
     event = [json.loads(line) for line in log.read_text().splitlines()][-1]
     assert (event["event"], event["outcome"], event["run_dir"]) == ("push", "ok", str(run_dir))
     assert event["details"]["endpoint"] == hub.url and event["details"]["offline"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run folder someone sent: it decides nothing about where the token goes, and never publishes a pickle
+
+
+def record_in_manifest(run_dir: Path, *relative: str) -> None:
+    """Record files of the run in its manifest, as the author of a hostile folder would."""
+    from sovtune.run import manifest
+
+    manifest.append_stage(run_dir, "forged", {}, [run_dir / path for path in relative])
+
+
+@pytest.fixture
+def elsewhere(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A second hub double on 127.0.0.1: the server a received run folder names in its recipe.yaml."""
+    double = HubDouble(lfs_threshold=LFS_THRESHOLD).start()
+    yield double
+    double.stop()
+
+
+def test_a_received_run_does_not_choose_where_the_token_goes(
+    run_dir: Path, hub: HubDouble, elsewhere: HubDouble, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe["hub"] = {"repo": "their/collector", "endpoint": elsewhere.url, "private": False, "include_examples": True}
+    recipe["source_path"] = str(tmp_path / "theirs.yaml")
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+
+    # Nothing on the command line or in the environment: refused, naming what the run asks for and the way to agree.
+    done = cli("push", run_dir)
+    assert done.exit_code == 2 and "Traceback" not in done.output
+    assert done.output.count("\n") <= 3, done.output
+    assert f"names hub.repo their/collector, hub.endpoint {elsewhere.url}" in said(done)
+    assert "--use-run-hub" in said(done) and "--repo ORG/NAME" in said(done)
+    done = cli("push", run_dir, "--repo", REPO)  # still no endpoint of the user's own
+    assert done.exit_code == 2 and "--endpoint URL (or export HF_ENDPOINT)" in said(done)
+    assert elsewhere.requests == [] and hub.requests == []
+
+    # The user's endpoint (environment) and repository (flag): the run's endpoint, visibility and examples are unused.
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    done = cli("push", run_dir, "--repo", REPO)
+    assert done.exit_code == 0, done.output
+    assert elsewhere.requests == [] and hub.repos[REPO].private is True
+    assert json.loads(repo_files(hub)["report.json"])["samples"] == []
+    assert "not used from" in said(done) and f"hub.endpoint: {elsewhere.url}" in said(done)
+
+    # Only when the user says so does the run's recipe pick the hub.
+    monkeypatch.delenv("HF_ENDPOINT")
+    elsewhere.write_token = elsewhere.add_token("alice", "write")
+    monkeypatch.setenv("HF_TOKEN", elsewhere.write_token)
+    done = cli("push", run_dir, "--use-run-hub")
+    assert done.exit_code == 0, done.output
+    assert elsewhere.repos["their/collector"].private is False and elsewhere.requests
+    assert HELD_OUT_PROMPT.encode() in elsewhere.file_bytes("their/collector", "report.json")
+
+
+def test_push_never_publishes_pickle_weights_even_when_the_manifest_records_them(run_dir: Path, hub: HubDouble) -> None:
+    (run_dir / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04pickle that runs code")
+    record_in_manifest(run_dir, "adapter/adapter_model.bin")
+    done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url)
+    assert done.exit_code == 2 and "Traceback" not in done.output
+    assert "adapter/adapter_model.bin: pickle weights are never published" in said(done)
+    (run_dir / "adapter" / "adapter_model.safetensors").unlink()  # only the pickle left: the same refusal
+    done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url)
+    assert done.exit_code == 2 and "pickle weights are never published" in said(done)
+    assert hub.requests == []
+
+
+def test_pull_refuses_a_publication_listing_pickle_weights_before_downloading_them(
+    run_dir: Path, hub: HubDouble, tmp_path: Path
+) -> None:
+    assert cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url).exit_code == 0
+    pickle = b"\x80\x04pickle that runs code"
+    listing = json.loads(hub.file_bytes(REPO, "publish_manifest.json"))
+    entry = {"path": "adapter_model.bin", "sha256": hashlib.sha256(pickle).hexdigest(), "bytes": len(pickle)}
+    listing["files"] = sorted([*listing["files"], entry], key=lambda item: item["path"])
+    hub.commit_files(REPO, {"adapter_model.bin": pickle, "publish_manifest.json": json.dumps(listing).encode()})
+    before = len(hub.requests)
+    done = cli("pull", REPO, "--endpoint", hub.url, "--out", tmp_path / "pulled")
+    assert done.exit_code == 2 and "adapter_model.bin: pickle weights" in said(done)
+    assert not (tmp_path / "pulled").exists()
+    assert not any(r["path"].endswith("adapter_model.bin") for r in hub.requests[before:])
+
+
+def _set_report(run_dir: Path, change: Any) -> None:
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    change(report)
+    (run_dir / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    record_in_manifest(run_dir, "report.json")  # the hostile folder's manifest agrees with it
+
+
+def _set_manifest(run_dir: Path, change: Any) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    change(manifest)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def _set_recipe(run_dir: Path, change: Any) -> None:
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    change(recipe)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "edit, where",
+    [
+        (lambda run: _set_report(run, lambda r: r["results"][0].update(base=[0.1, 0.2])),
+         "report.json: results.0.base: input should be a valid number, found list"),
+        (lambda run: _set_report(run, lambda r: r.update(gates={"gate": "x"})),
+         "report.json: gates: input should be a valid list, found dict"),
+        (lambda run: _set_manifest(run, lambda m: m.update(base_model=["x"])),
+         "manifest.json: base_model: input should be a valid dictionary, found list"),
+        (lambda run: _set_manifest(run, lambda m: m.setdefault("environment", {}).update(hardware={"cpu_count": [2]})),
+         "manifest.json: environment.hardware.cpu_count: input should be a valid integer, found list"),
+        (lambda run: _set_recipe(run, lambda r: r["model"].update(revision=["main"])),
+         "recipe.yaml: model.revision: input should be a valid string, found list"),
+    ],
+)  # fmt: skip
+def test_the_card_type_checks_what_it_reads_from_a_received_run(
+    run_dir: Path, hub: HubDouble, edit: Any, where: str
+) -> None:
+    edit(run_dir)
+    done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url)
+    assert done.exit_code == 2 and "Traceback" not in done.output, done.output
+    assert where in said(done) and "restore it" in said(done)
+    assert hub.requests == []

@@ -101,9 +101,12 @@ def push(
     offline_flag: bool = False,
     allow_hosts: Sequence[str] = (),
     recipe: Recipe | None = None,
+    use_run_hub: bool = False,
 ) -> PushResult:
     """Publish a run (`sovtune push`, and the end of `sovtune run` with `recipe`): flags first, then the recipe's
-    hub section (the run's recorded recipe when `recipe` is None).
+    hub section. Without `recipe`, the run's recorded hub section is used only with `use_run_hub` (a received run
+    folder must not choose where the token goes); otherwise repository and endpoint come from the flags and
+    $HF_ENDPOINT.
 
     Offline mode (the flag, the recipe's `sovereignty.offline`, or HF_HUB_OFFLINE & co. in the environment) holds
     for the whole push: only loopback, `sovereignty.allowed_hosts` and `allow_hosts` may be contacted.
@@ -118,6 +121,7 @@ def push(
         with offline.session(going_offline, [*sovereignty.allowed_hosts, *allow_hosts], reason):
             hub, folder = (recipe.hub, recipe.base_dir) if recipe is not None else (None, None)
             flags = {"public": public, "sign_key": sign_key, "include_examples": include_examples}
+            flags["use_run_hub"] = use_run_hub
             settings = push_settings(run_dir, repo, endpoint, revision, hub=hub, base_dir=folder, **flags)
             event["destination"] = f"{settings.endpoint}/{settings.repo_id}"
             event["details"].update(endpoint=settings.endpoint, revision=settings.revision or "main")

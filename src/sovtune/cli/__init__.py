@@ -300,7 +300,8 @@ EndpointOpt = Annotated[
     Optional[str],
     typer.Option(
         "--endpoint",
-        help="Hub URL, e.g. https://hub.internal.example; default: the recipe's hub.endpoint, then $HF_ENDPOINT.",
+        help="Hub URL, e.g. https://hub.internal.example; default: $HF_ENDPOINT (push --use-run-hub: the run's "
+        "hub.endpoint first).",
     ),
 ]
 RevisionOpt = Annotated[
@@ -312,7 +313,8 @@ RevisionOpt = Annotated[
 def push(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with adapter/ and manifest.json.", show_default=False)],
     repo: Annotated[
-        Optional[str], typer.Option("--repo", help="Repository ORG/NAME; default: the recipe's hub.repo.")
+        Optional[str],
+        typer.Option("--repo", help="Repository ORG/NAME (with --use-run-hub, default: the run's hub.repo)."),
     ] = None,
     endpoint: EndpointOpt = None,
     revision: RevisionOpt = None,
@@ -321,24 +323,34 @@ def push(
         typer.Option(
             "--public/--private",
             help="Make the repository public or private (also an existing one). Default: a new repository is "
-            "private (hub.private), an existing one keeps its visibility.",
+            "private (--use-run-hub: hub.private), an existing one keeps its visibility.",
             show_default=False,
         ),
     ] = None,
     sign_key: Annotated[
         Optional[Path],
-        typer.Option("--sign-key", help="PEM private key: sign the published files (default: hub.signing_key)."),
+        typer.Option("--sign-key", help="PEM private key: sign the published files (--use-run-hub: hub.signing_key)."),
     ] = None,
     include_examples: Annotated[
         Optional[bool],
         typer.Option(
             "--include-examples/--no-examples",
-            help="Publish report.json's example generations (held-out prompts); default: hub.include_examples, off.",
+            help="Publish report.json's example generations (held-out prompts); default: off (--use-run-hub: "
+            "hub.include_examples).",
             show_default=False,
         ),
     ] = None,
     offline: OfflineOpt = False,
     allow_host: AllowHostOpt = None,
+    use_run_hub: Annotated[
+        bool,
+        typer.Option(
+            "--use-run-hub",
+            help="Take the hub settings (repo, endpoint, revision, private, signing_key, include_examples) from the "
+            "run's recorded recipe.yaml, where flags do not set them. Without it a run folder decides nothing about "
+            "where it is pushed.",
+        ),
+    ] = False,
 ) -> None:
     """Make the repository hold exactly the run's adapter, tokenizer, report, manifest, card and publish manifest.
 
@@ -346,8 +358,17 @@ def push(
     """
     guarded(
         lambda: bodies().push(
-            run_dir, repo, endpoint, revision, public, sign_key, include_examples, offline, allow_host or []
-        )
+            run_dir,
+            repo,
+            endpoint,
+            revision,
+            public,
+            sign_key,
+            include_examples,
+            offline,
+            allow_host or [],
+            use_run_hub,
+        )  # fmt: skip
     )
 
 

@@ -189,8 +189,12 @@ def push(
     include_examples: bool | None,
     offline: bool,
     allow_hosts: list[str],
+    use_run_hub: bool,
 ) -> None:
-    pipeline.push(run_dir, repo, endpoint, revision, public, sign_key, include_examples, offline, allow_hosts)
+    pipeline.push(
+        run_dir, repo, endpoint, revision, public, sign_key, include_examples, offline, allow_hosts,
+        use_run_hub=use_run_hub,
+    )  # fmt: skip
 
 
 def pull(

@@ -696,7 +696,11 @@ class Recipe(Section):
         description="Base vs adapter on held-out data: metrics, the forgetting check, generation, intervals, gates.",
     )
     output: OutputSection = Field(default_factory=OutputSection, description="Where the run directory goes.")
-    hub: HubSection = Field(default_factory=HubSection, description="Where `sovtune push` publishes the adapter.")
+    hub: HubSection = Field(
+        default_factory=HubSection,
+        description="Where `sovtune run` (hub.push) publishes the adapter; `sovtune push RUN` uses the run's recorded "
+        "section only with --use-run-hub.",
+    )
     sovereignty: SovereigntySection = Field(
         default_factory=SovereigntySection,
         description="Offline mode, allowed endpoints, the audit log, the data scan and the licence allow-list.",

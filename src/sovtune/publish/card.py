@@ -9,10 +9,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Union
+
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from sovtune.config import GENERAL_DATASET, looks_like_local_path
-from sovtune.core.rundir import RunDir
+from sovtune.core.rundir import RunDir, RunFileError
 from sovtune.report import NO_FORGETTING_CHECK
 
 # Licence ids the Hugging Face hub accepts in `license:` (https://huggingface.co/docs/hub/repositories-licenses);
@@ -61,6 +64,181 @@ def is_hub_id(value: Any) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shapes the card reads. A run folder may come from elsewhere: every nested value the card (and the public forms
+# of report.json and manifest.json) reads is checked to be what sovtune writes there, so a list where a number
+# belongs is one line naming the file and the field, not a traceback. Other keys are not read, so not checked.
+
+Scalar = Optional[Union[str, int, float, bool]]
+
+
+class _Hub(TypedDict, total=False):
+    id: Optional[str]
+    commit: Optional[str]
+    revision: Optional[str]
+
+
+class _Entry(TypedDict, total=False):
+    path: Optional[str]
+    sha256: Optional[str]
+
+
+class _DataRecord(TypedDict, total=False):
+    split: Optional[str]
+    hub: Optional[_Hub]
+    files: Optional[list[_Entry]]
+
+
+class _BaseRecord(TypedDict, total=False):
+    name_or_path: Optional[str]
+    revision: Optional[str]
+    commit: Optional[str]
+    local: Optional[bool]
+    files: Optional[list[_Entry]]
+
+
+class _Git(TypedDict, total=False):
+    commit: Optional[str]
+    dirty: Optional[bool]
+
+
+class _RecipeRecord(TypedDict, total=False):
+    sha256: Optional[str]
+    git: Optional[_Git]
+
+
+class _RunRecord(TypedDict, total=False):
+    name: Optional[str]
+    started_at: Optional[str]
+    seed: Optional[int]
+
+
+class _Stage(TypedDict, total=False):
+    ended_at: Optional[str]
+
+
+class _Tokenizer(TypedDict, total=False):
+    chat_template_sha256: Optional[str]
+
+
+class _Accelerator(TypedDict, total=False):
+    name: Scalar
+
+
+class _Hardware(TypedDict, total=False):
+    accelerators: Optional[list[_Accelerator]]
+    cpu_count: Optional[int]
+
+
+class _Environment(TypedDict, total=False):
+    packages: Optional[dict[str, Optional[str]]]
+    hardware: Optional[_Hardware]
+
+
+class ManifestShape(TypedDict, total=False):
+    base_model: Optional[_BaseRecord]
+    data: Optional[list[_DataRecord]]
+    recipe: Optional[_RecipeRecord]
+    run: Optional[_RunRecord]
+    stages: Optional[list[_Stage]]
+    tokenizer: Optional[_Tokenizer]
+    environment: Optional[_Environment]
+
+
+class _Result(TypedDict, total=False):
+    dataset: Optional[str]
+    metric: Optional[str]
+    n: Optional[int]
+    base: Optional[float]
+    tuned: Optional[float]
+    difference: Optional[float]
+    ci_low: Optional[float]
+    ci_high: Optional[float]
+    confidence: Optional[float]
+    significant: Optional[bool]
+    higher_is_better: Optional[bool]
+
+
+class _Gate(TypedDict, total=False):
+    passed: Optional[bool]
+    gate: Scalar
+    dataset: Scalar
+    metric: Scalar
+    rule: Scalar
+    threshold: Scalar
+    value: Scalar
+
+
+class ReportShape(TypedDict, total=False):
+    results: Optional[list[_Result]]
+    gates: Optional[list[_Gate]]
+    samples: Optional[list[dict[str, Any]]]
+
+
+class _Model(TypedDict, total=False):
+    name_or_path: Optional[str]
+    revision: Optional[str]
+    license: Optional[str]
+
+
+class _AdapterSettings(TypedDict, total=False):
+    type: Optional[str]
+
+
+class _Quantization(TypedDict, total=False):
+    mode: Optional[str]
+
+
+class _Source(TypedDict, total=False):
+    path: Optional[str]
+    revision: Optional[str]
+
+
+class _Data(TypedDict, total=False):
+    train: Optional[list[Union[str, _Source]]]
+    eval: Optional[Union[str, _Source]]
+
+
+class RecipeShape(TypedDict, total=False):
+    description: Scalar
+    model: Optional[_Model]
+    adapter: Optional[_AdapterSettings]
+    quantization: Optional[_Quantization]
+    data: Optional[_Data]
+
+
+def check_shape(value: Any, shape: Any, where: Path | str) -> None:
+    """RunFileError naming the file, the field and what it should be when `value` does not have `shape` (strict:
+    no coercion, so "1" is not a number and a list is never a mapping)."""
+    try:
+        TypeAdapter(shape).validate_python(value, strict=True)
+    except ValidationError as exc:
+        error = max(exc.errors(), key=lambda item: len(item["loc"]))  # the deepest: inside a union member
+        field = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part)) or "(top level)"
+        found = type(error.get("input")).__name__
+        raise RunFileError(
+            f"{where}: {field}: {error['msg'].lower()}, found {found}; it is not as sovtune writes it (changed after "
+            "it was written?), restore it"
+        ) from None
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the union member it tried in the location ("str", "_Source", "float", ...).
+    return isinstance(part, str) and (part[:1] == "_" or part in {"str", "int", "float", "bool", "none"})
+
+
+def check_run_documents(
+    run_dir: Path, recipe: dict[str, Any], manifest: dict[str, Any] | None, report: dict[str, Any] | None
+) -> None:
+    """The recorded recipe, manifest.json and report.json of `run_dir` hold what the card reads, in its shape."""
+    run_dir = Path(run_dir)
+    check_shape(recipe, RecipeShape, run_dir / RunDir.RECIPE)
+    if manifest is not None:
+        check_shape(manifest, ManifestShape, run_dir / RunDir.MANIFEST)
+    if report is not None:
+        check_shape(report, ReportShape, run_dir / RunDir.REPORT)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,6 +382,7 @@ def build_card(run_dir: Path, repo_id: str, revision: str | None = None) -> Any:
     recipe = run.recipe_data()
     manifest = run.read_json(RunDir.MANIFEST, "manifest")
     report = run.report()
+    check_run_documents(run_dir, recipe, manifest, report)
     base = base_model_facts(recipe, manifest)
     datasets = dataset_facts(recipe, manifest)
     rows = report_rows(report)

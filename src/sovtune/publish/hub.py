@@ -22,6 +22,7 @@ from sovtune import __version__, offline
 from sovtune.config import HubSection, SovereigntySection, check_endpoint, check_repo_id, endpoint_host
 from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
+from sovtune.model import PICKLE_SUFFIXES
 from sovtune.publish import publication as publishing
 from sovtune.publish.publication import PUBLISH_MANIFEST, SIGNATURE, Publication, PublishError
 from sovtune.publish.signing import check_private_key, check_public_key
@@ -191,6 +192,17 @@ def recipe_folder(run_dir: Path) -> Path:
     return Path(source).parent if isinstance(source, str) and source else Path(run_dir)
 
 
+# What a recorded hub section may decide, and what each choice is called in a message.
+RUN_HUB_FIELDS = {
+    "repo": "hub.repo",
+    "endpoint": "hub.endpoint",
+    "revision": "hub.revision",
+    "private": "hub.private",
+    "signing_key": "hub.signing_key",
+    "include_examples": "hub.include_examples",
+}
+
+
 def push_settings(
     run_dir: Path,
     repo_id: str | None = None,
@@ -201,10 +213,26 @@ def push_settings(
     include_examples: bool | None = None,
     hub: HubSection | None = None,
     base_dir: Path | None = None,
+    use_run_hub: bool = False,
 ) -> PushSettings:
-    """Flags first, then the hub section (the given one, else the run's recorded recipe), then $HF_ENDPOINT."""
+    """Flags first, then the hub section, then $HF_ENDPOINT.
+
+    The hub section is the given one (`sovtune run`: the user's own recipe). For `sovtune push RUN` it is the run's
+    recorded section only with `use_run_hub` (--use-run-hub): a run folder may come from someone else, and its
+    recipe.yaml must not choose where the user's token goes, which repository is overwritten, whether it turns
+    public, which key signs or whether held-out examples leave. Without it the defaults hold (private, no examples,
+    no signature) and repository and endpoint come from the flags and the environment.
+    """
     if hub is None:
-        hub, base_dir = run_hub_settings(run_dir), recipe_folder(run_dir)
+        if use_run_hub:
+            hub, base_dir = run_hub_settings(run_dir), recipe_folder(run_dir)
+        else:
+            try:
+                recorded = run_hub_settings(run_dir)
+            except HubError:
+                recorded = HubSection()  # unused anyway: a damaged hub section does not stop a push that ignores it
+            _refuse_recorded_destination(run_dir, recorded, repo_id, endpoint)
+            hub = HubSection()
     key = sign_key if sign_key is not None or not hub.signing_key else _signing_key(hub.signing_key, base_dir)
     return PushSettings(
         repo_id=checked_repo_id(repo_id or hub.repo, "--repo" if repo_id else "hub.repo"),
@@ -215,6 +243,40 @@ def push_settings(
         include_examples=hub.include_examples if include_examples is None else include_examples,
         sign_key=key,
     )
+
+
+def _refuse_recorded_destination(
+    run_dir: Path, recorded: HubSection, repo_id: str | None, endpoint: str | None
+) -> None:
+    """Without --use-run-hub, a push that would need the run's recorded repository or endpoint is refused before
+    anything is sent, with what the run names and how to choose; recorded settings that are left unused are said."""
+    defaults = HubSection()
+    named = {
+        label: getattr(recorded, name)
+        for name, label in RUN_HUB_FIELDS.items()
+        if getattr(recorded, name) != getattr(defaults, name)
+    }
+    where = RunDir(run_dir) / RunDir.RECIPE
+    needed = []
+    if not repo_id:
+        needed.append("--repo ORG/NAME")
+    if not endpoint and not os.environ.get("HF_ENDPOINT"):
+        needed.append("--endpoint URL (or export HF_ENDPOINT)")
+    if needed and ("hub.repo" in named or "hub.endpoint" in named):
+        recorded_line = ", ".join(
+            f"{label} {value}" for label, value in named.items() if label in ("hub.repo", "hub.endpoint")
+        )
+        raise HubError(
+            f"{where} names {recorded_line}, but a run folder does not choose where your token goes: pass "
+            f"{' and '.join(needed)}, or --use-run-hub to push where the run's recipe says"
+        )
+    if not repo_id:
+        raise HubError("no repository: pass --repo ORG/NAME")
+    if named:
+        log.info(
+            f"not used from {where} (pass --use-run-hub to use them): "
+            + ", ".join(f"{label}: {value}" for label, value in named.items())
+        )
 
 
 def push_run(run_dir: Path, **flags: Any) -> PushResult:
@@ -549,6 +611,12 @@ def _check_tree(tree: set[str], listing: dict[str, Any], where: str, trust: Path
         raise HubError(
             f"{where}: the revision does not hold exactly the published files ({'; '.join(problems)}); "
             "it was changed after the push, nothing was downloaded"
+        )
+    pickles = sorted(path for path in expected if path.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise HubError(
+            f"{where}: {', '.join(pickles)}: pickle weights, which can run code when loaded; sovtune publishes "
+            "safetensors only, nothing was downloaded"
         )
     if trust is not None and not listing.get("signature"):
         raise HubError(f"{where}: not signed, but --trust {trust} requires a signature; nothing was downloaded")

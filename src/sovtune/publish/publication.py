@@ -22,7 +22,8 @@ from sovtune.core.files import atomic_write_bytes
 from sovtune.core.hashing import RUN_ROOT, sha256_bytes, sha256_file
 from sovtune.core.rundir import RunDir, RunFileError
 from sovtune.errors import SovtuneError
-from sovtune.publish.card import base_model_facts, build_card, public_base_name
+from sovtune.model import ADAPTER_WEIGHTS, PICKLE_SUFFIXES
+from sovtune.publish.card import base_model_facts, build_card, check_run_documents, public_base_name
 from sovtune.publish.signing import (
     SIGNATURE,
     SigningError,
@@ -134,11 +135,18 @@ def publish_files(run_dir: Path) -> dict[str, Path]:
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(adapter).parts)
     }
     files = {name: path for name, path in files.items() if name not in NOT_PUBLISHED}
+    # Whoever loads a pickle runs whatever it holds: never published, whatever the manifest records.
+    pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise PublishError(
+            f"{adapter}: {', '.join(pickles)}: pickle weights are never published (loading a pickle can run code); "
+            "publish adapter_model.safetensors, as `sovtune train` saves it, and remove the pickle"
+        )
     missing = [
         name
         for name, ok in (
             ("adapter_config.json", f"{RunDir.ADAPTER}/{RunDir.ADAPTER_CONFIG}" in files),
-            ("adapter_model.safetensors", any(Path(name).name.startswith("adapter_model.") for name in files)),
+            (ADAPTER_WEIGHTS, f"{RunDir.ADAPTER}/{ADAPTER_WEIGHTS}" in files),
         )
         if not ok
     ]
@@ -226,6 +234,10 @@ def build(
     manifest = run.manifest()
     check_against_manifest(manifest, sources, str(run_dir))
     recipe = run.recipe_data() if (run / RunDir.RECIPE).is_file() else {}
+    try:
+        check_run_documents(run_dir, recipe, manifest, run.report())
+    except RunFileError as exc:
+        raise PublishError(str(exc)) from None
     base_name = public_base_name(base_model_facts(recipe, manifest))
     files: dict[str, PublishedFile] = {}
     withheld: list[str] = []
@@ -345,7 +357,7 @@ def _public_report(report: dict[str, Any], base_name: str, include_examples: boo
         changes.append(
             f"withheld: {len(samples)} example generation{'s' if len(samples) != 1 else ''} (held-out prompts, "
             "references and predictions); "
-            "hub.include_examples: true publishes them"
+            "push --include-examples (or hub.include_examples: true) publishes them"
         )
     frequent = [
         outputs["most_frequent"]
