@@ -1182,9 +1182,26 @@ def test_push_never_publishes_pickle_weights_even_when_the_manifest_records_them
     done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url)
     assert done.exit_code == 2 and "Traceback" not in done.output
     assert "adapter/adapter_model.bin: pickle weights are never published" in said(done)
-    (run_dir / "adapter" / "adapter_model.safetensors").unlink()  # only the pickle left: the same refusal
+
+    # Only the pickle, and a manifest that records only the pickle: the same refusal.
+    (run_dir / "adapter" / "adapter_model.safetensors").unlink()
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+
+    def without_safetensors(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: without_safetensors(value) for key, value in node.items()}
+        if isinstance(node, list):
+            kept = [
+                item
+                for item in node
+                if not (isinstance(item, dict) and item.get("path") == "adapter/adapter_model.safetensors")
+            ]
+            return [without_safetensors(item) for item in kept]
+        return node
+
+    (run_dir / "manifest.json").write_text(json.dumps(without_safetensors(manifest)), encoding="utf-8")
     done = cli("push", run_dir, "--repo", REPO, "--endpoint", hub.url)
-    assert done.exit_code == 2 and "pickle weights are never published" in said(done)
+    assert done.exit_code == 2 and "adapter/adapter_model.bin: pickle weights are never published" in said(done)
     assert hub.requests == []
 
 

@@ -735,6 +735,13 @@ def test_push_and_verify_of_a_hostile_run_run_nothing(
         monkeypatch.setenv("HF_TOKEN", double.add_token("alice", "write"))
         monkeypatch.delenv("HF_ENDPOINT", raising=False)
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login"))
+        refused = invoke("push", run_dir, "--repo", "acme/hostile", "--endpoint", double.url)
+        # The pickle is never published (issue 15): one line, nothing sent. Without it, the rest is pushed.
+        assert refused.exit_code == 2, refused.output
+        assert "adapter/extra_weights.bin: pickle weights are never published" in refused.output
+        assert double.requests == []
+        (run_dir / "adapter" / "extra_weights.bin").unlink()
+        forge_manifest(run_dir)
         result = invoke("push", run_dir, "--repo", "acme/hostile", "--endpoint", double.url)
     finally:
         double.stop()

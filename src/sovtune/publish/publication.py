@@ -135,18 +135,12 @@ def publish_files(run_dir: Path) -> dict[str, Path]:
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(adapter).parts)
     }
     files = {name: path for name, path in files.items() if name not in NOT_PUBLISHED}
-    # Whoever loads a pickle runs whatever it holds: never published, whatever the manifest records.
-    pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
-    if pickles:
-        raise PublishError(
-            f"{adapter}: {', '.join(pickles)}: pickle weights are never published (loading a pickle can run code); "
-            "publish adapter_model.safetensors, as `sovtune train` saves it, and remove the pickle"
-        )
     missing = [
         name
         for name, ok in (
             ("adapter_config.json", f"{RunDir.ADAPTER}/{RunDir.ADAPTER_CONFIG}" in files),
-            (ADAPTER_WEIGHTS, f"{RunDir.ADAPTER}/{ADAPTER_WEIGHTS}" in files),
+            # Pickle weights instead: refused as such once the files are checked against the manifest (build).
+            (ADAPTER_WEIGHTS, f"{RunDir.ADAPTER}/{ADAPTER_WEIGHTS}" in files or bool(pickle_files(files))),
         )
         if not ok
     ]
@@ -178,6 +172,20 @@ def publish_files(run_dir: Path) -> dict[str, Path]:
             "(runs written by `sovtune train` have one)"
         )
     return files
+
+
+def pickle_files(files: dict[str, Path]) -> list[str]:
+    return sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+
+
+def refuse_pickles(files: dict[str, Path], run_dir: Path) -> None:
+    """Whoever loads a pickle runs whatever it holds: never published, whatever the manifest records."""
+    pickles = pickle_files(files)
+    if pickles:
+        raise PublishError(
+            f"{run_dir}: {', '.join(pickles)}: pickle weights are never published (loading a pickle can run code); "
+            f"publish {ADAPTER_WEIGHTS}, as `sovtune train` saves it, and remove the pickle"
+        )
 
 
 def repo_path(run_path: str) -> str:
@@ -233,6 +241,7 @@ def build(
     sources = publish_files(run_dir)
     manifest = run.manifest()
     check_against_manifest(manifest, sources, str(run_dir))
+    refuse_pickles(sources, run_dir)
     recipe = run.recipe_data() if (run / RunDir.RECIPE).is_file() else {}
     try:
         check_run_documents(run_dir, recipe, manifest, run.report())
