@@ -1143,6 +1143,8 @@ def elsewhere(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_a_received_run_does_not_choose_where_the_token_goes(
     run_dir: Path, hub: HubDouble, elsewhere: HubDouble, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("SOVTUNE_AUDIT_LOG", str(log))
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     recipe["hub"] = {"repo": "their/collector", "endpoint": elsewhere.url, "private": False, "include_examples": True}
     recipe["source_path"] = str(tmp_path / "theirs.yaml")
@@ -1174,6 +1176,10 @@ def test_a_received_run_does_not_choose_where_the_token_goes(
     assert done.exit_code == 0, done.output
     assert elsewhere.repos["their/collector"].private is False and elsewhere.requests
     assert HELD_OUT_PROMPT.encode() in elsewhere.file_bytes("their/collector", "report.json")
+    pushes = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["outcome"], e["details"].get("hub_settings")) for e in pushes] == [
+        ("failed", "flags"), ("failed", "flags"), ("ok", "flags"), ("ok", "the run's recipe (--use-run-hub)"),
+    ]  # fmt: skip
 
 
 def test_push_never_publishes_pickle_weights_even_when_the_manifest_records_them(run_dir: Path, hub: HubDouble) -> None:

@@ -122,6 +122,8 @@ def push(
             hub, folder = (recipe.hub, recipe.base_dir) if recipe is not None else (None, None)
             flags = {"public": public, "sign_key": sign_key, "include_examples": include_examples}
             flags["use_run_hub"] = use_run_hub
+            if recipe is None:
+                event["details"]["hub_settings"] = "the run's recipe (--use-run-hub)" if use_run_hub else "flags"
             settings = push_settings(run_dir, repo, endpoint, revision, hub=hub, base_dir=folder, **flags)
             event["destination"] = f"{settings.endpoint}/{settings.repo_id}"
             event["details"].update(endpoint=settings.endpoint, revision=settings.revision or "main")
