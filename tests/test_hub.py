@@ -560,7 +560,10 @@ def test_the_pulled_folder_passes_sovtune_verify_which_names_what_was_not_publis
     assert done.exit_code == 0, done.output
     listed = len(list(out.iterdir())) - 1  # the publish manifest lists every other file
     assert f"{listed} files match their recorded SHA-256" in said(done)
-    assert "not published, absent by design: adapter/README.md, recipe.yaml" in said(done)
+    assert (
+        "not published, absent by design: adapter/README.md, data_stats.json, recipe.yaml, train_metrics.json"
+        in said(done)
+    )
     assert "not signed" in said(done)
 
     (out / "report.json").unlink()

@@ -12,9 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from conftest import qa_rows, write_jsonl
+from helpers import invoke, make_run, qa_rows, write_jsonl
 from hub_server import HubDouble
 
 USER = "quokka-tester-5e1f"
@@ -41,7 +40,6 @@ def machine(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     made while the process believes it runs on HOST as USER."""
     import torch
 
-    from run_factory import make_run
     from sovtune.evaluation import HeldOut, evaluate
 
     torch.set_num_threads(1)
@@ -99,9 +97,7 @@ def pushed_bytes(hub: HubDouble) -> dict[str, bytes]:
 
 
 def push(run_dir: Path, hub: HubDouble, *flags: str) -> Any:
-    from sovtune.cli import app
-
-    done = CliRunner().invoke(app, ["push", str(run_dir), "--repo", REPO, "--endpoint", hub.url, *flags])
+    done = invoke("push", str(run_dir), "--repo", REPO, "--endpoint", hub.url, *flags)
     assert done.exit_code == 0, done.output
     return done
 
@@ -167,9 +163,7 @@ def test_a_local_path_the_public_forms_miss_is_refused_before_anything_is_sent(
     chat_template = run_dir / "adapter" / "chat_template.jinja"
     chat_template.write_text(chat_template.read_text() + f"{{# built in {machine['home']}/work #}}")
     manifest.append_stage(run_dir, "train", {}, [chat_template])  # recorded, so only the privacy check objects
-    from sovtune.cli import app
-
-    done = CliRunner().invoke(app, ["push", str(run_dir), "--repo", REPO, "--endpoint", hub.url])
+    done = invoke("push", str(run_dir), "--repo", REPO, "--endpoint", hub.url)
     assert done.exit_code == 2
     said = " ".join(done.output.split())
     assert f"chat_template.jinja would publish the local path '{machine['home']}'" in said
