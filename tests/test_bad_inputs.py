@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from helpers import invoke, run_cli
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
+# A credential in the environment of every case: its value must never reach the output of any of them.
+SECRET_ENV = {"SOVTUNE_CASES_API_KEY": "sk-cases-not-a-real-key-0123456789"}
 
 
 def params() -> list[Any]:
@@ -27,18 +31,50 @@ def params() -> list[Any]:
 
 @pytest.fixture(scope="module")
 def model_env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The tiny model, and a copy of it whose tokenizer has no chat template."""
+    """The tiny model, a copy of it whose tokenizer has no chat template, and damaged copies (TINY_MODEL_<DAMAGE>)."""
     no_template = tmp_path_factory.mktemp("no-template") / "model"
     shutil.copytree(tiny_model_dir, no_template)
     (no_template / "chat_template.jinja").unlink()
-    return {"TINY_MODEL": str(tiny_model_dir), "TINY_MODEL_NO_TEMPLATE": str(no_template)}
+    damaged = {}
+    for damage, (name, content) in damaged_model_files(tiny_model_dir).items():
+        folder = tmp_path_factory.mktemp(damage.lower()) / "model"
+        shutil.copytree(tiny_model_dir, folder)
+        (folder / name).write_bytes(content)
+        damaged[f"TINY_MODEL_{damage}"] = str(folder)
+    return {"TINY_MODEL": str(tiny_model_dir), "TINY_MODEL_NO_TEMPLATE": str(no_template), **damaged, **SECRET_ENV}
+
+
+def damaged_model_files(model: Path) -> dict[str, tuple[str, bytes]]:
+    """One damaged file each: the safetensors corruptions that crashed the loaders, and configs that crashed or hung
+    transformers (a list, nesting past the recursion limit, a million layers)."""
+    weights = (model / "model.safetensors").read_bytes()
+    length = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + length])
+    first = next(name for name in header if name != "__metadata__")
+    header[first]["data_offsets"][1] = 10**12
+    moved = json.dumps(header).encode()
+    config = json.loads((model / "config.json").read_text())
+    return {
+        "HEADER_2_60": ("model.safetensors", (2**60).to_bytes(8, "little") + weights[8:]),
+        "TRUNCATED": ("model.safetensors", weights[: len(weights) // 2]),
+        "HEADER_NOT_JSON": (
+            "model.safetensors",
+            (16).to_bytes(8, "little") + b"not a JSON head!" + weights[8 + length :],
+        ),
+        "OFFSETS_PAST_END": ("model.safetensors", len(moved).to_bytes(8, "little") + moved + weights[8 + length :]),
+        "CONFIG_LIST": ("config.json", b"[1, 2]"),
+        "CONFIG_NESTED_DEEP": ("config.json", b"[" * 20000 + b"]" * 20000),
+        "CONFIG_MILLION_LAYERS": ("config.json", json.dumps({**config, "num_hidden_layers": 10**6}).encode()),
+        "CONFIG_FIELD_A_LIST": ("config.json", json.dumps({**config, "hidden_act": ["silu"]}).encode()),
+        "TOKENIZER_NESTED_DEEP": ("tokenizer.json", b"[" * 20000 + b"]" * 20000),
+    }
 
 
 @pytest.fixture
 def workspace(tmp_path: Path, model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the corpus under an empty working directory (where runs/ would go)."""
     work = tmp_path / "work"
-    shutil.copytree(CORPUS, work / "corpus")
+    shutil.copytree(CORPUS, work / "corpus", symlinks=True)  # the symbolic-link cases stay links
     monkeypatch.chdir(work)
     for name, value in model_env.items():
         monkeypatch.setenv(name, value)
@@ -91,6 +127,7 @@ def test_bad_input_gets_one_clear_line(case: dict[str, Any], workspace: Path) ->
     for text in case["where"] + case["fix"]:
         assert text in message, (text, message)
     assert snapshot(workspace) == before, "a failed command wrote or changed files"
+    assert not any(secret in result.output for secret in SECRET_ENV.values()), "a secret reached the output"
 
 
 @pytest.mark.parametrize("case_id", ["malformed_yaml", "malformed_jsonl"])

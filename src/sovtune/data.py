@@ -7,19 +7,22 @@ Knows nothing about models; it needs only a tokenizer. Local files are parsed he
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import csv
 import functools
 import hashlib
-import io
 import json
 import os
 import random
 import re
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
-from sovtune.config import DataSection, DataSource, looks_like_local_path
+from sovtune.config import DEFAULT_MAX_ROW_BYTES, DataSection, DataSource, looks_like_local_path
 from sovtune.core.hashing import file_entry, tree_entries
 from sovtune.errors import DataError
 from sovtune.scan import ScanReport, scan_rows
@@ -29,6 +32,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 ROLES = {"system", "user", "assistant", "tool"}
 # ShareGPT-style rows are common in the wild; map them to role/content on the way in.
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+READ_CHUNK = 1 << 20  # how much of an over-long line is read at a time while skipping it
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Example:
     # Tokenised as one text (chat: what an inference server gets for the rendered conversation), else segment by
     # segment (prompt_completion: the completion as generation produces it after the prompt; docs/evaluation.md).
     joined: bool = False
+    empty_target: bool = False  # every answer is empty: only the turn terminator or EOS would be learned
 
     @property
     def text(self) -> str:
@@ -83,6 +88,7 @@ class SplitStats:
     supervised_tokens: int = 0
     total_tokens: int = 0
     eos_supervised: int = 0
+    empty_targets: int = 0  # kept examples whose every answer is empty
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -99,6 +105,7 @@ class SplitStats:
             "supervised_tokens": self.supervised_tokens,
             "total_tokens": self.total_tokens,
             "eos_supervised_fraction": self.eos_supervised / len(lengths) if lengths else 0.0,
+            "empty_targets": self.empty_targets,
         }
 
 
@@ -127,36 +134,110 @@ def resolve(path: str, base_dir: Path) -> Path:
     return expanded if expanded.is_absolute() else Path(base_dir) / expanded
 
 
-def read_rows(source: DataSource, data_format: str, base_dir: Path) -> list[Row]:
-    """Rows of one source: local file(s) with line numbers, or a hub dataset through `datasets`."""
+def read_rows(
+    source: DataSource, data_format: str, base_dir: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+) -> list[Row]:
+    """Rows of one source: local file(s) with line numbers, or a hub dataset through `datasets`.
+
+    A row longer than `max_row_bytes` (data.max_row_bytes) is a malformed row; JSONL and CSV are read line by line,
+    so such a row is never held in memory whole.
+    """
     path = resolve(source.path, base_dir)
-    if path.exists():
+    if os.path.exists(path):
         files = _local_files(path)
-        return [row for file in files for row in _read_file(file, data_format)]
+        return [row for file in files for row in _read_file(file, data_format, max_row_bytes)]
     if looks_like_local_path(source.path):
         raise DataError(f"{source.path}: data file not found (looked at {path}); check data.train / data.eval paths")
-    return _read_hub(source)
+    return _read_hub(source, max_row_bytes)
 
 
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
+    if not path.is_dir():  # a pipe or a device would be read forever
+        raise DataError(f"{path}: not a file or folder (a pipe or a device); point data.train at the data")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
     if not files:
         raise DataError(f"{path}: folder has no {', '.join(LOCAL_SUFFIXES)} files; point data.train at the data")
     return files
 
 
-def _read_file(path: Path, data_format: str) -> Iterable[Row]:
+def _read_file(path: Path, data_format: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterable[Row]:
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix == ".txt":
         if data_format != "text":
             raise DataError(f"{path}: plain-text files need data.format: text (found {data_format!r})")
-        return _read_txt(path)
+        return _read_txt(path, max_row_bytes)
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
-    return readers[suffix](path)
+    try:
+        return list(readers[suffix](path, max_row_bytes))
+    except OSError as exc:  # unreadable (permissions), or it went away while read
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror or exc}); check its permissions") from None
+
+
+def _too_long(limit: int, size: int | None = None) -> str:
+    """The error of a row above the limit (`size` None: read past without counting)."""
+    return (
+        f"row {f'of {size:,} bytes ' if size is not None else ''}longer than data.max_row_bytes={limit:,}; "
+        "split it, or raise data.max_row_bytes if it is meant to be one row"
+    )
+
+
+def _bounded_lines(handle: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """The lines of a binary file (without the newline), each at most `limit` bytes; a longer line is read past in
+    chunks and stands as None, so memory never holds more than `limit` bytes of it."""
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        if line.endswith(b"\n"):
+            yield line[:-1]
+        elif len(line) <= limit:
+            yield line  # the last line, without a newline
+        else:
+            while line and not line.endswith(b"\n"):
+                line = handle.readline(READ_CHUNK)
+            yield None
+
+
+def _json_problem(exc: ValueError | RecursionError, column: bool = True) -> str:
+    """Why json.loads failed, in a row's or a file's error line."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON ({exc.msg} at column {exc.colno})" if column else f"invalid JSON ({exc.msg})"
+    if isinstance(exc, RecursionError):
+        return "invalid JSON: nested too deeply (more levels than Python's recursion limit)"
+    return f"invalid JSON: {str(exc).split(';')[0][:120]}"  # e.g. an integer of more than 4,300 digits
+
+
+def _read_jsonl(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
+    # Split on b"\n" only: str.splitlines() also splits on U+2028, U+0085, ... which JSON strings may hold raw.
+    # Decoding line by line makes bad bytes one malformed row (skippable), not a failed file.
+    with open(path, "rb") as handle:
+        for number, line_bytes in enumerate(_bounded_lines(handle, max_row_bytes), start=1):
+            origin = f"{path}:{number}"
+            if line_bytes is None:
+                yield Row({"__error__": _too_long(max_row_bytes)}, origin)
+                continue
+            if number == 1:
+                line_bytes = line_bytes.removeprefix(b"\xef\xbb\xbf")
+            try:
+                line = line_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                error = f"not valid UTF-8 (byte {exc.start} of the line); re-encode the file as UTF-8"
+                yield Row({"__error__": error}, origin)
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                yield Row({"__error__": _json_problem(exc)}, origin)
+                continue
+            if not isinstance(value, dict):
+                value = {"__error__": f"expected a JSON object per line, found {type(value).__name__}"}
+            yield Row(value, origin)
 
 
 def _read_text(path: Path) -> str:
@@ -170,36 +251,15 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _read_jsonl(path: Path) -> Iterable[Row]:
-    rows = []
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    # Split on b"\n" only: str.splitlines() also splits on U+2028, U+0085, ... which JSON strings may hold raw.
-    # Decoding line by line makes bad bytes one malformed row (skippable), not a failed file.
-    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            error = f"not valid UTF-8 (byte {exc.start} of the line); re-encode the file as UTF-8"
-            rows.append(Row({"__error__": error}, f"{path}:{number}"))
-            continue
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rows.append(Row({"__error__": f"invalid JSON ({exc.msg} at column {exc.colno})"}, f"{path}:{number}"))
-            continue
-        if not isinstance(value, dict):
-            value = {"__error__": f"expected a JSON object per line, found {type(value).__name__}"}
-        rows.append(Row(value, f"{path}:{number}"))
-    return rows
-
-
-def _read_json(path: Path) -> Iterable[Row]:
+def _read_json(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
+    """A JSON list of rows (or an object holding one), parsed whole: large data belongs in JSONL, read by line."""
     try:
         value = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); fix the file or convert it to JSONL") from None
+    except (ValueError, RecursionError) as exc:
+        line = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise DataError(
+            f"{path}{line}: {_json_problem(exc, column=False)}; fix the file or convert it to JSONL"
+        ) from None
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -207,47 +267,139 @@ def _read_json(path: Path) -> Iterable[Row]:
         value = lists[0]
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a list of rows, found {type(value).__name__}")
-    return [
-        Row(item if isinstance(item, dict) else {"__error__": "row is not an object"}, f"{path}#{i}")
-        for i, item in enumerate(value)
-    ]
+    for index, item in enumerate(value):
+        yield _sized_row(
+            item if isinstance(item, dict) else {"__error__": "row is not an object"}, f"{path}#{index}", max_row_bytes
+        )
 
 
-def _read_csv(path: Path) -> Iterable[Row]:
-    # newline="" hands the csv module the raw line ends, so quoted fields keep their newlines.
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    rows = []
-    start = 2  # the header is line 1
-    for item in reader:
-        values = dict(item)
-        # DictReader files surplus fields under the key None and fills absent ones with None.
-        surplus = values.pop(None, None) or []
-        absent = sum(value is None for value in values.values())
-        if surplus or absent:
-            found = len(values) - absent + len(surplus)
-            error = f"row has {found} fields but the header has {len(values)}; quote fields that contain commas"
-            values = {"__error__": error}
-        rows.append(Row(values, f"{path}:{start}"))
-        start = reader.line_num + 1
-    return rows
+def _sized_row(values: dict[str, Any], origin: str, max_row_bytes: int) -> Row:
+    """A row read whole (JSON, parquet, hub): above the byte limit it is a malformed row before anything renders it."""
+    size = _value_bytes(values, max_row_bytes)
+    return Row(values if size <= max_row_bytes else {"__error__": _too_long(max_row_bytes)}, origin)
 
 
-def _read_parquet(path: Path) -> Iterable[Row]:
+def _value_bytes(value: Any, limit: int) -> int:
+    """About how many bytes `value` holds as text (its strings, plus 8 per other leaf); counting stops above `limit`."""
+    total, pending = 0, [value]
+    while pending and total <= limit:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, (str, bytes)):
+            total += len(item)
+        else:
+            total += 8
+    return total
+
+
+class _RecordTooLong(Exception):
+    """A CSV record passed data.max_row_bytes while the csv module was reading it (internal)."""
+
+
+class _CsvLines:
+    """Decoded lines for `csv.reader`, at most `limit` bytes per record: the lines of a longer record are not held,
+    `_RecordTooLong` stands for them. An iterator class (not a generator): it goes on after raising."""
+
+    def __init__(self, path: Path, handle: BinaryIO, limit: int) -> None:
+        self.path, self.limit, self.handle = path, limit, handle
+        self.lines = _bounded_lines(handle, limit)
+        self.number = 0  # physical lines read so far
+        self.record_bytes = 0
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        offset = self.handle.tell()
+        line = next(self.lines)
+        self.number += 1
+        if self.number == 1 and line is not None:
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        if line is None or self.record_bytes + len(line) > self.limit:
+            self.record_bytes = 0
+            raise _RecordTooLong()
+        self.record_bytes += len(line) + 1
+        try:
+            return line.decode("utf-8") + "\n"
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{self.path}:{self.number}: not valid UTF-8 (byte offset {offset + exc.start}); "
+                "re-encode the file as UTF-8"
+            ) from None
+
+
+def _read_csv(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
+    # A field may be as long as a row may be (the csv module's own limit is 128 KiB, process-wide).
+    csv.field_size_limit(max(csv.field_size_limit(), max_row_bytes))
+    with open(path, "rb") as handle:
+        lines = _CsvLines(path, handle, max_row_bytes)
+        reader = csv.reader(lines)
+        try:
+            header = next(reader, None)
+        except (_RecordTooLong, csv.Error) as exc:
+            reason = "longer than data.max_row_bytes" if isinstance(exc, _RecordTooLong) else str(exc)
+            raise DataError(f"{path}:1: cannot read the CSV header ({reason}); fix the first line") from None
+        if header is None:
+            return
+        start = lines.number + 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except _RecordTooLong:
+                fields = None
+                error = _too_long(max_row_bytes)
+            except csv.Error as exc:
+                fields, error = None, f"not a CSV record ({exc}); quote fields that contain commas or quotes"
+            lines.record_bytes = 0
+            if fields is None:
+                yield Row({"__error__": error}, f"{path}:{start}")
+            elif fields:  # a blank line is no row
+                values: dict[str, Any] = dict(zip(header, fields))
+                if len(fields) != len(header):
+                    error = (
+                        f"row has {len(fields)} fields but the header has {len(header)}; "
+                        "quote fields that contain commas"
+                    )
+                    values = {"__error__": error}
+                yield Row(values, f"{path}:{start}")
+            start = lines.number + 1
+
+
+def _read_parquet(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
+    index = 0
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for item in batch.to_pylist():
+                yield _sized_row(item, f"{path}#{index}", max_row_bytes)
+                index += 1
+    except OSError:
+        raise
     except Exception as exc:  # pyarrow raises many types for a corrupt file
-        raise DataError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})") from None
-    return [Row(item, f"{path}#{i}") for i, item in enumerate(table.to_pylist())]
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DataError(f"{path}: cannot read parquet ({type(exc).__name__}: {first})") from None
 
 
-def _read_txt(path: Path) -> Iterable[Row]:
-    text = _read_text(path)
+def _read_txt(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterable[Row]:
+    """A plain-text file is one document (one row), so its size is the row's."""
+    try:
+        size = path.stat().st_size
+        if size > max_row_bytes:
+            return [Row({"__error__": _too_long(max_row_bytes, size)}, f"{path}:1")]
+        text = _read_text(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror or exc}); check its permissions") from None
     return [Row({"text": text}, f"{path}:1")] if text.strip() else []
 
 
-def _read_hub(source: DataSource) -> list[Row]:
+def _read_hub(source: DataSource, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[Row]:
     import datasets
 
     try:
@@ -257,7 +409,9 @@ def _read_hub(source: DataSource) -> list[Row]:
             f"{source.path}: cannot load hub dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "check the id, split and revision, or use a local file when offline"
         ) from None
-    return [Row(dict(item), f"{source.path}[{source.split}]#{i}") for i, item in enumerate(dataset)]
+    return [
+        _sized_row(dict(item), f"{source.path}[{source.split}]#{i}", max_row_bytes) for i, item in enumerate(dataset)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,6 +551,13 @@ def render_chat(
     if messages[0]["role"] == "assistant":
         raise RowError("conversation starts with an assistant message; it needs a user (or system) turn first")
     messages = place_system_text(messages, tokenizer, system_message)
+    with _within_budget():  # the template renders the conversation twice: the whole row shares one budget
+        example = _render_turns(messages, tokenizer, train_on_inputs)
+    example.empty_target = all(not m["content"].strip() for m in messages if m["role"] == "assistant")
+    return example
+
+
+def _render_turns(messages: list[dict[str, str]], tokenizer: Any, train_on_inputs: bool) -> Example:
     full = _apply_template(tokenizer, messages, add_generation_prompt=False)
     spans = _assistant_spans(messages, tokenizer, full)
     terminator = _terminator_text(tokenizer, tokenizer.chat_template)
@@ -526,9 +687,109 @@ def _terminator_text(tokenizer: Any, chat_template: str) -> str | None:
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render_template(tokenizer, messages, add_generation_prompt)
+    except TemplateError:
+        raise
     except Exception as exc:  # jinja2 raises TemplateError/UndefinedError/raise_exception from templates
         raise RowError(f"chat template failed: {str(exc).splitlines()[0][:200]}") from None
+
+
+# The time one render of a conversation may take (data.chat_template_timeout_s) and the template's name for the
+# error line; `template_budget` sets both for a recipe's data, the schema's default holds elsewhere.
+_RENDER_BUDGET: contextvars.ContextVar[tuple[float, str]] = contextvars.ContextVar(
+    "render_budget", default=(DataSection.model_fields["chat_template_timeout_s"].default, "the chat template")
+)
+
+
+@contextlib.contextmanager
+def template_budget(data: DataSection) -> Iterator[None]:
+    """Renders inside the block stop after data.chat_template_timeout_s seconds each."""
+    token = _RENDER_BUDGET.set((data.chat_template_timeout_s, _template_name(data)))
+    try:
+        yield
+    finally:
+        _RENDER_BUDGET.reset(token)
+
+
+def _template_name(data: DataSection) -> str:
+    template = data.chat_template
+    if not template:
+        return "the tokenizer's chat template"
+    return "data.chat_template (inline)" if "{" in template else f"data.chat_template {template}"
+
+
+def check_template(tokenizer: Any, data: DataSection) -> None:
+    """Render a probe conversation once: a template that does not compile, or does not finish, is one line naming
+    it before any row is rendered (not one malformed row per row)."""
+    import jinja2
+
+    if data.format not in ("messages", "instruction") or not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    try:
+        with template_budget(data):
+            render_template(tokenizer, probe, add_generation_prompt=False)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(
+            f"{_template_name(data)}: not a valid Jinja template (line {exc.lineno}: {exc.message}); fix its syntax"
+        ) from None
+    except TemplateError:
+        raise
+    except Exception:  # a template may refuse this probe (raise_exception); the rows themselves will say
+        return
+
+
+class _RenderTimeout(BaseException):
+    """Raised by the alarm inside a template render (a BaseException: no `except Exception` on the way swallows it)."""
+
+
+def render_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The conversation rendered as text by the tokenizer's chat template, within the time budget: a template is
+    code from the model or the recipe, and a runaway loop in it must stop with one line, not hang the command."""
+    with _within_budget():
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+
+
+@contextlib.contextmanager
+def _within_budget() -> Iterator[None]:
+    """The block (rendering one conversation) stops with one line after the budget; nested blocks share the outer
+    one's clock."""
+    seconds, name = _RENDER_BUDGET.get()
+    try:
+        with _alarm(seconds):
+            yield
+    except _RenderTimeout:
+        raise TemplateError(
+            f"{name}: rendering one conversation took longer than data.chat_template_timeout_s={seconds:g} s "
+            "(a loop in the template that does not end, or a conversation of very many turns?); fix the template "
+            "or the row, or raise data.chat_template_timeout_s"
+        ) from None
+
+
+_alarm_set = False  # an outer block's timer runs (only the main thread gets here)
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise _RenderTimeout in this thread after `seconds` (a real-time timer; only the main thread gets signals, so
+    elsewhere the block runs unbounded)."""
+    global _alarm_set
+    if _alarm_set or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise _RenderTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    _alarm_set = True
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _alarm_set = False
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -706,9 +967,10 @@ def load_examples(
     origins: set[str] | None = None,
 ) -> list[Example]:
     """Rows of `sources` rendered to examples (only the rows whose origin is in `origins`, when given)."""
+    check_template(tokenizer, data)
     examples, bad = [], []
     for source in sources:
-        rows = read_rows(source, data.format, base_dir)
+        rows = read_rows(source, data.format, base_dir, data.max_row_bytes)
         if origins is not None:
             rows = [row for row in rows if row.origin in origins]
         if scanned is not None:
@@ -717,7 +979,8 @@ def load_examples(
         for row in rows:
             stats.rows += 1
             try:
-                examples.append(to_example(row, data, tokenizer))
+                with template_budget(data):
+                    examples.append(to_example(row, data, tokenizer))
             except TemplateError as exc:  # the template, not the row, is at fault: stop at the first row it meets
                 raise TemplateError(f"{row.origin}: {exc}") from None
             except RowError as exc:
@@ -738,16 +1001,19 @@ def tokenize_split(examples: list[Example], data: DataSection, tokenizer: Any, s
             pieces = split_text_example(example, tokenizer, max_length)
         else:
             pieces = [tokenize(example, tokenizer, max_length)]
+        kept = 0
         for piece in pieces:
             if piece.supervised_tokens == 0:
                 stats.drop("no supervised tokens left after truncation to max_length")
                 continue
+            kept += 1
             stats.token_lengths.append(len(piece.input_ids))
             stats.truncated += piece.truncated
             stats.supervised_tokens += piece.supervised_tokens
             stats.total_tokens += len(piece.input_ids)
             stats.eos_supervised += any(label in stop_ids for label in piece.labels)
             out.append(piece)
+        stats.empty_targets += example.empty_target and kept > 0
     return out
 
 
@@ -767,7 +1033,9 @@ def chat_turn_terminator(tokenizer: Any) -> int | None:
     probe = "sovtune-probe"
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        text = render_template(tokenizer, messages, add_generation_prompt=False)
+    except TemplateError:
+        raise
     except Exception:
         return None
     tail = text[text.rfind(probe) + len(probe) :]
@@ -861,6 +1129,12 @@ def _refuse_ruinous(train: list[Tokenized], stats: SplitStats, data: DataSection
         raise DataError(
             f"{sources}: every row is longer than data.max_length={data.max_length} and was truncated; "
             "raise data.max_length"
+        )
+    if stats.empty_targets == len(train):
+        answer = {"messages": "assistant message", "instruction": "output"}.get(data.format, "answer")
+        raise DataError(
+            f"{sources}: every {answer} is empty, so only the end-of-turn token would be trained; fill in the "
+            f"answers, or map the column that holds them with data.columns"
         )
 
 

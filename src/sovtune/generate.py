@@ -10,7 +10,7 @@ from typing import Any
 from sovtune import model as models
 from sovtune.config import Recipe, RunOptIns, load_run_recipe
 from sovtune.core.rundir import RunDir
-from sovtune.data import adds_bos, generation_prompt
+from sovtune.data import adds_bos, generation_prompt, template_budget
 from sovtune.errors import SovtuneError
 from sovtune.run.verify import verify_before_loading
 
@@ -55,9 +55,10 @@ def render_prompt(run: LoadedRun, messages: list[dict[str, str]]) -> str:
     """The text generation starts from, as in training: chat template for chat formats, raw text otherwise."""
     if run.recipe.data.format in ("messages", "instruction"):
         try:
-            return generation_prompt(messages, run.tokenizer, run.recipe.data.system_message)
+            with template_budget(run.recipe.data):
+                return generation_prompt(messages, run.tokenizer, run.recipe.data.system_message)
         except SovtuneError:
-            raise
+            raise  # the time budget's one line, a row the template refuses
         except Exception as exc:  # a template may raise anything; jinja2's sandbox raises SecurityError
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise RunNotFound(

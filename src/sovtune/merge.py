@@ -14,9 +14,18 @@ from typing import Any
 
 from sovtune import model as models
 from sovtune.config import RunOptIns, load_run_recipe
-from sovtune.core.files import atomic_write_json, fsync_tree, replace_dir, temporary_sibling
+from sovtune.core.files import (
+    atomic_write_json,
+    check_output_place,
+    deletion_hazard,
+    fsync_tree,
+    make_output_dir,
+    replace_dir,
+    temporary_sibling,
+)
 from sovtune.core.hashing import now, sha256_file, tree_entries
 from sovtune.core.rundir import RunDir
+from sovtune.data import render_template
 from sovtune.errors import DataError, SovtuneError
 from sovtune.inputs import prepare_recipe_data
 from sovtune.run.verify import verify_before_loading
@@ -104,6 +113,7 @@ def merge(
     if verify:
         verify_before_loading(run_dir)
     recipe = load_run_recipe(run_dir, opt_ins=opt_ins)
+    _check_replaceable(out_dir, overwrite, [*recipe.local_inputs(), ("the run directory", run_dir)])
     models.check_adapter_files(adapter_dir, opt_ins.allow_pickle_weights)
     chosen = merge_dtype(dtype)
     if chosen == "float16" and not torch.cuda.is_available():
@@ -146,10 +156,27 @@ def _check_paths(run_dir: Path, adapter_dir: Path, out_dir: Path, overwrite: boo
         raise MergeError(f"{run_dir}: no recipe.yaml; give a run directory written by `sovtune train`")
     if not (adapter_dir / RunDir.ADAPTER_CONFIG).is_file():
         raise MergeError(f"{run_dir}: no trained adapter in {adapter_dir}; run `sovtune train` first")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeError(f"{out_dir}: OUT is a file; give a folder for the merged model")
+    check_output_place(out_dir, "the merged model")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise MergeError(f"{out_dir}: already exists and is not empty; choose another OUT or pass --overwrite")
     if out_dir.resolve() == run_dir.resolve() or run_dir.resolve().is_relative_to(out_dir.resolve()):
         raise MergeError(f"{out_dir}: OUT must not be the run directory or contain it; choose a new folder")
+
+
+def _check_replaceable(out_dir: Path, overwrite: bool, inputs: list[tuple[str, Path]]) -> None:
+    """OUT is written by swapping a new folder in: an existing OUT is replaced only when it is a model an earlier
+    `sovtune merge` wrote (its merge report is there), and never when it is a link or holds what the merge reads."""
+    if out_dir.is_symlink():
+        raise MergeError(f"{out_dir}: OUT is a symbolic link; sovtune never replaces through one; give a real folder")
+    if not out_dir.is_dir():
+        return
+    hazard = deletion_hazard(out_dir, inputs)  # an empty OUT is swapped out too
+    if hazard is None and any(out_dir.iterdir()) and not (out_dir / MERGE_REPORT).is_file():
+        hazard = f"it is not a model written by sovtune merge (no {MERGE_REPORT})"
+    if hazard is not None:
+        raise MergeError(f"{out_dir}: OUT refused, nothing was deleted: {hazard}; choose a new folder")
 
 
 def held_out_batch(recipe: Any, tokenizer: Any, examples: int) -> tuple[dict[str, Any], str]:
@@ -180,8 +207,7 @@ def _probe_texts(tokenizer: Any) -> list[str]:
     questions = ["What does this model do?", "Summarise the last report.", "List three facts.", "Explain the result."]
     if getattr(tokenizer, "chat_template", None):
         return [
-            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in questions
+            render_template(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True) for q in questions
         ]
     return questions
 
@@ -216,7 +242,7 @@ def compare(reference: Any, merged: Any, base: Any, mask: Any, dtype: str, sourc
 
 def _write(merged: Any, tokenizer: Any, out_dir: Path, report: dict[str, Any]) -> None:
     """Into a hidden sibling folder first, then swapped in: OUT holds a complete model or nothing."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir.parent, "the merged model")
     staged = temporary_sibling(out_dir)
     shutil.rmtree(staged, ignore_errors=True)
     try:

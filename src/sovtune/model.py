@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sovtune.config import Recipe
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import device, local_rank, sharded_training
+from sovtune.core.tensorfiles import check_safetensors_in
 from sovtune.data import stop_token_ids  # also re-exported: generation stops there
 from sovtune.errors import SovtuneError
 
@@ -20,12 +22,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_TEMPLATE_BYTES = 1 << 20  # chat templates are a few KB; the largest published ones are under 100 KB
 # Names tried, in order, for a pad token distinct from EOS before adding a new one (which means resizing).
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<unk>")
 
 
 class ModelError(SovtuneError):
     """The base model, tokenizer or adapter cannot be loaded or does not fit the recipe."""
+
+
+def loading_errors() -> tuple[type[Exception], ...]:
+    """What transformers, tokenizers and peft raise for a model, tokenizer or adapter folder whose files they cannot
+    read: besides OSError/ValueError, a config value of the wrong type (a list where a name belongs) surfaces as a
+    strict-dataclass validation error, TypeError, AttributeError, KeyError or IndexError deep inside them. Caught only
+    around their loading calls, where the folder is the input."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, StrictDataclassError)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -101,21 +114,78 @@ def context_length(recipe: Recipe) -> int | None:
     """The base model's context (max_position_embeddings) from its config alone; None when the config does not say."""
     from transformers import AutoConfig
 
+    check_model_files(recipe.model_location)
     try:
         config = AutoConfig.from_pretrained(recipe.model_location, **_hub_kwargs(recipe))
-    except (OSError, ValueError, KeyError) as exc:
+    except loading_errors() as exc:
         raise _loading_error("config", recipe, exc) from None
     value = getattr(config.get_text_config(), "max_position_embeddings", None)
     return value if isinstance(value, int) else None
+
+
+# The JSON files of a model or adapter folder that transformers, peft and tokenizers read: each must be a JSON object
+# (a list, a 5,000-digit number or nesting past the recursion limit crashes them inside).
+MODEL_JSON_FILES = (
+    "config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.json", "model.safetensors.index.json", "adapter_config.json", "preprocessor_config.json",
+    "tokenizer.json",
+)  # fmt: skip
+# Architecture sizes beyond any causal LM (the largest have ~130 layers, hidden 25,600, vocabularies of ~260k): a
+# config past them is damaged or hostile, and would make `check` build millions of modules or training allocate
+# petabytes.
+CONFIG_SIZE_LIMITS = {
+    "num_hidden_layers": 1024, "n_layer": 1024, "num_layers": 1024, "hidden_size": 131_072, "n_embd": 131_072,
+    "d_model": 131_072, "intermediate_size": 1_048_576, "n_inner": 1_048_576, "vocab_size": 4_194_304,
+    "num_attention_heads": 4096, "n_head": 4096, "num_key_value_heads": 4096, "head_dim": 65_536,
+    "num_local_experts": 4096, "num_experts": 4096, "moe_intermediate_size": 1_048_576,
+}  # fmt: skip
+
+
+def check_model_files(folder: str | Path) -> None:
+    """The JSON files of a local model or adapter folder are objects, and the config's sizes are plausible; checked
+    before transformers reads them, so a damaged folder is one line naming the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for name in MODEL_JSON_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON, 4,300+ digits
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0][:160]
+            raise ModelError(
+                f"{path}: not a readable JSON file ({reason}); the folder is damaged, replace it"
+            ) from None
+        if not isinstance(value, dict):
+            raise ModelError(f"{path}: a JSON {type(value).__name__}, not an object; the folder is damaged, replace it")
+        if name == "config.json":
+            _check_config_sizes(value, path)
+
+
+def _check_config_sizes(config: dict[str, Any], path: Path) -> None:
+    for section in [config, *(v for v in config.values() if isinstance(v, dict))]:  # text_config, ...
+        for key, limit in CONFIG_SIZE_LIMITS.items():
+            value = section.get(key)
+            if isinstance(value, bool) or value is None:
+                continue
+            if not isinstance(value, int) or not 0 <= value <= limit:
+                raise ModelError(
+                    f"{path}: {key} = {str(value)[:40]} is not a plausible size (0 to {limit:,}); the config is "
+                    "damaged or not a language model's, replace it"
+                )
 
 
 def load_tokenizer(recipe: Recipe) -> Any:
     """The tokenizer with the recipe's chat template and a pad token that is not EOS."""
     from transformers import AutoTokenizer
 
+    if recipe.model_is_local:
+        check_model_files(recipe.model_location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(recipe.model_location, **_hub_kwargs(recipe))
-    except (OSError, ValueError, KeyError) as exc:
+    except loading_errors() as exc:
         raise _loading_error("tokenizer", recipe, exc) from None
     if recipe.data.chat_template:
         tokenizer.chat_template = read_chat_template(recipe)
@@ -138,12 +208,24 @@ def read_chat_template(recipe: Recipe) -> str:
     if value in builtin_templates():
         return resources.files("sovtune").joinpath("templates", f"{value}.jinja").read_text(encoding="utf-8")
     path = recipe.resolve(value)
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise ModelError(
             f"data.chat_template: {value!r} is neither a built-in template ({', '.join(builtin_templates())}), "
             f"a Jinja template nor an existing file ({path})"
         )
-    return path.read_text(encoding="utf-8")
+    try:
+        if path.stat().st_size > MAX_TEMPLATE_BYTES:
+            raise ModelError(
+                f"data.chat_template: {path} is {path.stat().st_size:,} bytes, not a chat template (a few KB); "
+                "point data.chat_template at the template file"
+            )
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(
+            f"data.chat_template: {path} is not UTF-8 text (byte {exc.start}); save the template as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ModelError(f"data.chat_template: cannot read {path} ({exc.strerror or exc}); check the path") from None
 
 
 def ensure_pad_token(tokenizer: Any) -> bool:
@@ -301,12 +383,19 @@ def _model_json(recipe: Recipe, name: str) -> dict[str, Any]:
     return value
 
 
+def check_local_weights(recipe: Recipe) -> None:
+    """The safetensors headers of a local base model, checked before anything loads the weights."""
+    if recipe.model_is_local:
+        check_safetensors_in(recipe.model_location)
+
+
 def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool = True) -> Any:
     """The base causal LM: pinned revision, safetensors only unless allowed, the recipe's dtype and kernel."""
     import torch
     from transformers import AutoModelForCausalLM
 
     check_weight_files(recipe)  # train, eval, merge and chat all refuse pickle-only weights
+    check_local_weights(recipe)  # a damaged safetensors file is one line, not a crash inside the loader
 
     dtype = resolve_dtype(recipe.model.dtype)
     kwargs: dict[str, Any] = {
@@ -319,9 +408,11 @@ def load_base_model(recipe: Recipe, tokenizer: Any | None = None, quantize: bool
         kwargs["quantization_config"] = quantization_config(recipe, compute_dtype(recipe))
         if torch.cuda.is_available() and not sharded_training():  # FSDP places (and shards) the weights itself
             kwargs["device_map"] = {"": local_rank()}
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.model_location, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (*loading_errors(), SafetensorError) as exc:  # SafetensorError: a damaged file in the hub cache
         raise _loading_error("weights", recipe, exc) from None
     if tokenizer is not None:
         match_tokenizer(model, tokenizer)
@@ -478,6 +569,8 @@ def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = False, a
 
     adapter_dir = Path(adapter_dir)
     check_adapter_files(adapter_dir, allow_pickle)
+    check_model_files(adapter_dir)
+    check_safetensors_in(adapter_dir)
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         log.warning("loading the pickle weights %s (--allow-pickle-weights)", adapter_dir / ADAPTER_PICKLE)
     try:
@@ -509,6 +602,7 @@ def load_adapter_tokenizer(recipe: Recipe, adapter_dir: Path) -> Any:
     `auto_map` code, and a piped "y" (sovtune chat reads stdin) would answer it.
     """
     adapter_dir = Path(adapter_dir)
+    check_model_files(adapter_dir)
     if not (adapter_dir / "tokenizer_config.json").is_file():
         return load_tokenizer(recipe)
     from transformers import AutoTokenizer

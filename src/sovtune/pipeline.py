@@ -61,6 +61,7 @@ def run(
     recipe: Recipe, resume: bool = False, overwrite: bool = False, force: bool = False, overrides: Sequence[str] = ()
 ) -> RunResult:
     """The whole job for one recipe: check, train, evaluate against the base, publish when the recipe says so."""
+    training.check_run_dir(recipe, resume, overwrite)  # refused before the lock file is made
     # One writer for the whole job (train's own lock nests inside): a second run cannot slip in before eval.
     with RunLock(recipe.run_dir, enabled=is_main_process()):
         return _run(recipe, resume, overwrite, force, resume_command(recipe, "run", overrides))

@@ -17,6 +17,7 @@ from sovtune.publish.hub import check_push_settings
 from sovtune.scan import describe
 
 ROUND_TRIP_SAMPLE = 200
+EMPTY_ANSWERS_WARN = 0.05  # above this share of training rows with empty answers, `check` warns
 
 
 class PreflightFailed(SovtuneError):
@@ -67,6 +68,7 @@ def before_training(recipe: Recipe, tokenizer: Any, data: PreparedData) -> list[
 def check(recipe: Recipe) -> PreflightReport:
     """Every check that needs no weights: tokenizer, data, masks, template, target modules, parameter count."""
     models.check_device_support(recipe)
+    models.check_local_weights(recipe)  # headers only: a damaged weight file is found before a training run
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_recipe_data(recipe, tokenizer)
     eval_warnings = before_training(recipe, tokenizer, data)
@@ -97,6 +99,7 @@ def check(recipe: Recipe) -> PreflightReport:
             fatal=False,
         )
     )
+    add(empty_answers_finding(train))
     add(
         Finding(
             "pad != eos",
@@ -130,6 +133,16 @@ def check(recipe: Recipe) -> PreflightReport:
     add(data_scan_finding(data.stats["data_scan"]))
     add(licence_finding(recipe))
     return report
+
+
+def empty_answers_finding(train: dict[str, Any]) -> Finding:
+    """Rows whose every answer is empty teach only where to stop (prepare_data refuses when all are)."""
+    empty, kept = train.get("empty_targets", 0), train["kept"]
+    share = empty / kept if kept else 0.0
+    detail = f"{empty} of {kept} training rows ({share:.1%}) have an empty answer"
+    if share > EMPTY_ANSWERS_WARN:
+        detail += ": they train only the end-of-turn token; fill them in or drop them"
+    return Finding("empty answers", share <= EMPTY_ANSWERS_WARN, detail, fatal=False)
 
 
 def data_scan_finding(summary: dict[str, Any]) -> Finding:
@@ -184,9 +197,9 @@ def architecture_summary(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
 
     try:
         config = AutoConfig.from_pretrained(recipe.model_location, **models._hub_kwargs(recipe))
-    except (OSError, ValueError, KeyError) as exc:
+        meta = models.meta_model(config, trust_remote_code=recipe.model.trust_remote_code)
+    except models.loading_errors() as exc:
         raise models._loading_error("config", recipe, exc) from None
-    meta = models.meta_model(config, trust_remote_code=recipe.model.trust_remote_code)
     if len(tokenizer) > meta.get_input_embeddings().weight.shape[0]:
         meta.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     total = sum(p.numel() for p in meta.parameters())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import Any, Sequence
 import yaml
 
 from sovtune.config import GENERAL_DATASET, LOSS_METRICS, EvalSection, Gate, Recipe
-from sovtune.core.files import atomic_writers, write_synced
+from sovtune.core.files import atomic_writers, make_output_dir, write_synced
 from sovtune.core.rundir import REPORT_KIND as KIND
 from sovtune.core.rundir import REPORT_SCHEMA_VERSION as SCHEMA_VERSION
 from sovtune.core.rundir import ReportError, RunDir, read_report
+from sovtune.core.secrets import redact_secrets
 from sovtune.metrics import Scores, paired_bootstrap
 from sovtune.run.fingerprint import flatten_settings
 
@@ -158,7 +160,8 @@ class Report:
         paths = [run_dir / name for name in RunDir.REPORT_FILES]
         with atomic_writers(paths) as temporary:
             for name, text in staged.items():
-                write_synced(temporary[run_dir / name], text.encode("utf-8"))
+                # Prompts, references and generations quote the data: a credential in it is not copied into the run.
+                write_synced(temporary[run_dir / name], redact_secrets(text).encode("utf-8"))
             plot_results(self.results, temporary[run_dir / RunDir.REPORT_PNG], title=f"{self.run}: base vs tuned")
         return paths
 
@@ -549,8 +552,38 @@ def plot_groups(
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
-    """report.json of a run directory (or the file itself), checked to be a report of this schema."""
-    return read_report(run_dir / RunDir.REPORT if run_dir.is_dir() else run_dir)
+    """report.json of a run directory (or the file itself), checked to be a report of this schema, down to the type of
+    every result field (a report from elsewhere is data: a list where a number belongs is one line, not a crash)."""
+    path = run_dir / RunDir.REPORT if run_dir.is_dir() else run_dir
+    report = read_report(path)
+    base = report.get("base_model")
+    if not isinstance(base, dict) or not isinstance(base.get("name_or_path"), str):
+        raise ReportError(f"{path}: base_model.name_or_path is missing or not text; re-run sovtune eval")
+    results = report.get("results")
+    if not isinstance(results, list) or not all(isinstance(result, dict) for result in results):
+        raise ReportError(f"{path}: results must be a list of objects; re-run sovtune eval")
+    for index, result in enumerate(results):
+        for name, kinds in _RESULT_TYPES.items():
+            value = result.get(name)
+            if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+                raise ReportError(
+                    f"{path}: results[{index}].{name} is {type(value).__name__}, not what sovtune writes; "
+                    "re-run sovtune eval"
+                )
+    return report
+
+
+def _result_types() -> dict[str, tuple[type, ...]]:
+    """MetricResult's field types as isinstance() takes them (a float field also holds a JSON integer)."""
+    kinds: dict[str, tuple[type, ...]] = {}
+    for name, hint in typing.get_type_hints(MetricResult).items():
+        options = typing.get_args(hint) or (hint,)
+        accepted = tuple(type(None) if option is type(None) else option for option in options)
+        kinds[name] = accepted + ((int,) if float in accepted else ())
+    return kinds
+
+
+_RESULT_TYPES = _result_types()
 
 
 def compare(run_dirs: Sequence[Path], out_dir: Path | None = None) -> dict[str, Any]:
@@ -805,7 +838,7 @@ def n_cell(row: dict[str, Any], labels: Sequence[str]) -> str:
 
 
 def _write_comparison(comparison: dict[str, Any], labels: list[str], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir, "the comparison")
     lines = [f"# Comparison of {', '.join(f'`{label}`' for label in labels)}", ""]
     lines += [f"**Warning: {warning}.**" for warning in comparison["warnings"]]
     lines += ["", *comparison_lines(comparison, labels)]

@@ -10,7 +10,7 @@ import yaml
 from sovtune import data, plan
 from sovtune import model as models
 from sovtune.config import Recipe, looks_like_local_path, validate_recipe
-from sovtune.core.files import atomic_write_text
+from sovtune.core.files import atomic_write_text, check_output_place
 from sovtune.errors import RecipeError, SovtuneError
 
 # Per target GPU: (quantisation, batch size, gradient accumulation, max length, optimizer, comment).
@@ -169,7 +169,13 @@ def _validated(text: str, path: Path) -> Recipe:
 
 
 def write_starter(path: Path, text: str, overwrite: bool) -> None:
+    if path.is_symlink() or path.is_dir():
+        raise RecipeError(f"{path}: is a folder or a link, not a recipe file; give the file's name, e.g. mine.yaml")
     if path.exists() and not overwrite:
         raise RecipeError(f"{path}: already exists; choose another path or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
+    check_output_place(path, "the recipe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot write the recipe ({exc.strerror or exc}); choose a writable place") from None

@@ -22,7 +22,7 @@ from sovtune.evaluation import TrainingEval, held_out_metrics, sample_generation
 from sovtune.inputs import prepare_recipe_data
 from sovtune.licence import check_licence
 from sovtune.run import checkpoints, fingerprint, manifest
-from sovtune.run.directory import check_run_dir
+from sovtune.run.directory import check_run_dir, replace_run_dir
 from sovtune.run.lock import RunLock
 from sovtune.run.signals import GracefulStop, resume_command
 from sovtune.speed import SpeedPlan, announce_plan, plan_speed
@@ -116,6 +116,7 @@ def train(
 
     `force` resumes although the recipe or data changed; `resume_command_line` is what a stopped run tells the user.
     """
+    check_run_dir(recipe, resume, overwrite)  # a refusal leaves no trace, not even a lock file beside the folder
     with RunLock(recipe.run_dir, enabled=is_main_process()):
         return _train(recipe, resume, overwrite, force, resume_command_line or resume_command(recipe))
 
@@ -126,7 +127,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
     models.check_device_support(recipe)
     licence = check_licence(recipe)  # the licence gate, before any weight is downloaded
     run = RunDir(recipe.run_dir)
-    checkpoint = check_run_dir(run.path, resume, overwrite)
+    checkpoint = check_run_dir(recipe, resume, overwrite)  # refuses now; replaces only once inputs are checked
     if checkpoint is not None:
         checkpoints.check_checkpoint_files(checkpoint)  # before anything in it is loaded
     tokenizer = models.load_tokenizer(recipe)
@@ -143,7 +144,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
         _announce(recipe, data, peft_model, checkpoint)
         announce_plan(throughput)
         checkpoints.check_disk_space(run.path, peft_model, recipe, tokenizer)
-        run.path.mkdir(parents=True, exist_ok=True)
+        replace_run_dir(recipe, overwrite and checkpoint is None)  # recipe, data and model are checked by now
         fingerprint.write_fingerprint(run.path, current, forced_changes)
         checkpoints.discard_incomplete_checkpoints(run.path)  # left by a killed run; the trainer rotates by mtime
         run.write_json(RunDir.DATA_STATS, data.stats)

@@ -56,9 +56,12 @@ def bodies() -> ModuleType:
     return commands
 
 
-def guarded(func: Callable[[], Any]) -> Any:
-    """Run a command body; a SovtuneError becomes one red line and its exit code, never a traceback."""
+def guarded(func: Callable[[], Any], paths: tuple[Path | str | None, ...] = ()) -> Any:
+    """Run a command body; a SovtuneError becomes one red line and its exit code, never a traceback. `paths` are the
+    command's path arguments, checked first: one no file system takes (a 300-byte name) is such an error too."""
     try:
+        if any(path is not None for path in paths):
+            bodies().usable_paths(paths)
         return func()
     except SovtuneError as exc:
         _close_progress_bars()
@@ -113,7 +116,7 @@ def check(
     offline: OfflineOpt = False,
 ) -> None:
     """Validate the recipe and the data without training or downloading weights."""
-    guarded(lambda: bodies().check(recipe, overrides, as_json, offline))
+    guarded(lambda: bodies().check(recipe, overrides, as_json, offline), (recipe,))
 
 
 def _training_command(name: str, summary: str) -> None:
@@ -127,7 +130,7 @@ def _training_command(name: str, summary: str) -> None:
         force: ForceOpt = False,
         offline: OfflineOpt = False,
     ) -> None:
-        guarded(lambda: getattr(bodies(), name)(recipe, overrides, resume, overwrite, force, offline))
+        guarded(lambda: getattr(bodies(), name)(recipe, overrides, resume, overwrite, force, offline), (recipe,))
 
     command.__doc__ = summary
     app.command(name)(command)
@@ -150,7 +153,7 @@ def doctor(
     allow_host: AllowHostOpt = None,
 ) -> None:
     """One table of what matters for training here: Python, torch/CUDA, GPUs, bf16, bitsandbytes, disk, hub."""
-    if not guarded(lambda: bodies().doctor(run_root, endpoint, offline, allow_host or [])):
+    if not guarded(lambda: bodies().doctor(run_root, endpoint, offline, allow_host or []), (run_root,)):
         raise typer.Exit(1)
 
 
@@ -169,7 +172,9 @@ def init(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a commented starter recipe (validated before it is written)."""
-    guarded(lambda: bodies().init(path, model, revision, data_path, data_format, gpu, overwrite))
+    guarded(
+        lambda: bodies().init(path, model, revision, data_path, data_format, gpu, overwrite), (path, model, data_path)
+    )
 
 
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory (runs/<name>).", show_default=False)]
@@ -218,7 +223,8 @@ def generate(
             max_new_tokens,
             bodies().opt_ins(trust_remote_code, allow_pickle_weights),
             not no_verify,
-        )
+        ),
+        (run_dir,),
     )
 
 
@@ -235,7 +241,8 @@ def chat(
     guarded(
         lambda: bodies().chat(
             run_dir, base, max_new_tokens, bodies().opt_ins(trust_remote_code, allow_pickle_weights), not no_verify
-        )
+        ),
+        (run_dir,),
     )
 
 
@@ -283,7 +290,8 @@ def eval_(
             offline,
             bodies().opt_ins(trust_remote_code, allow_pickle_weights, allow_user_metrics),
             not no_verify,
-        )
+        ),
+        (run_dir, adapter, recipe, out),
     )
 
 
@@ -293,7 +301,7 @@ def compare(
     out: Annotated[Path, typer.Option("--out", help="Folder for compare.json/.md/.png.")] = Path("runs/compare"),
 ) -> None:
     """Put several runs side by side against their common base model (table and chart)."""
-    guarded(lambda: bodies().compare(run_dirs, out))
+    guarded(lambda: bodies().compare(run_dirs, out), (*run_dirs, out))
 
 
 EndpointOpt = Annotated[
@@ -368,7 +376,8 @@ def push(
             offline,
             allow_host or [],
             use_run_hub,
-        )  # fmt: skip
+        ),
+        (run_dir, sign_key),
     )
 
 
@@ -389,7 +398,7 @@ def pull(
     allow_host: AllowHostOpt = None,
 ) -> None:
     """Download exactly the files the publish manifest lists and check each one (mismatch: exit 2, nothing written)."""
-    guarded(lambda: bodies().pull(repo, revision, endpoint, out, trust, offline, allow_host or []))
+    guarded(lambda: bodies().pull(repo, revision, endpoint, out, trust, offline, allow_host or []), (out, trust))
 
 
 @app.command()
@@ -410,7 +419,7 @@ def sign(
 
     `sovtune push` publishes the signature with the files.
     """
-    guarded(lambda: bodies().sign(run_dir, key, repo, revision, include_examples))
+    guarded(lambda: bodies().sign(run_dir, key, repo, revision, include_examples), (run_dir, key))
 
 
 @app.command()
@@ -427,7 +436,7 @@ def verify(
     trust: TrustOpt = None,
 ) -> None:
     """Recompute every SHA-256 recorded for a run, bundle or pulled folder; exit 2 naming changed or missing files."""
-    guarded(lambda: bodies().verify(target, strict, trust))
+    guarded(lambda: bodies().verify(target, strict, trust), (target, trust))
 
 
 @app.command()
@@ -438,7 +447,7 @@ def export(
     ],
 ) -> None:
     """Pack adapter, manifest, card, report and a SHA256SUMS file into one tar for air-gapped transfer."""
-    guarded(lambda: bodies().export(run_dir, bundle))
+    guarded(lambda: bodies().export(run_dir, bundle), (run_dir, bundle))
 
 
 @app.command()
@@ -467,7 +476,8 @@ def merge(
             overwrite,
             bodies().opt_ins(trust_remote_code, allow_pickle_weights),
             not no_verify,
-        )
+        ),
+        (run_dir, out),
     )
 
 
@@ -494,7 +504,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
 ) -> None:
     """Estimate per-GPU memory from the model config alone, say whether it fits, and what to change if not."""
-    guarded(lambda: bodies().plan(recipe, overrides, gpu, gpus, strategy, arch, as_json))
+    guarded(lambda: bodies().plan(recipe, overrides, gpu, gpus, strategy, arch, as_json), (recipe,))
 
 
 @app.command()
@@ -518,7 +528,10 @@ def launch(
     ] = False,
 ) -> None:
     """Train on several GPUs: print and run `accelerate launch --config_file ... -m sovtune train RECIPE`."""
-    guarded(lambda: bodies().launch(recipe, overrides, gpus, strategy, config_file, resume, overwrite, dry_run))
+    guarded(
+        lambda: bodies().launch(recipe, overrides, gpus, strategy, config_file, resume, overwrite, dry_run),
+        (recipe, config_file),
+    )
 
 
 def main() -> None:

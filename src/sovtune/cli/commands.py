@@ -18,7 +18,7 @@ from sovtune import plan as planner
 from sovtune.audit import audited
 from sovtune.cli.render import LogToConsole, comparison, doctor_rows, memory_plan, preflight_report
 from sovtune.cli.terminal import console, err_console
-from sovtune.config import Recipe, RunOptIns, load_recipe, load_run_recipe
+from sovtune.config import Recipe, RunOptIns, check_path_text, load_recipe, load_run_recipe
 from sovtune.core.hashing import sha256_file
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process
@@ -33,6 +33,22 @@ from sovtune.publish.bundle import export as export_bundle
 from sovtune.report import compare as compare_runs
 from sovtune.run.verify import verify_before_loading
 from sovtune.starter import starter_recipe, write_starter
+
+
+class UnusablePath(SovtuneError):
+    """A path on the command line that no file system takes."""
+
+
+def usable_paths(paths: tuple[Path | str | None, ...]) -> None:
+    """Path arguments are checked like recipe paths (NUL, names over 255 bytes, paths over 4096 bytes) before any
+    command looks them up (os.stat raises on them)."""
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            check_path_text(str(path))
+        except ValueError as exc:
+            raise UnusablePath(f"{exc}; give a shorter path") from None
 
 
 def log_to_console() -> None:

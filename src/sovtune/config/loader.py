@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -17,6 +17,7 @@ from pydantic_core import ErrorDetails
 
 from sovtune.config.schema import Recipe
 from sovtune.core.rundir import RunDir
+from sovtune.core.secrets import secret_env_values
 from sovtune.errors import RecipeError
 
 KeyPath = tuple[str | int, ...]  # ("train", "learning_rate") or ("data", "train", 0, "path")
@@ -40,6 +41,7 @@ class _Located:
 # aliases that multiply into millions of values (a "billion laughs" file) are refused instead of hanging.
 MAX_NESTING = 32
 MAX_VALUES = 100_000
+MAX_RECIPE_BYTES = 1 << 20
 
 
 def _node_to_python(node: yaml.Node, file: str, path: KeyPath, located: _Located) -> Any:
@@ -74,6 +76,11 @@ def _scalar(node: yaml.Node, file: str) -> Any:
         return loader.construct_object(node, deep=True)
     except (yaml.YAMLError, ValueError, TypeError) as exc:  # an unknown tag (!!python/object), or `!!int abc`
         problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, ValueError) and "digits" in problem:  # Python refuses to parse integers of 4,300+ digits
+            raise RecipeError(
+                f"{file}:{node.start_mark.line + 1}: a number of {len(str(node.value))} digits; "
+                "no setting takes one that large: write a plausible value"
+            ) from None
         raise RecipeError(
             f"{file}:{node.start_mark.line + 1}: {problem}; recipes hold plain values: remove the {node.tag} tag"
         ) from None
@@ -84,6 +91,12 @@ def _scalar(node: yaml.Node, file: str) -> Any:
 def _read_yaml(path: Path, located: _Located) -> dict[str, Any]:
     file = str(path)
     try:
+        if os.path.exists(path) and not os.path.isfile(path):  # a folder, a pipe, /dev/zero: never read endlessly
+            raise RecipeError(f"{file}: not a recipe file (a folder or a device); give the path of a .yaml file")
+        if os.path.getsize(path) > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"{file}: {os.path.getsize(path):,} bytes, not a recipe (at most {MAX_RECIPE_BYTES:,}); check the path"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{file}: recipe file not found; check the path (recipes live in recipes/)") from None
@@ -135,7 +148,11 @@ def _read_with_extends(path: Path, located: _Located, chain: tuple[Path, ...] = 
     if not isinstance(parent, str):
         line = located.where.get(("extends",), (str(path), 0))[1]
         raise RecipeError(f"{path}:{line}: extends must be a path to another recipe, found {parent!r}")
-    parent_path = Path(os.path.expandvars(parent))
+    expanded = os.path.expandvars(parent)
+    if any(secret in expanded for secret in secret_env_values().values()):
+        line = located.where.get(("extends",), (str(path), 0))[1]
+        raise RecipeError(f"{path}:{line}: extends: names a secret environment variable; give the path itself")
+    parent_path = Path(expanded)
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
     if not parent_path.exists():
@@ -161,6 +178,12 @@ def _interpolate(value: Any, loc: KeyPath, located: _Located) -> Any:
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
+        if name in secret_env_values():
+            raise RecipeError(
+                f"{_where(loc, located)}{_dotted(loc)}: ${{{name}}} is a secret (its name says it holds a credential) "
+                "and a recipe value ends up in folder names, logs, the manifest and the model card; remove it "
+                "(the commands that need a token read it from the environment themselves)"
+            )
         if name in os.environ:
             return os.environ[name]
         if default is not None:
@@ -173,6 +196,23 @@ def _interpolate(value: Any, loc: KeyPath, located: _Located) -> Any:
     return _ENV.sub(substitute, value)
 
 
+def _refuse_secret_values(value: Any, loc: KeyPath, located: _Located, secrets: dict[str, str]) -> None:
+    """No recipe value may hold a secret's value (typed in, or expanded by the shell in a --set)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_secret_values(item, loc + (key,), located, secrets)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_secret_values(item, loc + (index,), located, secrets)
+    elif isinstance(value, str):
+        for name, secret in secrets.items():
+            if secret in value:
+                raise RecipeError(
+                    f"{_where(loc, located)}{_dotted(loc)}: holds the value of ${name}, a secret, which would end up "
+                    "in folder names, logs, the manifest and the model card; remove it from the recipe"
+                )
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise RecipeError(f"--set {item!r}: expected section.field=value, e.g. --set train.learning_rate=1e-4")
@@ -180,11 +220,31 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
         raise RecipeError(f"--set {item!r}: empty key part; write e.g. --set train.learning_rate=1e-4")
+    if not raw.strip():
+        return parts, ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
+        node = yaml.compose(raw, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        return parts, raw  # not YAML: the text itself
+    if _has_mapping_key(node):
+        return parts, raw  # `{{ messages }}` is a Jinja template, not a mapping keyed by a mapping
+    # The recipe's own limits (nesting, aliases, tags) hold for the command line too.
+    return parts, None if node is None else _node_to_python(node, f"--set {key.strip()}", (), _Located())
+
+
+def _has_mapping_key(node: yaml.Node | None) -> bool:
+    """Whether a composed value has a key that is itself a mapping or list (which no recipe has)."""
+    pending, seen = [node], 0
+    while pending and seen < MAX_VALUES:
+        current = pending.pop()
+        seen += 1
+        if isinstance(current, yaml.MappingNode):
+            if any(not isinstance(key, yaml.ScalarNode) for key, _ in current.value):
+                return True
+            pending.extend(value for _, value in current.value)
+        elif isinstance(current, yaml.SequenceNode):
+            pending.extend(current.value)
+    return False
 
 
 def _apply_override(data: dict[str, Any], parts: list[str], value: Any, located: _Located) -> None:
@@ -280,9 +340,38 @@ def _describe_error(err: ErrorDetails, located: _Located) -> str:
         return (
             f"{where}{field}: expected a mapping of settings (indented `name: value` lines), found {_yaml_kind(found)}"
         )
-    shown = "" if isinstance(found, (dict, list)) else f", found {found!r}"
+    shown = "" if isinstance(found, (dict, list)) else f", found {_short(found)}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        shown += _allowed_range(loc)
     # Lower-case only the first letter: the rest may quote a pattern or a value verbatim.
     return f"{where}{field}: {message[:1].lower()}{message[1:]}{shown}"
+
+
+def _short(value: Any) -> str:
+    """A found value as the error line shows it: a 5,000-digit number or a long text is cut, not printed whole."""
+    text = (
+        repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"a {len(str(abs(value)))}-digit number"
+    )
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _allowed_range(loc: KeyPath) -> str:
+    """' (allowed: 1 to 4096)': both bounds of a numeric field, so a refused value says what would be accepted."""
+    model = _section_model(loc[:-1]) if loc else None
+    field = model.model_fields.get(str(loc[-1])) if model is not None else None
+    if field is None:
+        return ""
+    bounds = {
+        name: getattr(item, name) for item in field.metadata for name in ("gt", "ge", "lt", "le") if hasattr(item, name)
+    }
+    whole = field.annotation in (int, Optional[int])
+    low = bounds.get("ge", bounds["gt"] + 1 if whole and "gt" in bounds else None)
+    high = bounds.get("le", bounds["lt"] - 1 if whole and "lt" in bounds else None)
+    lower = f"{low:,}" if low is not None else f"more than {bounds['gt']:,}" if "gt" in bounds else None
+    upper = f"{high:,}" if high is not None else f"less than {bounds['lt']:,}" if "lt" in bounds else None
+    if lower and upper:
+        return f" (allowed: {lower} to {upper})"
+    return f" (allowed: at least {lower})" if lower else f" (allowed: at most {upper})" if upper else ""
 
 
 def _yaml_kind(value: Any) -> str:
@@ -313,6 +402,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), r
         data = _interpolate(data, (), located)
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem))
     data.setdefault("source_path", str(path.resolve()))
+    _refuse_secret_values(data, (), located, secret_env_values())
     return validate_recipe(data, located)
 
 

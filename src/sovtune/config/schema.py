@@ -6,13 +6,15 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sovtune.config.validators import (
     check_endpoint,
+    check_optional_path_text,
+    check_path_text,
     check_repo_id,
     endpoint_host,
     is_loopback,
@@ -22,14 +24,32 @@ from sovtune.core.secrets import redact_secrets
 
 SCHEMA_VERSION = 1
 
+# Bounds of numeric settings: a value outside is a typo or an attack, refused with the plausible range when the recipe
+# loads (not after a download, or as a crash deep inside training). Floats must be finite (Section.model_config).
+MAX_SEED = 2**32 - 1  # numpy and torch seeds are 32-bit
+MAX_STEPS = 100_000_000
+MAX_BATCH = 4096  # examples per micro-batch or per forward pass
+MAX_TOKENS = 1_048_576  # tokens per example (the longest context windows of current models)
+MAX_NEW_TOKENS = 131_072
+MAX_EXAMPLES = 100_000_000
+DEFAULT_MAX_ROW_BYTES = 4 * 2**20  # long-context rows (128k tokens) are well under 1 MB
+
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+# A file, folder or hub id: a string the operating system takes as a path (the validator sits outside the Optional,
+# so field types read `str or None` in the recipe reference).
+PathText = Annotated[str, AfterValidator(check_path_text)]
+OptionalPathText = Annotated[str | None, AfterValidator(check_optional_path_text)]
 
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, never silently ignored."""
 
     # defer_build: the validators are built when a recipe is first validated, not when `sovtune --help` imports this.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), defer_build=True)
+    # allow_inf_nan=False: `.inf` or `.nan` in any float field (alpha, learning rate, gate thresholds) is refused, not
+    # trained into an adapter of NaN weights.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), defer_build=True, allow_inf_nan=False
+    )
 
     def explicitly_set(self, name: str) -> bool:
         """Set in the recipe to something other than the default (a resolved recipe repeats every default)."""
@@ -37,7 +57,7 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name_or_path: str = Field(
+    name_or_path: PathText = Field(
         description="Hub id (e.g. mistralai/Mistral-7B-v0.3) or a local folder with config and weights."
     )
     revision: str | None = Field(
@@ -97,7 +117,7 @@ class AdapterSection(Section):
         description="lora; dora (weight-decomposed LoRA); rslora (rank-stabilised scaling alpha/sqrt(r)).",
     )
     r: int = Field(default=16, gt=0, le=4096, description="LoRA rank.")
-    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; default 2 * r.")
+    alpha: float | None = Field(default=None, gt=0, le=1_000_000, description="LoRA alpha; default 2 * r.")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         default="all-linear",
@@ -133,7 +153,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 
 class DataSource(Section):
-    path: str = Field(description="Local file or folder (jsonl, json, csv, parquet, txt) or a hub dataset id.")
+    path: PathText = Field(description="Local file or folder (jsonl, json, csv, parquet, txt) or a hub dataset id.")
     revision: str | None = Field(default=None, description="Hub dataset revision to pin.")
     subset: str | None = Field(default=None, description="Hub dataset configuration name.")
     split: str = Field(default="train", description="Hub dataset split.")
@@ -173,7 +193,9 @@ class DataSection(Section):
         "completion + EOS (loss), prompt and completion tokenised apart; `sovtune check` warns when they tokenise "
         'differently joined. Default: nothing; e.g. "\\n" or " ".',
     )
-    max_length: int = Field(default=1024, gt=8, description="Maximum tokens per example; longer rows are truncated.")
+    max_length: int = Field(
+        default=1024, gt=8, le=MAX_TOKENS, description="Maximum tokens per example; longer rows are truncated."
+    )
     train_on_inputs: bool = Field(
         default=False, description="Also compute the loss on prompt/user tokens (default: completion/assistant only)."
     )
@@ -186,6 +208,20 @@ class DataSection(Section):
     )
     on_bad_rows: Literal["error", "skip"] = Field(
         default="error", description="Malformed rows stop the run (error) or are skipped and reported (skip)."
+    )
+    max_row_bytes: int = Field(
+        default=DEFAULT_MAX_ROW_BYTES,
+        ge=1024,
+        le=2**31,
+        description="Largest row (a JSONL/CSV line, a JSON row, a .txt file) in bytes; a larger one is a malformed "
+        "row and is never read whole into memory.",
+    )
+    chat_template_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Time budget in seconds for rendering one conversation with the chat template; a template that "
+        "takes longer (a runaway loop) stops the command.",
     )
 
     @model_validator(mode="before")
@@ -209,36 +245,46 @@ class DataSection(Section):
             raise ValueError(f"separator only applies to format prompt_completion, not {self.format!r}; remove it")
         return self
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template_path(cls, value: str | None) -> str | None:
+        return value if value is None or "{" in value else check_path_text(value)
+
     def column(self, logical: str) -> str:
         return self.columns.get(logical, logical)
 
 
 class TrainSection(Section):
     epochs: float = Field(
-        default=1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
+        default=1.0, gt=0, le=10_000, description="Passes over the training data (ignored when max_steps is set)."
     )
-    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(default=4, gt=0, description="Examples per device per micro-batch.")
-    gradient_accumulation: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(default=4, gt=0, le=MAX_BATCH, description="Examples per device per micro-batch.")
+    gradient_accumulation: int = Field(default=1, gt=0, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         default="cosine", description="Learning-rate schedule after warmup."
     )
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Share of steps spent warming up.")
-    warmup_steps: int | None = Field(default=None, ge=0, description="Warmup in steps (instead of warmup_ratio).")
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    warmup_steps: int | None = Field(
+        default=None, ge=0, le=MAX_STEPS, description="Warmup in steps (instead of warmup_ratio)."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=10, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1_000_000, description="Gradient clipping norm.")
     optimizer: Literal[
         "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
     ] = Field(default="adamw_torch", description="Optimizer; paged_adamw_8bit is the QLoRA paper's choice on CUDA.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in backward to save memory.")
-    seed: int = Field(default=42, description="Seed for data order, LoRA init, dropout and the eval split.")
-    logging_steps: int = Field(default=10, gt=0, description="Log loss and learning rate every N steps.")
-    save_steps: int = Field(default=200, gt=0, description="Write a resumable checkpoint every N steps.")
-    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
+    seed: int = Field(
+        default=42, ge=0, le=MAX_SEED, description="Seed for data order, LoRA init, dropout and the eval split."
+    )
+    logging_steps: int = Field(default=10, gt=0, le=MAX_STEPS, description="Log loss and learning rate every N steps.")
+    save_steps: int = Field(default=200, gt=0, le=MAX_STEPS, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int = Field(default=2, gt=0, le=1000, description="Checkpoints kept on disk (oldest removed).")
     eval_steps: int | None = Field(
         default=None,
         gt=0,
+        le=MAX_STEPS,
         description="Held-out loss every N steps during training: token-weighted, batched by eval.batch_size, on the "
         "sample of eval.max_examples that the final evaluation scores; logged to TensorBoard and logs/train_log.jsonl.",
     )
@@ -270,7 +316,7 @@ class TrainSection(Section):
 
 
 class OutputSection(Section):
-    dir: str | None = Field(
+    dir: OptionalPathText = Field(
         default=None, description="Run directory; default runs/<recipe name> under the working directory."
     )
 
@@ -343,7 +389,7 @@ def _default_metrics() -> list[MetricName]:
 
 class UserMetric(Section):
     name: str = Field(pattern=_IDENTIFIER, description="Name in the report and in gates.")
-    module: str = Field(description="Path to a .py file, relative to the recipe; only this file is imported.")
+    module: PathText = Field(description="Path to a .py file, relative to the recipe; only this file is imported.")
     function: str = Field(
         pattern=_IDENTIFIER, description="function(prediction, reference, row) -> float in that file."
     )
@@ -372,14 +418,18 @@ class EvalDataset(Section):
         default=None,
         description="Pattern for the regex metric: with a group, group 1 must equal the reference; else it must match.",
     )
-    database: str | None = Field(default=None, description="SQLite file for sql_execution (opened read-only).")
-    sql_timeout_s: float = Field(default=5.0, gt=0, description="Time budget per SQL query before it counts as wrong.")
+    database: OptionalPathText = Field(default=None, description="SQLite file for sql_execution (opened read-only).")
+    sql_timeout_s: float = Field(
+        default=5.0, gt=0, le=3600, description="Time budget per SQL query before it counts as wrong."
+    )
     choices_column: str = Field(default="choices", description="multiple_choice: row column with the list of options.")
     answer_column: str = Field(
         default="answer",
         description="multiple_choice: column with the correct option (index or text); default: the reference.",
     )
-    max_examples: int | None = Field(default=None, gt=0, description="Evaluate a seeded sample of this many rows.")
+    max_examples: int | None = Field(
+        default=None, gt=0, le=MAX_EXAMPLES, description="Evaluate a seeded sample of this many rows."
+    )
 
     def metric_names(self) -> list[str]:
         return [*self.metrics, *(metric.name for metric in self.user_metrics)]
@@ -420,10 +470,13 @@ class EvalDataset(Section):
 class GeneralText(DataSource):
     format: Format = Field(default="text", description="Row format of the general-text set (usually text).")
     columns: dict[str, str] = Field(default_factory=dict, description="Column mapping, e.g. {text: body}.")
-    max_examples: int | None = Field(default=None, gt=0, description="Evaluate a seeded sample of this many rows.")
+    max_examples: int | None = Field(
+        default=None, gt=0, le=MAX_EXAMPLES, description="Evaluate a seeded sample of this many rows."
+    )
     window: int = Field(
         default=1024,
         gt=8,
+        le=MAX_TOKENS,
         description="Tokens per scoring window: a document is scored whole when it fits, else in consecutive windows "
         "of this size (at most the base model's context). Fixed, so the figure does not move with data.max_length; "
         "the bootstrap resamples documents, never windows apart.",
@@ -461,15 +514,21 @@ class Gate(Section):
 
 
 class GenerationSection(Section):
-    max_new_tokens: int = Field(default=128, gt=0, description="Tokens generated per example at most.")
+    max_new_tokens: int = Field(
+        default=128, gt=0, le=MAX_NEW_TOKENS, description="Tokens generated per example at most."
+    )
     do_sample: bool = Field(default=False, description="Sample instead of greedy decoding (greedy is reproducible).")
-    temperature: float | None = Field(default=None, gt=0, description="Sampling temperature (only with do_sample).")
+    temperature: float | None = Field(
+        default=None, gt=0, le=100, description="Sampling temperature (only with do_sample)."
+    )
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass (only with do_sample).")
-    seed: int = Field(default=0, description="Seed for sampling.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed for sampling.")
     stop: list[str] = Field(
         default_factory=list, description="Extra stop strings (EOS and the turn terminator always stop)."
     )
-    batch_size: int = Field(default=16, gt=0, description="Prompts generated together (left-padded, KV cache).")
+    batch_size: int = Field(
+        default=16, gt=0, le=MAX_BATCH, description="Prompts generated together (left-padded, KV cache)."
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> GenerationSection:
@@ -482,8 +541,12 @@ class GenerationSection(Section):
 
 
 class BootstrapSection(Section):
-    resamples: int = Field(default=2000, ge=1000, description="Paired-bootstrap resamples (at least 1000).")
-    seed: int = Field(default=0, description="Seed of the resampling: the same seed gives the same intervals.")
+    resamples: int = Field(
+        default=2000, ge=1000, le=1_000_000, description="Paired-bootstrap resamples (at least 1000)."
+    )
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="Seed of the resampling: the same seed gives the same intervals."
+    )
     confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
 
 
@@ -503,10 +566,14 @@ class EvalSection(Section):
         default_factory=BootstrapSection, description="The paired bootstrap behind every interval."
     )
     batch_size: int = Field(
-        default=8, gt=0, description="Examples per forward pass in loss evaluation (sorted by length)."
+        default=8, gt=0, le=MAX_BATCH, description="Examples per forward pass in loss evaluation (sorted by length)."
     )
-    max_examples: int | None = Field(default=None, gt=0, description="Cap per dataset (a seeded sample); default: all.")
-    samples: int = Field(default=3, ge=0, description="Side-by-side generations, base vs tuned, shown in report.md.")
+    max_examples: int | None = Field(
+        default=None, gt=0, le=MAX_EXAMPLES, description="Cap per dataset (a seeded sample); default: all."
+    )
+    samples: int = Field(
+        default=3, ge=0, le=1000, description="Side-by-side generations, base vs tuned, shown in report.md."
+    )
     gates: dict[str, Gate] = Field(
         default_factory=dict,
         description="Pass/fail rules, e.g. {exact_match: {min_gain: 0.05}, general_perplexity: {max_increase: 0.05}}.",
@@ -594,12 +661,12 @@ class EvalSection(Section):
                 unknown = sorted(set(dataset.columns) - set(FORMAT_COLUMNS[data_format]))
                 if unknown:
                     raise ValueError(f"{where}: columns {unknown} do not apply to format {data_format!r}")
-            if dataset.database is not None and not recipe.resolve(dataset.database).is_file():
+            if dataset.database is not None and not os.path.isfile(recipe.resolve(dataset.database)):
                 raise ValueError(
                     f"{where}.database: {recipe.resolve(dataset.database)} not found; give the SQLite file"
                 )
             for user in dataset.user_metrics:
-                if not recipe.resolve(user.module).is_file() or not user.module.endswith(".py"):
+                if not os.path.isfile(recipe.resolve(user.module)) or not user.module.endswith(".py"):
                     raise ValueError(
                         f"{where}: user metric {user.name!r} module {recipe.resolve(user.module)} is not a .py file"
                     )
@@ -625,7 +692,7 @@ class SovereigntySection(Section):
         default_factory=list,
         description="Older name of allowed_hosts (URLs); their hosts are added to allowed_hosts.",
     )
-    audit_log: str | None = Field(
+    audit_log: OptionalPathText = Field(
         default=None, description="Append-only JSONL audit log; default $SOVTUNE_AUDIT_LOG or ~/.sovtune/audit.jsonl."
     )
     data_scan: Literal["warn", "redact", "block"] = Field(
@@ -673,9 +740,12 @@ def _reachable_offline(host: str, sovereignty: SovereigntySection) -> bool:
 
 
 class Recipe(Section):
-    schema_version: int = Field(default=SCHEMA_VERSION, description="Recipe schema version.")
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION, description="Recipe schema version.")
     name: str = Field(
-        default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (default: the file name)."
+        default="run",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        max_length=128,  # it names the run's folder and its lock file
+        description="Run name (default: the file name).",
     )
     description: str | None = Field(default=None, description="What this recipe is for.")
     model: ModelSection = Field(
@@ -710,7 +780,9 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
-        if not looks_like_local_path(self.model.name_or_path) and not self.resolve(self.model.name_or_path).exists():
+        if not looks_like_local_path(self.model.name_or_path) and not os.path.exists(
+            self.resolve(self.model.name_or_path)
+        ):
             if self.model.revision is None:
                 raise ValueError(
                     f"model.revision: hub model {self.model.name_or_path!r} has no pinned revision; "
@@ -770,11 +842,29 @@ class Recipe(Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
+        return Path(os.path.expanduser(self.output.dir)) if self.output.dir else Path("runs") / self.name
+
+    def local_inputs(self) -> list[tuple[str, Path]]:
+        """Every local file or folder the recipe reads, named by its field: what no command may delete."""
+        named: list[tuple[str, str | None]] = [("the recipe", self.source_path)]
+        named += [(f"data.train[{i}]", source.path) for i, source in enumerate(self.data.train)]
+        named += [("data.eval", self.data.eval.path if self.data.eval else None)]
+        if self.data.chat_template and "{" not in self.data.chat_template:
+            named.append(("data.chat_template", self.data.chat_template))
+        for i, dataset in enumerate(self.eval.datasets):
+            named += [(f"eval.datasets[{i}].source", dataset.source.path if dataset.source else None)]
+            named += [(f"eval.datasets[{i}].database", dataset.database)]
+            named += [(f"eval.datasets[{i}].user_metrics", user.module) for user in dataset.user_metrics]
+        named += [("eval.general", self.eval.general.path if self.eval.general else None)]
+        named += [("sovereignty.audit_log", self.sovereignty.audit_log)]
+        paths = [(what, self.resolve(value)) for what, value in named if value]
+        if self.model_is_local:
+            paths.append(("model.name_or_path", Path(self.model_location)))
+        return [(what, path) for what, path in paths if os.path.lexists(path)]
 
     @property
     def model_is_local(self) -> bool:
-        return looks_like_local_path(self.model.name_or_path) or self.resolve(self.model.name_or_path).exists()
+        return looks_like_local_path(self.model.name_or_path) or os.path.exists(self.resolve(self.model.name_or_path))
 
     @property
     def model_location(self) -> str:

@@ -6,6 +6,27 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES = 255  # NAME_MAX: the longest file or folder name
+
+
+def check_path_text(value: str) -> str:
+    """`value` if the operating system can take it as a path; else ValueError saying why (checked when the recipe
+    loads, so a path no file system accepts is one line, not a crash of the first stage that looks it up)."""
+    shown = repr(value) if len(value) <= 60 else f"{value[:40]!r}... ({len(value)} characters)"
+    if "\0" in value:
+        raise ValueError(f"{shown} holds a NUL character, which no path can; remove it")
+    if len(value.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise ValueError(f"{shown} is longer than {MAX_PATH_BYTES} bytes, the longest path the system takes")
+    longest = max(value.split("/"), key=lambda part: len(part.encode("utf-8", "surrogateescape")))
+    if len(longest.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise ValueError(f"{shown} has a name longer than {MAX_NAME_BYTES} bytes, the longest a file system takes")
+    return value
+
+
+def check_optional_path_text(value: str | None) -> str | None:
+    return None if value is None else check_path_text(value)
+
 
 def looks_like_local_path(value: str) -> bool:
     """A hub id is `name` or `org/name`; anything with more slashes, a dot prefix or a drive is a path."""

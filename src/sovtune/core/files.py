@@ -9,6 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
+from sovtune.errors import SovtuneError
+
+
+class DeletionRefused(SovtuneError):
+    """A folder or file would be deleted or replaced although it may hold what sovtune did not write."""
+
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside `folder` durable (POSIX needs the directory itself synced)."""
@@ -104,6 +110,64 @@ def replace_dir(staged: Path, final: Path) -> None:
     os.replace(staged, final)
     shutil.rmtree(old, ignore_errors=True)
     fsync_dir(final.parent)
+
+
+def _real(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def deletion_hazard(path: Path, inputs: Iterable[tuple[str, Path]] = ()) -> str | None:
+    """Why deleting or replacing `path` could lose something sovtune did not write; None when no rule applies.
+
+    Never through a symbolic link; never the file-system root, the home folder or the working directory, nor a
+    folder holding one of them or one of `inputs` (what the command reads, named: ("data.train", path), ...).
+    Callers also check that the folder is theirs to replace (a run directory's marker, a merged model's report).
+    """
+    path = Path(path)
+    if path.is_symlink():
+        return "it is a symbolic link (sovtune never deletes through one)"
+    target = _real(path)
+
+    def holds(inner: Path) -> bool:
+        return inner == target or target in inner.parents
+
+    if target == Path(target.anchor):
+        return "it is the file-system root"
+    home = os.path.expanduser("~")
+    if home != "~" and holds(_real(home)):
+        return "it is your home folder" if _real(home) == target else "it holds your home folder"
+    if holds(_real(os.getcwd())):
+        return "it is the working directory" if _real(os.getcwd()) == target else "it holds the working directory"
+    for what, item in inputs:
+        if holds(_real(item)):
+            return f"it holds {what} ({item})"
+    return None
+
+
+class OutputUnwritable(SovtuneError):
+    """A command's output folder cannot be created where the command line points."""
+
+
+def make_output_dir(folder: Path, what: str) -> None:
+    """mkdir -p for a command's output (`what` it holds, for the message): a place that cannot hold a folder (under a
+    file, read-only, full) is one line, not an OSError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "it is a file, not a folder" if folder.is_file() else exc.strerror or str(exc)
+        raise OutputUnwritable(
+            f"{folder}: cannot write {what} there ({reason}); choose a writable place for it"
+        ) from None
+
+
+def check_output_place(path: Path, what: str) -> None:
+    """Refuse early, before any work, an output path under a file (its nearest existing ancestor is not a folder)."""
+    above = next((folder for folder in Path(path).parents if os.path.lexists(folder)), None)
+    if above is not None and not above.is_dir():
+        raise OutputUnwritable(
+            f"{path}: cannot write {what} there ({above} is a file, not a folder); choose a writable place for it"
+        )
 
 
 def make_dirs(folder: Path) -> list[Path]:

@@ -38,6 +38,7 @@ class ReportError(RunFileError):
 class RunDir:
     """A run directory (`runs/<name>`) and the names of everything sovtune writes into it."""
 
+    MARKER = ".sovtune-run"  # written when sovtune creates the run directory: what `--overwrite` may delete
     RECIPE = "recipe.yaml"  # the resolved recipe (secrets redacted)
     FINGERPRINT = "run_fingerprint.json"  # what --resume compares
     DATA_STATS = "data_stats.json"
@@ -111,6 +112,17 @@ class RunDir:
         absolute = Path(os.path.abspath(self.path))
         return absolute.parent / f".{absolute.name}.lock"
 
+    def is_run(self) -> bool:
+        """Created by sovtune (it holds the marker): the only kind of folder `--overwrite` may delete."""
+        return (self.path / self.MARKER).is_file() and not self.path.is_symlink()
+
+    def mark(self) -> None:
+        """Record that sovtune created this run directory (once; the folder must exist)."""
+        if not (self.path / self.MARKER).is_file():
+            atomic_write_text(
+                self.path / self.MARKER, "a run directory written by sovtune; --overwrite may replace it\n"
+            )
+
     def has_adapter(self) -> bool:
         return (self.adapter_dir / self.ADAPTER_CONFIG).is_file()
 
@@ -132,9 +144,10 @@ class RunDir:
             return None
         except RecursionError:
             raise RunFileError(f"{path}: {what} nested too deeply to be one sovtune wrote; restore it") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, 5,000-digit numbers
             raise RunFileError(
-                f"{path}: unreadable {what} ({exc}); it was damaged after it was written, restore it"
+                f"{path}: unreadable {what} ({str(exc).split(';')[0][:200] or type(exc).__name__}); "
+                "it was damaged after it was written, restore it"
             ) from None
         if not isinstance(value, dict):
             raise RunFileError(f"{path}: {what} must be a JSON object, found {type(value).__name__}; restore it")
@@ -147,12 +160,12 @@ class RunDir:
         """
         path = self.path / self.RECIPE
         try:
-            value = yaml.safe_load(read_run_file(path))
+            value = _plain_yaml(read_run_file(path))
         except FileNotFoundError:
             raise RunFileError(f"{path}: missing; is {self.path} a run directory written by `sovtune train`?") from None
         except RecursionError:
             raise RunFileError(f"{path}: nested too deeply to be a recorded recipe; restore it from the run") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        except (OSError, ValueError, yaml.YAMLError) as exc:
             raise RunFileError(
                 f"{path}: unreadable recorded recipe ({str(exc).splitlines()[0]}); restore it from the run"
             ) from None
@@ -259,6 +272,30 @@ def read_run_file(path: Path) -> str:
         return handle.read().decode("utf-8")
 
 
+MAX_YAML_NODES = 100_000  # a resolved recipe has a few hundred values
+
+
+def _plain_yaml(text: str) -> Any:
+    """yaml.safe_load of a received file, refusing aliases that multiply into millions of values (a "billion
+    laughs" recipe.yaml in a run folder someone sent)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        pending, seen = [node], 0
+        while pending:
+            current = pending.pop()
+            seen += 1
+            if seen > MAX_YAML_NODES:
+                raise yaml.YAMLError("too many values (aliases that expand?)")
+            if isinstance(current, yaml.SequenceNode):
+                pending.extend(current.value)
+            elif isinstance(current, yaml.MappingNode):
+                pending.extend(item for pair in current.value for item in pair)
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_report(path: Path) -> dict[str, Any]:
     """A report.json (of a run, or given directly), checked to be a sovtune evaluation report of this schema."""
     try:
@@ -269,8 +306,10 @@ def read_report(path: Path) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise ReportError(f"{path}: nested too deeply to be a sovtune report; re-run sovtune eval") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path}: not a valid report ({exc}); re-run sovtune eval") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, 5,000-digit numbers
+        raise ReportError(
+            f"{path}: not a valid report ({str(exc).split(';')[0][:200] or type(exc).__name__}); re-run sovtune eval"
+        ) from None
     if not isinstance(report, dict) or report.get("kind") != REPORT_KIND:
         raise ReportError(f"{path}: not a sovtune evaluation report")
     if report.get("schema_version") != REPORT_SCHEMA_VERSION:

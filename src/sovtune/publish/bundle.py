@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sovtune.core.files import atomic_writer
+from sovtune.core.files import atomic_writer, check_output_place
 from sovtune.core.hashing import RUN_ROOT, sha256_bytes, sha256_stream
 from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
@@ -54,6 +54,7 @@ def export(run_dir: str | Path, bundle_path: str | Path) -> Path:
     run_dir, bundle_path = Path(run_dir), Path(bundle_path)
     if not run_dir.is_dir():
         raise BundleError(f"{run_dir}: not a run directory; give the folder `sovtune train` wrote (runs/<name>)")
+    _check_replaceable(bundle_path)
     names = bundle_files(run_dir)
     result = verify_run_dir(run_dir)
     if result.mismatched or result.missing or result.unexpected or result.links:
@@ -64,20 +65,26 @@ def export(run_dir: str | Path, bundle_path: str | Path) -> Path:
     digests.update({name: sha256_bytes(data) for name, data in generated.items()})
     mtime = int(os.lstat(run_dir / MANIFEST).st_mtime)
     mode = "w:gz" if bundle_path.name.endswith((".tar.gz", ".tgz")) else "w"
-    bundle_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(bundle_path) as raw:
-        with tarfile.open(fileobj=raw, mode=mode, format=tarfile.PAX_FORMAT) as tar:
-            listing = checksums_text(digests).encode()
-            tar.addfile(_member(f"{top}/{CHECKSUMS}", len(listing), mtime), io.BytesIO(listing))
-            for name, data in generated.items():
-                tar.addfile(_member(f"{top}/{name}", len(data), mtime), io.BytesIO(data))
-            for name in names:
-                with _open_in_run(run_dir, name) as handle:
-                    size = os.fstat(handle.fileno()).st_size
-                    tar.addfile(_member(f"{top}/{name}", size, mtime), handle)
-        raw.flush()
-        # The files may have changed while they were packed: what went in must match the checksums written.
-        verify_bundle(Path(raw.name), expect_ok=True)
+    try:
+        bundle_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(bundle_path) as raw:
+            with tarfile.open(fileobj=raw, mode=mode, format=tarfile.PAX_FORMAT) as tar:
+                listing = checksums_text(digests).encode()
+                tar.addfile(_member(f"{top}/{CHECKSUMS}", len(listing), mtime), io.BytesIO(listing))
+                for name, data in generated.items():
+                    tar.addfile(_member(f"{top}/{name}", len(data), mtime), io.BytesIO(data))
+                for name in names:
+                    with _open_in_run(run_dir, name) as handle:
+                        size = os.fstat(handle.fileno()).st_size
+                        tar.addfile(_member(f"{top}/{name}", size, mtime), handle)
+            raw.flush()
+            # The files may have changed while they were packed: what went in must match the checksums written.
+            verify_bundle(Path(raw.name), expect_ok=True)
+    except OSError as exc:
+        raise BundleError(
+            f"{bundle_path}: cannot write the bundle ({exc.strerror or exc}: {exc.filename or bundle_path}); "
+            "choose a writable place for it with free space"
+        ) from None
     return bundle_path
 
 
@@ -105,6 +112,30 @@ def _open_in_run(run_dir: Path, name: str) -> BinaryIO:
 def _hash_in_run(run_dir: Path, name: str) -> str:
     with _open_in_run(run_dir, name) as handle:
         return sha256_stream(handle)
+
+
+def _check_replaceable(bundle_path: Path) -> None:
+    """The bundle file is replaced only when it is an earlier bundle; a folder, a link or any other file stays."""
+    if bundle_path.is_symlink():
+        raise BundleError(f"{bundle_path}: is a symbolic link; sovtune never writes through one; give a new file name")
+    if bundle_path.is_dir():
+        raise BundleError(f"{bundle_path}: is a folder; give the bundle's file name, e.g. {bundle_path / 'run.tar'}")
+    check_output_place(bundle_path, "the bundle")
+    if bundle_path.exists() and not _is_bundle(bundle_path):
+        raise BundleError(
+            f"{bundle_path}: exists and is not a bundle from `sovtune export`, so it is not replaced; "
+            "give a new file name"
+        )
+
+
+def _is_bundle(path: Path) -> bool:
+    """A tar whose first member is `<run>/SHA256SUMS`, as `export` writes it."""
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+    return first is not None and first.isfile() and Path(first.name).name == CHECKSUMS
 
 
 def model_card(run_dir: Path, run_name: str) -> str:
@@ -201,7 +232,7 @@ def _bundle_manifest(data: bytes, bundle_path: Path) -> dict[tuple[str, str], st
     """The file entries of the manifest inside a bundle; any damage is one BundleError naming the bundle."""
     try:
         return recorded_files(json.loads(_utf8(data, MANIFEST, bundle_path)))
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: bad JSON or an integer of 5,000 digits
         raise BundleError(
             f"{bundle_path}: {MANIFEST} inside the bundle is not valid JSON (or nested absurdly deep); the bundle was "
             "damaged"

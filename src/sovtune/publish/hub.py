@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 from sovtune import __version__, offline
 from sovtune.config import HubSection, SovereigntySection, check_endpoint, check_repo_id, endpoint_host
+from sovtune.core.files import check_output_place, deletion_hazard, make_output_dir
 from sovtune.core.rundir import RunDir
 from sovtune.errors import SovtuneError
 from sovtune.model import PICKLE_SUFFIXES
@@ -561,10 +562,14 @@ def pull(
     out = Path(out) if out is not None else Path(repo_id.split("/")[1])
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HubError(f"{out}: exists and is not empty; pass --out to a new folder or remove it")
+    check_output_place(out, "the download")
+    hazard = deletion_hazard(out) if os.path.lexists(out) else None  # an empty --out is replaced by the download
+    if hazard is not None:
+        raise HubError(f"{out}: --out refused: {hazard}; pass --out a new folder")
     token = token or resolve_token(endpoint, required=False)
     target = _Target(endpoint, repo_id, revision or "main", token, "pull")
     api = HfApi(endpoint=endpoint, token=token, library_name="sovtune", library_version=__version__)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent, "the download")
     work = out.parent / f".{out.name}.pull-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:

@@ -42,7 +42,7 @@ def checkpoint_is_complete(path: Path) -> bool:
     step = checkpoint_step(path)
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return step is not None and isinstance(state, dict) and state.get("global_step") == step
 
