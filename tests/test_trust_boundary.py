@@ -415,24 +415,24 @@ def _edit_json(path: Path, **changes: Any) -> None:
     [
         pytest.param(
             lambda adapter: (adapter / "tokenizer_config.json").write_text("[1]"),
-            "the tokenizer saved with the adapter cannot be loaded",
+            "adapter/tokenizer_config.json: a JSON list, not an object",
             id="tokenizer-config-a-list",
         ),
         pytest.param(
             lambda adapter: (adapter / "tokenizer.json").write_text("{not json"),
-            "the tokenizer saved with the adapter cannot be loaded",
+            "adapter/tokenizer.json: not a readable JSON file",
             id="tokenizer-not-json",
         ),
         pytest.param(
             lambda adapter: (adapter / "adapter_model.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}"),
-            "the adapter cannot be loaded onto",
+            "adapter/adapter_model.safetensors: not a valid safetensors file",
             id="safetensors-header-2^60",
         ),
         pytest.param(
             lambda adapter: (adapter / "adapter_model.safetensors").write_bytes(
                 (adapter / "adapter_model.safetensors").read_bytes()[:100]
             ),
-            "the adapter cannot be loaded onto",
+            "adapter/adapter_model.safetensors: not a valid safetensors file",
             id="safetensors-truncated",
         ),
         pytest.param(
