@@ -233,6 +233,34 @@ def test_export_replaces_only_an_earlier_bundle(built_run: Path, tmp_path: Path)
     assert notes.read_text() == "my notes, not a bundle"
 
 
+def test_a_received_runs_audit_log_setting_decides_nothing(
+    built_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder is data: the sovereignty.audit_log its recipe names (here a file of the user's outside the run)
+    never receives a line from commands run on that folder; their events go to the user's own log."""
+    import shutil
+
+    received = tmp_path / "received"
+    shutil.copytree(built_run, received)
+    victim = tmp_path / "outside" / "victim.jsonl"
+    victim.parent.mkdir()
+    victim.write_text("the user's own file\n")
+    recorded = yaml.safe_load((received / RunDir.RECIPE).read_text())
+    recorded.setdefault("sovereignty", {})["audit_log"] = str(victim)
+    (received / RunDir.RECIPE).write_text(yaml.safe_dump(recorded))
+    own_log = tmp_path / "own-audit.jsonl"
+    monkeypatch.setenv("SOVTUNE_AUDIT_LOG", str(own_log))
+    invoke("verify", received)  # the changed recipe fails verification: still an event
+    invoke("export", received, tmp_path / "received.tar")
+    invoke("merge", received, tmp_path / "merged", "--no-verify")
+    evaluated = invoke("eval", received, "--no-verify")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert victim.read_text() == "the user's own file\n"
+    events = [json.loads(line) for line in own_log.read_text().splitlines()]
+    assert [event["event"] for event in events] == ["verify", "export", "merge", "eval"]
+    assert all(event["recipe_sha256"] for event in events)  # the run's recipe was read, for the record only
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Secrets
 

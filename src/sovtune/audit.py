@@ -149,10 +149,13 @@ def audited(
     destination: str | None = None,
     details: dict[str, Any] | None = None,
     run_dir: Path | None = None,
+    recorded: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Record `event` when the block ends: outcome ok, failed (with the one-line error), refused or interrupted.
 
-    The block may fill the yielded dict: `recipe` once loaded, `destination` and `details` once known.
+    The block may fill the yielded dict: `recipe` once loaded, `destination` and `details` once known. `recorded`:
+    the recipe is the one a run folder holds (the folder may come from anyone), so its `sovereignty.audit_log` does
+    not decide where this machine writes: the event goes to $SOVTUNE_AUDIT_LOG or ~/.sovtune/audit.jsonl.
     """
     extra: dict[str, Any] = {"recipe": recipe, "destination": destination, "details": dict(details or {})}
 
@@ -161,6 +164,7 @@ def audited(
             event,
             outcome,
             extra["recipe"],
+            path=log_path() if recorded else None,
             destination=extra["destination"],
             error=error,
             details=extra["details"] or None,

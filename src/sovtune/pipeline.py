@@ -113,7 +113,7 @@ def push(
     for the whole push: only loopback, `sovereignty.allowed_hosts` and `allow_hosts` may be contacted.
     """
     run_dir = Path(run_dir)
-    with audited("push", recipe, run_dir=run_dir) as event:
+    with audited("push", recipe, run_dir=run_dir, recorded=recipe is None) as event:
         if recipe is None:
             event["recipe"] = recorded_recipe(run_dir)
         sovereignty = recipe.sovereignty if recipe is not None else run_sovereignty(run_dir)
@@ -180,7 +180,7 @@ def sign(
     """`sovtune sign`: sign what a push of the run publishes (the card names the repository: --repo, else the
     recipe's hub.repo); the signature is RUN_DIR/model.sig, which `sovtune push` publishes with the files."""
     run_dir = Path(run_dir)
-    with audited("sign", recorded_recipe(run_dir), run_dir=run_dir) as event:
+    with audited("sign", recorded_recipe(run_dir), run_dir=run_dir, recorded=True) as event:
         hub = run_hub_settings(run_dir)
         repo_id = checked_repo_id(repo or hub.repo, "--repo" if repo else "hub.repo")
         branch = revision or hub.revision or "main"

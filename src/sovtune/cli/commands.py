@@ -22,6 +22,7 @@ from sovtune.config import Recipe, RunOptIns, check_path_text, load_recipe, load
 from sovtune.core.hashing import sha256_file
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process
+from sovtune.errors import SovtuneError
 from sovtune.evaluation import HeldOut, evaluate
 from sovtune.generate import complete, load_run, render_prompt
 from sovtune.launch import launch as run_launch
@@ -76,7 +77,8 @@ def opt_ins(trust_remote_code: bool, allow_pickle_weights: bool, allow_user_metr
 
 
 def run_recipe(run_dir: Path) -> Recipe | None:
-    """The recipe a run saved, for the audit record (pipeline.recorded_recipe)."""
+    """The recipe a run saved, for the audit record (pipeline.recorded_recipe; never where the record goes, see
+    `audited(recorded=True)`)."""
     return pipeline.recorded_recipe(run_dir)
 
 
@@ -168,7 +170,7 @@ def evaluate_run(
     verify_first: bool,
 ) -> None:
     target = out if out is not None else run_dir
-    with audited("eval", destination=str(target)) as event:
+    with audited("eval", destination=str(target), recorded=recipe is None) as event:
         extra = [f"model.name_or_path={base}"] if base is not None else []
         overrides = [*(overrides or []), *extra]
         loaded = load_run_recipe(run_dir, overrides, recipe, opt_ins=opt_ins, evaluates=True)
@@ -231,13 +233,13 @@ def sign(run_dir: Path, key: Path, repo: str | None, revision: str | None, inclu
 
 
 def verify(target: Path, strict: bool, trust: Path | None) -> None:
-    with audited("verify", run_recipe(target), destination=str(target)):
+    with audited("verify", run_recipe(target), destination=str(target), recorded=True):
         result = pipeline.verify(target, strict=strict, trust=trust)
     console.print(result.describe(), highlight=False)
 
 
 def export(run_dir: Path, bundle: Path) -> None:
-    with audited("export", run_recipe(run_dir), destination=str(bundle)) as event:
+    with audited("export", run_recipe(run_dir), destination=str(bundle), recorded=True) as event:
         written = export_bundle(run_dir, bundle)
         event["details"]["bundle_sha256"] = sha256_file(written)
     console.print(
@@ -248,7 +250,7 @@ def export(run_dir: Path, bundle: Path) -> None:
 def merge(
     run_dir: Path, out: Path, dtype: str, examples: int, overwrite: bool, opt_ins: RunOptIns, verify_first: bool
 ) -> None:
-    with audited("merge", run_recipe(run_dir), destination=str(out)) as event:
+    with audited("merge", run_recipe(run_dir), destination=str(out), recorded=True) as event:
         result = merge_adapter(
             run_dir, out, dtype=dtype, examples=examples, overwrite=overwrite, opt_ins=opt_ins, verify=verify_first
         )
