@@ -261,6 +261,26 @@ def test_a_received_runs_audit_log_setting_decides_nothing(
     assert all(event["recipe_sha256"] for event in events)  # the run's recipe was read, for the record only
 
 
+def test_generate_stops_a_saved_chat_template_that_does_not_end(built_run: Path, tmp_path: Path) -> None:
+    """The time budget covers rendering prompts for generate/chat too, not only training rows: a run whose saved
+    tokenizer carries a template with nested 100,000-step loops stops with one line naming the budget."""
+    import shutil
+    import time
+
+    received = Path(shutil.copytree(built_run, tmp_path / "received"))
+    endless = (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
+    )
+    (received / "adapter" / "chat_template.jinja").write_text(endless)
+    recorded = yaml.safe_load((received / RunDir.RECIPE).read_text())
+    recorded["data"]["chat_template_timeout_s"] = 1
+    (received / RunDir.RECIPE).write_text(yaml.safe_dump(recorded))
+    started = time.monotonic()
+    line = error_line(invoke("generate", received, "--prompt", "hi", "--no-verify"))
+    assert "took longer than data.chat_template_timeout_s=1 s" in line and "raise data.chat_template_timeout_s" in line
+    assert time.monotonic() - started < 60  # loading the tiny model and one budget, not 10^10 loop steps
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Secrets
 
