@@ -669,3 +669,21 @@ def test_compare_refuses_a_report_with_wrong_field_types(tmp_path: Path, field: 
     line = error_line(invoke("compare", *runs, "--out", tmp_path / "compare"))
     assert f"report.json: results[0].{field} is {type(value).__name__}, not what sovtune writes" in line
     assert not (tmp_path / "compare").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "RUN", "--prompt", "hi", "--max-new-tokens", "1000000000"],
+        ["chat", "RUN", "--max-new-tokens", "1000000000"],
+        ["plan", "RECIPE", "--gpus", "1000000000"],
+        ["launch", "RECIPE", "--gpus", "1000000000", "--dry-run"],
+    ],
+)
+def test_numeric_flags_are_bounded(args: list[str], tmp_path: Path) -> None:
+    """A flag past the recipe's own bound (max_new_tokens) or a plausible job (1,024 processes) is a usage error
+    before anything loads, not hours of generation or a process per 'GPU'."""
+    args = [str(tmp_path) if arg in ("RUN", "RECIPE") else arg for arg in args]
+    result = invoke(*args)
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "Input should be less than or equal to" in said, result.output

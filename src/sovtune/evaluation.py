@@ -173,6 +173,11 @@ def evaluate(
             f"{adapter_dir}: no adapter_config.json; train first (sovtune train) or point --adapter at a peft adapter"
         )
     target = Path(out_dir) if out_dir is not None else run_dir
+    if write and _inside(target, adapter_dir):
+        # Files added to an adapter folder make its run fail verification (and travel with every push and export).
+        raise ReportExists(
+            f"{target}: --out is inside the adapter folder {adapter_dir}; give --out a folder of its own"
+        )
     models.check_adapter_files(adapter_dir, allow_pickle_adapter)
     # No second writer of the report's folder meanwhile (a training with --overwrite, another eval).
     with RunLock(target, enabled=write):
@@ -183,6 +188,11 @@ def evaluate(
 
 class ReportExists(SovtuneError):
     """A report is already where this one would go."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    real, outer = path.resolve(), folder.resolve()
+    return real == outer or outer in real.parents
 
 
 def refuse_existing_report(target: Path, overwrite: bool) -> None:

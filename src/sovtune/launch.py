@@ -136,6 +136,12 @@ def check_devices(gpus: int) -> None:
                 "scripts/slurm_multinode.sh"
             )
     else:
+        cores = os.cpu_count() or 1
+        if gpus > cores:  # each process loads the model: more than the cores starves the machine
+            raise LaunchError(
+                f"--gpus {gpus}: no CUDA GPU here, so the processes would run on this machine's {cores} CPU core(s) "
+                f"(for testing only); lower --gpus to at most {cores}"
+            )
         log.info("no CUDA GPU here: the %d process(es) run on the CPU (gloo), for testing only", gpus)
 
 

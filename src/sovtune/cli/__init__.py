@@ -19,6 +19,11 @@ from sovtune.cli.terminal import console, err_console
 from sovtune.core.secrets import redact_secrets
 from sovtune.errors import SovtuneError
 
+# Bounds of numeric flags, as the recipe's (config/schema.py, not imported here so --help stays fast): a flag past
+# them is a typo, not a plan.
+MAX_NEW_TOKENS = 131_072  # eval.generation.max_new_tokens
+MAX_GPUS = 1024  # processes of one job
+
 app = typer.Typer(
     name="sovtune",
     help="Sovereign fine-tuning: LoRA/QLoRA adapters on your data and hardware, with evidence of the gain.",
@@ -209,7 +214,7 @@ def generate(
     run_dir: RunDirArg,
     prompt: Annotated[str, typer.Option("--prompt", help="The user message (or raw prompt for text formats).")],
     base: Annotated[bool, typer.Option("--base", help="Also show the base model's answer.")] = False,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=MAX_NEW_TOKENS)] = 128,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle_weights: AllowPickleOpt = False,
     no_verify: NoVerifyOpt = False,
@@ -232,7 +237,7 @@ def generate(
 def chat(
     run_dir: RunDirArg,
     base: Annotated[bool, typer.Option("--base", help="Show the base model's answer beside the adapter's.")] = False,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=MAX_NEW_TOKENS)] = 256,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle_weights: AllowPickleOpt = False,
     no_verify: NoVerifyOpt = False,
@@ -493,7 +498,7 @@ def plan(
         ),
     ] = None,
     gpus: Annotated[
-        int, typer.Option("--gpus", min=1, help="GPUs per job (FSDP/ZeRO-3 shard the weights over them).")
+        int, typer.Option("--gpus", min=1, max=MAX_GPUS, help="GPUs per job (FSDP/ZeRO-3 shard the weights over them).")
     ] = 1,
     strategy: Annotated[
         str, typer.Option("--strategy", help="ddp | fsdp | deepspeed (ZeRO-3), as for sovtune launch.")
@@ -511,7 +516,7 @@ def plan(
 def launch(
     recipe: RecipeArg,
     overrides: SetOpt = None,
-    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Processes (GPUs) on this node.")] = 1,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, max=MAX_GPUS, help="Processes (GPUs) on this node.")] = 1,
     strategy: Annotated[
         str,
         typer.Option(
