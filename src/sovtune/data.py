@@ -655,12 +655,16 @@ def _system_support(tokenizer: Any, chat_template: str) -> str:
     """Why the template cannot take a system message ('' when it can): it raises, or renders without its text."""
     conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     try:
-        tokenizer.apply_chat_template(conversation, tokenize=False)
+        render_template(tokenizer, conversation, add_generation_prompt=False)
+    except TemplateError:
+        raise  # over the time budget
     except Exception:  # the template fails without a system message too: not this check's business
         return ""
     probe = [{"role": "system", "content": _SYSTEM_PROBE}, *conversation]
     try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
+        text = render_template(tokenizer, probe, add_generation_prompt=False)
+    except TemplateError:
+        raise
     except Exception as exc:  # jinja2 raise_exception
         return f"rejects system messages ({str(exc).splitlines()[0][:120]})"
     return "" if _SYSTEM_PROBE in text else "drops system messages (their text is not in what it renders)"

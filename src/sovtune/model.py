@@ -14,7 +14,7 @@ from sovtune.config import Recipe
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import device, local_rank, sharded_training
 from sovtune.core.tensorfiles import check_safetensors_in
-from sovtune.data import stop_token_ids  # also re-exported: generation stops there
+from sovtune.data import stop_token_ids, template_budget  # stop_token_ids re-exported: generation stops there
 from sovtune.errors import SovtuneError
 
 if TYPE_CHECKING:
@@ -189,7 +189,8 @@ def load_tokenizer(recipe: Recipe) -> Any:
         raise _loading_error("tokenizer", recipe, exc) from None
     if recipe.data.chat_template:
         tokenizer.chat_template = read_chat_template(recipe)
-    ensure_pad_token(tokenizer)
+    with template_budget(recipe.data):  # finding the turn terminator renders the template
+        ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -622,7 +623,8 @@ def load_adapter_tokenizer(recipe: Recipe, adapter_dir: Path) -> Any:
         ) from None
     if getattr(tokenizer, "chat_template", None) is None and recipe.data.chat_template:
         tokenizer.chat_template = read_chat_template(recipe)
-    ensure_pad_token(tokenizer)
+    with template_budget(recipe.data):  # finding the turn terminator renders the template
+        ensure_pad_token(tokenizer)
     return tokenizer
 
 
