@@ -29,7 +29,7 @@ from sovtune.core.rundir import RunDir
 from sovtune.inputs import prepare_recipe_data
 from sovtune.licence import check_licence
 from sovtune.run import fingerprint, manifest
-from sovtune.run.directory import check_run_dir
+from sovtune.run.directory import check_run_dir, replace_run_dir
 from sovtune.run.lock import RunLock
 from sovtune.training import save_adapter
 
@@ -220,7 +220,7 @@ def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
     with RunLock(recipe.run_dir):
         licence = check_licence(recipe)
         run = RunDir(recipe.run_dir)
-        check_run_dir(run.path, resume=False, overwrite=False)
+        check_run_dir(recipe, resume=False, overwrite=False)
         tokenizer = models.load_tokenizer(recipe)
         data = prepare_recipe_data(recipe, tokenizer)
         set_seed(recipe.train.seed)
@@ -229,7 +229,7 @@ def make_run(recipe_path: Path, seed: int = 0, scale: float = 0.3) -> Recipe:
         for name, parameter in adapted.named_parameters():
             if "lora_B" in name:  # freshly initialised B is zero: the adapter would change nothing
                 parameter.data = torch.randn(parameter.shape, generator=generator) * scale
-        run.path.mkdir(parents=True, exist_ok=True)
+        replace_run_dir(recipe, overwrite=False)  # the folder and its run marker, as training makes them
         fingerprint.write_fingerprint(run.path, fingerprint.run_fingerprint(recipe, data))
         run.write_json(RunDir.DATA_STATS, data.stats)
         run.write_json(RunDir.HELDOUT, {"origins": [example.origin for example in data.eval_examples]})

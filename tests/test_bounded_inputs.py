@@ -19,19 +19,14 @@ from typing import Any, get_args
 import pytest
 import yaml
 from pydantic import BaseModel
-from typer.testing import CliRunner
 
-from conftest import qa_rows, write_jsonl, write_recipe
+from helpers import invoke, make_run, qa_rows, write_jsonl, write_recipe
 from sovtune.cli import app
 from sovtune.config import Recipe, load_recipe
 from sovtune.core.rundir import RunDir
 from sovtune.core.tensorfiles import WeightFileError, check_safetensors
 from sovtune.data import read_rows
 from sovtune.errors import RecipeError
-
-
-def invoke(*args: str | Path) -> Any:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def error_line(result: Any) -> str:
@@ -176,8 +171,6 @@ def test_overwrite_replaces_a_run_it_wrote(tmp_path: Path, tiny_model_dir: Path)
 
 @pytest.fixture(scope="module")
 def built_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from run_factory import make_run
-
     folder = tmp_path_factory.mktemp("built-run")
     return make_run(write_recipe(folder, tiny_model_dir, "built")).run_dir
 
