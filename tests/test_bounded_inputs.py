@@ -597,6 +597,7 @@ PATH_INVOCATIONS = {
     "eval": ["eval", ".", "--adapter", LONG],
     "compare": ["compare", ".", ".", "--out", LONG],
     "push": ["push", LONG, "--repo", "org/name"],
+    "sign": ["sign", ".", "--key", LONG],
     "pull": ["pull", "org/name", "--out", LONG],
     "verify": ["verify", LONG],
     "export": ["export", ".", LONG],
