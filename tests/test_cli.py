@@ -148,3 +148,30 @@ def test_train_then_refuse_to_overwrite(tmp_path: Path, tiny_model_dir: Path) ->
         f"error: {run_dir}: already holds a run; continue it with --resume, or choose another --set output.dir=..."
     )
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_bytes  # untouched
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["check", "--bogus"], "sovtune check: No such option: --bogus"),
+        (["check"], "sovtune check: Missing argument 'recipe'"),
+        (["generate", "run", "--max-new-tokens", "0"], "sovtune generate: Invalid value for '--max-new-tokens'"),
+        (["launch", "r.yaml", "--gpus", "100000"], "sovtune launch: Invalid value for '--gpus'"),
+        (["nosuchcommand"], "sovtune: No such command 'nosuchcommand'"),
+    ],
+    ids=["unknown-option", "missing-argument", "below-range", "above-range", "unknown-command"],
+)
+def test_a_usage_error_is_one_line_and_exit_code_2(args: list[str], says: str, tmp_path: Path) -> None:
+    """Flags are bad input like any other: the real entry point prints one line naming the command and where its
+    help is, not Typer's box with the usage above it; nothing is written."""
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert says in done.stderr and "--help')" in done.stderr
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_bare_sovtune_still_shows_the_help() -> None:
+    done = run_cli()
+    assert done.returncode == 2 and "sovtune [OPTIONS] COMMAND [ARGS]" in done.stdout
+    assert "error:" not in done.stderr

@@ -539,8 +539,39 @@ def launch(
     )
 
 
+def _usage_error_class(name: str) -> type[Exception]:
+    """Click's exception classes, from the public `typer.BadParameter` (Typer >= 0.20 vendors click as a private
+    module, earlier Typers use click itself: its ancestors are the right classes either way)."""
+    return next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == name)
+
+
+UsageError = _usage_error_class("UsageError")
+ClickException = _usage_error_class("ClickException")
+
+
 def main() -> None:
-    app()
+    """The `sovtune` command. A usage error (an unknown option, a missing argument, a flag's value out of range) is
+    bad input like any other: one line on stderr and exit code 2, where Typer would draw a box around it with the
+    usage above. Help for a bare `sovtune` and every other exit stay Typer's."""
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `sovtune`: the help, as Typer shows it
+            exc.show()  # type: ignore[attr-defined]
+        else:
+            context = getattr(exc, "ctx", None)
+            command = context.command_path if context is not None else "sovtune"
+            err_console.print("[bold red]error:[/] ", end="", highlight=False)
+            message = f"{command}: {exc.format_message()} (see '{command} --help')"  # type: ignore[attr-defined]
+            err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except ClickException as exc:
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(exc, "exit_code", 1))
+    except typer.Abort:
+        err_console.print("[bold red]aborted[/]")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
