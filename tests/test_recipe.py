@@ -194,15 +194,15 @@ def test_non_utf8_recipe(tmp_path: Path) -> None:
 # extends
 
 
-def test_extends_merges_sections_and_resolves_the_parent_relative_to_the_child(tmp_path: Path) -> None:
+def test_extends_merges_sections_and_finds_the_parent_relative_to_the_child(tmp_path: Path) -> None:
     write(tmp_path / "base", "common.yaml", MINIMAL + "train:\n  learning_rate: 0.001\n  max_steps: 3\n  seed: 7\n")
     child = write(tmp_path / "recipes", "child.yaml", "extends: ../base/common.yaml\ntrain:\n  max_steps: 5\n")
     recipe = load_recipe(child)
     assert recipe.train.max_steps == 5  # the child wins
     assert recipe.train.learning_rate == 0.001 and recipe.train.seed == 7  # the rest of the section is inherited
     assert recipe.name == "child"
-    # Paths from the merged recipe resolve against the recipe that was loaded.
-    assert recipe.resolve("train.jsonl") == tmp_path / "recipes" / "train.jsonl"
+    # A path resolves against the folder of the recipe that wrote it (tests/test_recipe_paths.py has every case).
+    assert recipe.resolve(recipe.data.train[0].path) == tmp_path / "base" / "train.jsonl"
 
 
 def test_extends_chain_of_three(tmp_path: Path) -> None:
@@ -246,7 +246,8 @@ def test_extends_must_be_a_path(tmp_path: Path) -> None:
 # --set overrides
 
 
-def test_set_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
+def test_set_overrides_are_typed_by_the_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     path = write(tmp_path, "r.yaml", MINIMAL + "train:\n  max_steps: 3\n")
     recipe = load_recipe(
         path,
@@ -263,7 +264,7 @@ def test_set_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
     assert recipe.train.max_steps == 12 and isinstance(recipe.train.max_steps, int)
     assert recipe.train.gradient_checkpointing is False
     assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
-    assert [source.path for source in recipe.data.train] == ["other.jsonl"]
+    assert [source.path for source in recipe.data.train] == ["other.jsonl"]  # the recipe's folder is the cwd here
     assert recipe.run_dir == Path("/tmp/x")
 
 

@@ -8,6 +8,7 @@ from sovtune.config.schema import (
     GENERATION_METRICS,
     LOSS_METRICS,
     LOWER_IS_BETTER,
+    PATH_FIELD,
     SCHEMA_VERSION,
     AdapterSection,
     BootstrapSection,
@@ -28,6 +29,7 @@ from sovtune.config.schema import (
     Section,
     SovereigntySection,
     TrainSection,
+    TrainSource,
     UserMetric,
 )
 from sovtune.config.validators import (
@@ -42,9 +44,9 @@ from sovtune.config.validators import (
 __all__ = [
     "DEFAULT_MAX_ROW_BYTES",
     "FORMAT_COLUMNS", "GENERAL_DATASET", "GENERATION_METRICS", "LOSS_METRICS", "LOWER_IS_BETTER", "OPT_IN_FLAGS",
-    "REPO_ID_HELP", "SCHEMA_VERSION", "AdapterSection", "BootstrapSection", "DataSection", "DataSource", "EvalDataset",
-    "EvalSection", "Format", "Gate", "GeneralText", "GenerationSection", "HubSection", "MetricName", "ModelSection",
-    "OutputSection", "QuantizationSection", "Recipe", "RunOptIns", "Section", "SovereigntySection", "TrainSection",
-    "UserMetric", "check_endpoint", "check_path_text", "check_repo_id", "endpoint_host", "load_recipe",
-    "load_run_recipe", "looks_like_local_path", "validate_recipe",
+    "PATH_FIELD", "REPO_ID_HELP", "SCHEMA_VERSION", "AdapterSection", "BootstrapSection", "DataSection", "DataSource",
+    "EvalDataset", "EvalSection", "Format", "Gate", "GeneralText", "GenerationSection", "HubSection", "MetricName",
+    "ModelSection", "OutputSection", "QuantizationSection", "Recipe", "RunOptIns", "Section", "SovereigntySection",
+    "TrainSection", "TrainSource", "UserMetric", "check_endpoint", "check_path_text", "check_repo_id", "endpoint_host",
+    "load_recipe", "load_run_recipe", "looks_like_local_path", "validate_recipe",
 ]  # fmt: skip

@@ -9,13 +9,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from sovtune.config.schema import Recipe
+from sovtune.config.validators import looks_like_local_path
 from sovtune.core.rundir import RunDir
 from sovtune.core.secrets import secret_env_values
 from sovtune.errors import RecipeError
@@ -24,10 +26,18 @@ KeyPath = tuple[str | int, ...]  # ("train", "learning_rate") or ("data", "train
 
 
 class _Located:
-    """Where each key of a merged recipe came from (file and 1-based line)."""
+    """Where each key of a merged recipe came from (file and 1-based line), and the folder each file's relative paths
+    are relative to."""
 
     def __init__(self) -> None:
         self.where: dict[KeyPath, tuple[str, int]] = {}
+        self.bases: dict[str, Path] = {}  # file -> folder its relative paths resolve against
+        self.source_paths: dict[str, str] = {}  # file -> the recipe it was resolved from (a run's recipe.yaml)
+
+    def forget_below(self, loc: KeyPath) -> None:
+        """Drop what was recorded inside `loc`: a value that replaces it (--set) owns everything below it."""
+        for key in [key for key in self.where if len(key) > len(loc) and key[: len(loc)] == loc]:
+            del self.where[key]
 
     def lookup(self, loc: KeyPath) -> tuple[str, int] | None:
         # Down to the empty path: errors about the whole recipe (or a missing section) still name the file.
@@ -142,6 +152,14 @@ def _read_with_extends(path: Path, located: _Located, chain: tuple[Path, ...] = 
         cycle = " -> ".join(str(p) for p in chain + (path,))
         raise RecipeError(f"{path}: extends forms a cycle ({cycle}); remove one extends")
     data = _read_yaml(path, located)
+    # A resolved recipe saved into a run directory names the recipe file it came from: its relative paths are
+    # relative to that file's folder, not to the run directory.
+    source_path = data.pop("source_path", None)
+    if isinstance(source_path, str) and source_path:
+        located.source_paths[str(path)] = source_path
+        located.bases[str(path)] = Path(source_path).resolve().parent
+    else:
+        located.bases[str(path)] = path.parent
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -264,7 +282,75 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any, located:
         node.pop(parts[-1], None)
     else:
         node[parts[-1]] = value
+    located.forget_below(tuple(parts))
     located.where[tuple(parts)] = ("--set", 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths: each relative path resolves against the folder of the recipe file that set it
+
+
+def _is_path_field(field: FieldInfo) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("recipe_path"))
+
+
+def _path_locations(model: type[BaseModel], value: Any, loc: KeyPath) -> Iterator[KeyPath]:
+    """Where the raw (unvalidated) recipe data holds a path: fields marked PATH_FIELD, and sources written as their
+    path alone (`train: data/train.jsonl`)."""
+    if isinstance(value, str):
+        string_field = getattr(model, "STRING_FIELD", None)
+        if string_field and _is_path_field(model.model_fields[string_field]):
+            yield loc
+        return
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        if _is_path_field(field):
+            if isinstance(item, str):
+                yield loc + (key,)
+            continue
+        section = _model_in_annotation(field.annotation)
+        if section is None:
+            continue
+        if isinstance(item, list):
+            for index, element in enumerate(item):
+                yield from _path_locations(section, element, loc + (key, index))
+        else:
+            yield from _path_locations(section, item, loc + (key,))
+
+
+def _rebased(value: str, base: Path) -> str:
+    """`value` as a path relative to `base`, made absolute; absolute paths, hub ids and inline templates unchanged."""
+    if "{" in value or "\n" in value:  # an inline chat template
+        return value
+    expanded = Path(os.path.expanduser(value))
+    if expanded.is_absolute():
+        return value
+    candidate = base / expanded
+    if looks_like_local_path(value) or candidate.exists():
+        return os.path.normpath(candidate)
+    return value  # a hub id (org/name) that is not a folder there
+
+
+def _rebase_paths(data: dict[str, Any], located: _Located, recipe_dir: Path) -> None:
+    """Make absolute every relative path that was set somewhere other than the loaded recipe file: in a recipe it
+    extends (from any folder, at any depth) or by --set (relative to the working directory). Paths the loaded file
+    sets stay as written: `Recipe.resolve` reads them against its folder."""
+    for loc in list(_path_locations(Recipe, data, ())):
+        origin = located.lookup(loc)
+        if origin is None:
+            continue
+        base = Path.cwd() if origin[0] == "--set" else located.bases.get(origin[0], recipe_dir)
+        if base == recipe_dir:
+            continue
+        node: Any = data
+        for part in loc[:-1]:
+            node = node[part]
+        node[loc[-1]] = _rebased(node[loc[-1]], base)
 
 
 def _dotted(loc: KeyPath) -> str:
@@ -401,7 +487,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), r
     if not recorded:
         data = _interpolate(data, (), located)
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem))
-    data.setdefault("source_path", str(path.resolve()))
+    top = str(path.resolve() if path.exists() else path)
+    data["source_path"] = located.source_paths.get(top, str(path.resolve()))
+    _rebase_paths(data, located, Path(data["source_path"]).resolve().parent)
     _refuse_secret_values(data, (), located, secret_env_values())
     return validate_recipe(data, located)
 

@@ -6,7 +6,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -34,6 +34,10 @@ MAX_NEW_TOKENS = 131_072
 MAX_EXAMPLES = 100_000_000
 DEFAULT_MAX_ROW_BYTES = 4 * 2**20  # long-context rows (128k tokens) are well under 1 MB
 
+# Marks a field whose value is a file or folder: the loader resolves it against the folder of the recipe file that
+# set it (through any depth of `extends`), or against the working directory when it comes from --set.
+PATH_FIELD: dict[str, Any] = {"recipe_path": True}
+
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 # A file, folder or hub id: a string the operating system takes as a path (the validator sits outside the Optional,
 # so field types read `str or None` in the recipe reference).
@@ -58,7 +62,8 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name_or_path: PathText = Field(
-        description="Hub id (e.g. mistralai/Mistral-7B-v0.3) or a local folder with config and weights."
+        description="Hub id (e.g. mistralai/Mistral-7B-v0.3) or a local folder with config and weights.",
+        json_schema_extra=PATH_FIELD,
     )
     revision: str | None = Field(
         default=None,
@@ -153,7 +158,13 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 
 class DataSource(Section):
-    path: PathText = Field(description="Local file or folder (jsonl, json, csv, parquet, txt) or a hub dataset id.")
+    # A source may be written as its path alone (`train: data/train.jsonl`).
+    STRING_FIELD: ClassVar[str] = "path"
+
+    path: PathText = Field(
+        description="Local file or folder (jsonl, json, csv, parquet, txt) or a hub dataset id.",
+        json_schema_extra=PATH_FIELD,
+    )
     revision: str | None = Field(default=None, description="Hub dataset revision to pin.")
     subset: str | None = Field(default=None, description="Hub dataset configuration name.")
     split: str = Field(default="train", description="Hub dataset split.")
@@ -164,8 +175,64 @@ class DataSource(Section):
         return {"path": value} if isinstance(value, str) else value
 
 
+class TrainSource(DataSource):
+    """One source of the training mixture: its own format and columns, and its share of each epoch."""
+
+    path: str = Field(
+        default="",
+        description="Local file or folder (jsonl, json, csv, parquet, txt) or a hub dataset id; with general: true "
+        "it defaults to eval.general.train.",
+        json_schema_extra=PATH_FIELD,
+    )
+    format: Format | None = Field(default=None, description="Row format of this source; default data.format.")
+    columns: dict[str, str] | None = Field(
+        default=None,
+        description="Column mapping of this source; default data.columns when the source has data.format.",
+    )
+    weight: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="This source's share of each epoch's examples, e.g. 0.2 = one example in five (drawn without "
+        "replacement while the source lasts, repeated when it is smaller than its share). Sources without a weight "
+        "contribute each of their examples once per epoch and the weights must sum below 1; when every source has "
+        "one they must sum to 1.",
+    )
+    max_examples: int | None = Field(
+        default=None, gt=0, description="Read a seeded sample of at most this many rows of this source."
+    )
+    general: bool = Field(
+        default=False,
+        description="General-text replay against forgetting: reads eval.general.train (unless path is given) with "
+        "eval.general's format and columns, is checked to share no passage with the forgetting check's eval.general, "
+        "and is never held out for evaluation. E.g. {general: true, weight: 0.2}.",
+    )
+
+    @model_validator(mode="after")
+    def _has_a_path(self) -> TrainSource:
+        if not self.path and not self.general:
+            raise ValueError("a training source needs a path (file, folder or hub id), or general: true")
+        return self
+
+    def format_in(self, data: DataSection) -> Format:
+        return self.format or data.format
+
+    def columns_in(self, data: DataSection) -> dict[str, str]:
+        """Its own columns; else data.columns, which describe sources in data.format only."""
+        if self.columns is not None:
+            return self.columns
+        return data.columns if self.format_in(data) == data.format else {}
+
+    def describe(self) -> str:
+        return self.path or "general"
+
+
 class DataSection(Section):
-    train: list[DataSource] = Field(min_length=1, description="Training sources: a path/hub id or a list of them.")
+    train: list[TrainSource] = Field(
+        min_length=1,
+        description="Training sources: a path/hub id, or a list of them, each a path or {path, format, columns, "
+        "weight, max_examples, general} (a mixture: see docs/data-mixtures.md).",
+    )
     eval: DataSource | None = Field(default=None, description="Held-out source; default: a seeded split of train.")
     eval_fraction: float = Field(
         default=0.1, gt=0.0, lt=1.0, description="Share of train held out when eval is not given."
@@ -179,6 +246,7 @@ class DataSection(Section):
         default=None,
         description="Chat template: a built-in name (chatml, deepseek, llama2, llama3, mistral, plain, starcoder2), "
         "inline Jinja, or a path to a .jinja file; default: the tokenizer's.",
+        json_schema_extra=PATH_FIELD,
     )
     system_message: Literal["keep", "merge"] = Field(
         default="keep",
@@ -237,6 +305,15 @@ class DataSection(Section):
         unknown = sorted(set(self.columns) - set(allowed))
         if unknown:
             raise ValueError(f"columns {unknown} do not apply to format {self.format!r}; allowed: {list(allowed)}")
+        for index, source in enumerate(self.train):
+            source_format = source.format_in(self)
+            unknown = sorted(set(source.columns or {}) - set(FORMAT_COLUMNS[source_format]))
+            if unknown:
+                raise ValueError(
+                    f"train[{index}]: columns {unknown} do not apply to format {source_format!r}; "
+                    f"allowed: {list(FORMAT_COLUMNS[source_format])}"
+                )
+        self._check_weights()
         if self.eval is not None and self.explicitly_set("eval_fraction"):
             raise ValueError("give either eval (a held-out source) or eval_fraction (a split of train), not both")
         if self.format == "text" and self.train_on_inputs:
@@ -250,8 +327,32 @@ class DataSection(Section):
     def _template_path(cls, value: str | None) -> str | None:
         return value if value is None or "{" in value else check_path_text(value)
 
+    def _check_weights(self) -> None:
+        weights = [source.weight for source in self.train if source.weight is not None]
+        if not weights:
+            return
+        total = sum(weights)
+        if len(weights) < len(self.train) and total >= 1:
+            raise ValueError(
+                f"train: the weights sum to {total:g}, but sources without a weight also take part in every epoch; "
+                "weights are shares of an epoch, so keep their sum below 1 (e.g. weight: 0.2 for a replay source)"
+            )
+        if len(weights) == len(self.train) and abs(total - 1) > 1e-6:
+            raise ValueError(
+                f"train: every source has a weight and they sum to {total:g}; as shares of each epoch they must sum "
+                "to 1 (or leave the main source without a weight: it then contributes all its examples)"
+            )
+
     def column(self, logical: str) -> str:
         return self.columns.get(logical, logical)
+
+    def held_out_sources(self) -> list[TrainSource]:
+        """The sources the eval_fraction split draws from: those in data.format, general-text replay excluded."""
+        return [source for source in self.train if not source.general and source.format_in(self) == self.format]
+
+    def source_view(self, source: TrainSource) -> DataSection:
+        """These data settings as one source reads them: its format and columns."""
+        return self.model_copy(update={"format": source.format_in(self), "columns": source.columns_in(self)})
 
 
 class TrainSection(Section):
@@ -389,7 +490,10 @@ def _default_metrics() -> list[MetricName]:
 
 class UserMetric(Section):
     name: str = Field(pattern=_IDENTIFIER, description="Name in the report and in gates.")
-    module: PathText = Field(description="Path to a .py file, relative to the recipe; only this file is imported.")
+    module: PathText = Field(
+        description="Path to a .py file, relative to the recipe; only this file is imported.",
+        json_schema_extra=PATH_FIELD,
+    )
     function: str = Field(
         pattern=_IDENTIFIER, description="function(prediction, reference, row) -> float in that file."
     )
@@ -418,7 +522,9 @@ class EvalDataset(Section):
         default=None,
         description="Pattern for the regex metric: with a group, group 1 must equal the reference; else it must match.",
     )
-    database: OptionalPathText = Field(default=None, description="SQLite file for sql_execution (opened read-only).")
+    database: OptionalPathText = Field(
+        default=None, description="SQLite file for sql_execution (opened read-only).", json_schema_extra=PATH_FIELD
+    )
     sql_timeout_s: float = Field(
         default=5.0, gt=0, le=3600, description="Time budget per SQL query before it counts as wrong."
     )
@@ -480,6 +586,13 @@ class GeneralText(DataSource):
         description="Tokens per scoring window: a document is scored whole when it fits, else in consecutive windows "
         "of this size (at most the base model's context). Fixed, so the figure does not move with data.max_length; "
         "the bootstrap resamples documents, never windows apart.",
+    )
+    train: str | None = Field(
+        default=None,
+        description="General text for replay in training, read by a data.train source {general: true, weight: 0.2}; "
+        "must share no passage with the evaluated set (replaying the passages the forgetting check scores would "
+        "hide forgetting), e.g. data/general/train.jsonl.",
+        json_schema_extra=PATH_FIELD,
     )
 
 
@@ -693,7 +806,9 @@ class SovereigntySection(Section):
         description="Older name of allowed_hosts (URLs); their hosts are added to allowed_hosts.",
     )
     audit_log: OptionalPathText = Field(
-        default=None, description="Append-only JSONL audit log; default $SOVTUNE_AUDIT_LOG or ~/.sovtune/audit.jsonl."
+        default=None,
+        description="Append-only JSONL audit log; default $SOVTUNE_AUDIT_LOG or ~/.sovtune/audit.jsonl.",
+        json_schema_extra=PATH_FIELD,
     )
     data_scan: Literal["warn", "redact", "block"] = Field(
         default="warn",
@@ -813,6 +928,38 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_eval(self) -> Recipe:
         self.eval.check_against(self)
+        return self
+
+    @model_validator(mode="after")
+    def _general_sources(self) -> Recipe:
+        """`{general: true}` sources read eval.general's training text, in its format and columns."""
+        general = self.eval.general
+        for index, source in enumerate(self.data.train):
+            if not source.general:
+                continue
+            where = f"data.train[{index}] (general: true)"
+            if general is None:
+                raise ValueError(
+                    f"{where} replays the general text of eval.general, which is not set; add eval.general: "
+                    "{path: <evaluated passages>, train: <other passages for replay>}, or give this source a path "
+                    "and format: text"
+                )
+            if not source.path:
+                if general.train is None:
+                    raise ValueError(
+                        f"{where} needs eval.general.train: general text for replay that shares no passage with "
+                        f"eval.general ({general.path}), e.g. data/general/train.jsonl"
+                    )
+                source.path = general.train
+            if self.resolve(source.path) == self.resolve(general.path):
+                raise ValueError(
+                    f"{where} reads {source.path}, the passages the forgetting check evaluates: replaying them would "
+                    "hide forgetting; use other general text (eval.general.train)"
+                )
+            if source.format is None:
+                source.format = general.format
+            if source.columns is None:
+                source.columns = dict(general.columns)
         return self
 
     @model_validator(mode="after")
