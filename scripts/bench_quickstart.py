@@ -8,6 +8,10 @@ come from the run's own report.json and train_metrics.json; nothing here is esti
 
     python scripts/bench_quickstart.py                                   # recipes/quickstart.yaml on 2 cores
     python scripts/bench_quickstart.py --recipe recipes/quickstart.yaml --recipe recipes/quickstart-qlora.yaml
+    python scripts/bench_quickstart.py --set data.train.1.weight=0.3     # a variant (the experiments' tables)
+
+The load average before and after each run is printed with its wall-clock time: on a machine other work shares,
+the time grows with the load while the report's figures (seeded) do not.
 """
 
 from __future__ import annotations
@@ -60,10 +64,15 @@ def describe_machine(cores: set[int] | None) -> str:
     )
 
 
-def run_once(recipe: Path, run_dir: Path, cores: set[int] | None) -> tuple[float, int, str]:
+def load_average() -> str:
+    return "/".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+
+
+def run_once(recipe: Path, run_dir: Path, cores: set[int] | None, overrides: list[str]) -> tuple[float, int, str]:
     """`sovtune run` in a fresh process; wall-clock seconds, exit code, combined output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
-    command = sovtune_command() + ["run", str(recipe), "--set", f"output.dir={run_dir}"]
+    settings = [argument for override in overrides for argument in ("--set", override)]
+    command = sovtune_command() + ["run", str(recipe), *settings, "--set", f"output.dir={run_dir}"]
     preexec = (lambda: os.sched_setaffinity(0, cores)) if cores is not None else None
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=preexec)
@@ -143,6 +152,9 @@ def main() -> None:
     )
     parser.add_argument("--cores", type=int, default=2, help="CPU cores the run is pinned to (Linux); 0 = no pinning")
     parser.add_argument("--keep", type=Path, help="keep the run directories under this folder instead of deleting them")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="recipe override for every run (repeatable)"
+    )
     args = parser.parse_args()
     recipes = args.recipe or [Path("recipes/quickstart.yaml")]
     for recipe in recipes:
@@ -157,7 +169,10 @@ def main() -> None:
             run_dir = parent / recipe.stem
             if run_dir.exists():
                 raise SystemExit(f"{run_dir}: already exists; choose another --keep folder")
-            wall_s, code, output = run_once(recipe, run_dir, cores)
+            before = load_average()
+            wall_s, code, output = run_once(recipe, run_dir, cores, args.overrides)
+            variant = " ".join(f"--set {override}" for override in args.overrides)
+            print(f"\n{recipe} {variant}: load average (1/5/15 min) {before} before, {load_average()} after")
             ok = summarise(recipe, wall_s, code, output, run_dir) and ok
     sys.exit(0 if ok else 1)
 

@@ -1,12 +1,15 @@
-"""Build the small pretrained Llama base model shipped in data/base-model/, and the general-text eval set.
+"""Build the small pretrained Llama base model shipped in data/base-model/, and the general-text sets.
 
 Everything is made offline from text already on this machine: the Python standard library (PSF licence) and the
 docstrings of the permissively licensed packages installed beside it (each one's licence is recorded). From it, a
 byte-level BPE tokenizer, then a ~6M-parameter Llama pretrained with the transformers Trainer on packed 256-token
 sequences. A seeded slice of documents is held out: it gives the held-out loss and data/general/eval.jsonl,
-the English passages the evaluation uses to check that fine-tuning did not wreck general ability.
+the English passages the evaluation uses to check that fine-tuning did not wreck general ability, and
+data/general/train.jsonl, passages of the other held-out documents for replay during fine-tuning (disjoint from
+eval.jsonl by document and by paragraph).
 
     python scripts/build_base_model.py --out data/base-model --general-out data/general --seed 0
+    python scripts/build_base_model.py --general-only   # train.jsonl (and the README) for the shipped model
 """
 
 from __future__ import annotations
@@ -345,6 +348,30 @@ def general_eval_rows(held_out: list[Document], tokenizer, args) -> list[dict]:
     return sorted(rows, key=lambda r: (r["source"], r["text"]))
 
 
+def general_train_rows(held_out: list[Document], eval_rows: list[dict], tokenizer, args) -> list[dict]:
+    """Passages for general-text replay during fine-tuning (data/general/train.jsonl).
+
+    Taken from the held-out documents that gave no passage to eval.jsonl, and without any passage that shares a
+    paragraph with an evaluated one (sovtune's own rule, `sovtune.data.paragraphs`; it refuses to train on such
+    text), so replaying them cannot hide forgetting on the evaluated passages.
+    """
+    from sovtune.data import paragraphs
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+
+    evaluated_documents = {row["source"] for row in eval_rows}
+    evaluated = set().union(*(paragraphs(row["text"]) for row in eval_rows))
+    rows = {
+        text: {"text": text, "source": doc.name}
+        for doc in held_out
+        if doc.name not in evaluated_documents
+        for text in passages(prose_paragraphs(doc), count_tokens, args.general_min_tokens, args.general_max_tokens)
+        if not paragraphs(text) & evaluated
+    }
+    return sorted(rows.values(), key=lambda r: (r["source"], r["text"]))
+
+
 # ---------------------------------------------------------------- model and training
 
 
@@ -631,9 +658,10 @@ def package_table(packages: list[dict]) -> str:
     return "\n".join(["| distribution | version | licence (as declared) | characters |", "|---|---|---|---|", *rows])
 
 
-def general_readme(rows: list[dict], path: Path, info: dict) -> str:
+def general_readme(rows: list[dict], path: Path, info: dict, train_rows: list[dict], train_path: Path) -> str:
     """README.md for data/general."""
-    return f"""# general: held-out English passages for the forgetting check
+    train_tokens = info["general"].get("train_tokens", 0)
+    return f"""# general: held-out English passages for the forgetting check, and others for replay
 
 `eval.jsonl`: {len(rows)} lines `{{"text": ..., "source": ...}}`, each \
 {info["general"]["min_tokens"]}-{info["general"]["max_tokens"]} tokens of
@@ -649,7 +677,17 @@ doctests or tables are dropped).
 
 SHA-256 of `eval.jsonl`: `{sha256_file(path)}`
 
-Licence: each passage keeps the licence of its source: {general_licences(rows, info)}.
+`train.jsonl`: {len(train_rows)} passages ({train_tokens:,} tokens) made the same way, for general-text replay while
+fine-tuning (`data.train: [..., {{general: true, weight: 0.2}}]` with `eval.general.train`, see
+docs/data-mixtures.md). They come from the {len({r["source"] for r in train_rows})} held-out documents that gave no
+passage to `eval.jsonl`, and none shares a paragraph with an evaluated passage, so replaying them cannot hide
+forgetting (`tests/test_shipped_data.py` checks both). Built by
+`python scripts/build_base_model.py --general-only` (the held-out documents named in data/base-model/build_info.json,
+read from this machine's standard library and packages; every passage from them that qualifies).
+
+SHA-256 of `train.jsonl`: `{sha256_file(train_path)}`
+
+Licence: each passage keeps the licence of its source: {general_licences(rows + train_rows, info)}.
 """
 
 
@@ -774,6 +812,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--general-passages", type=int, default=150, help="passages in data/general/eval.jsonl")
     parser.add_argument("--general-min-tokens", type=int, default=100)
     parser.add_argument("--general-max-tokens", type=int, default=300)
+    parser.add_argument(
+        "--general-only",
+        action="store_true",
+        help="only write --general-out/train.jsonl (and README) for the model already in --out; trains nothing",
+    )
     return parser.parse_args(argv)
 
 
@@ -784,6 +827,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     args = parse_args(argv)
+    if args.general_only:
+        general_only(args)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     documents = collect_documents(Path(sysconfig.get_paths()["stdlib"]))
@@ -811,9 +857,39 @@ def main(argv: list[str] | None = None) -> None:
     info = build_info(args, model, documents, package_sources, train_docs, held_docs, train_blocks, training)
     (args.out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     (args.out / "README.md").write_text(model_card(info), encoding="utf-8")
-    general_path = args.general_out / "eval.jsonl"
-    (args.general_out / "README.md").write_text(general_readme(general_rows, general_path, info), encoding="utf-8")
+    write_general_train(held_docs, general_rows, tokenizer, args, info)
     print(json.dumps({k: v for k, v in training.items() if k != "loss_log"}, indent=2))
+
+
+def write_general_train(held_docs: list[Document], eval_rows: list[dict], tokenizer, args, info: dict) -> None:
+    """data/general/train.jsonl and the folder's README."""
+    train_rows = general_train_rows(held_docs, eval_rows, tokenizer, args)
+    info["general"]["train_tokens"] = sum(
+        len(tokenizer.backend_tokenizer.encode(row["text"], add_special_tokens=False).ids) for row in train_rows
+    )
+    train_path, eval_path = args.general_out / "train.jsonl", args.general_out / "eval.jsonl"
+    write_jsonl(train_rows, train_path)
+    readme = general_readme(eval_rows, eval_path, info, train_rows, train_path)
+    (args.general_out / "README.md").write_text(readme, encoding="utf-8")
+    print(f"{train_path}: {len(train_rows)} passages, {info['general']['train_tokens']:,} tokens")
+
+
+def general_only(args) -> None:
+    """train.jsonl for the shipped model: its held-out documents (by name, from build_info.json) read from this
+    machine, without the documents and paragraphs of the existing eval.jsonl. No model is trained."""
+    from transformers import AutoTokenizer
+
+    info = json.loads((args.out / "build_info.json").read_text(encoding="utf-8"))
+    names = set(info["corpus"]["held_out_names"])
+    documents = collect_documents(Path(sysconfig.get_paths()["stdlib"]))
+    if info["package_chars"]:
+        documents += collect_package_documents(info["package_chars"], info["training"]["seed"])[0]
+    held_docs = [doc for doc in documents if doc.name in names]
+    print(f"{len(held_docs)} of the {len(names)} held-out documents found on this machine", flush=True)
+    eval_path = args.general_out / "eval.jsonl"
+    eval_rows = [json.loads(line) for line in eval_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    write_general_train(held_docs, eval_rows, tokenizer, args, info)
 
 
 if __name__ == "__main__":

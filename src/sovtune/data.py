@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
-from sovtune.config import DEFAULT_MAX_ROW_BYTES, DataSection, DataSource, looks_like_local_path
+from sovtune.config import DEFAULT_MAX_ROW_BYTES, DataSection, DataSource, TrainSource, looks_like_local_path
 from sovtune.core.hashing import file_entry, tree_entries
 from sovtune.errors import DataError
 from sovtune.scan import ScanReport, scan_rows
@@ -117,6 +117,24 @@ class PreparedData:
     stats: dict[str, Any]
 
 
+@dataclass
+class SourcePool:
+    """One training source: its settings as it reads them, its examples (after the held-out split), their tokens."""
+
+    index: int
+    source: TrainSource
+    view: DataSection
+    stats: SplitStats = field(default_factory=SplitStats)
+    examples: list[Example] = field(default_factory=list)
+    tokenized: list[Tokenized] = field(default_factory=list)
+    capped_from: int | None = None  # rows before max_examples took a sample
+    held_out: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"data.train[{self.index}] ({self.source.describe()})"
+
+
 def _percentile(values: list[int], pct: int) -> int:
     if not values:
         return 0
@@ -131,7 +149,7 @@ def _percentile(values: list[int], pct: int) -> int:
 def resolve(path: str, base_dir: Path) -> Path:
     """A data path made absolute: relative paths are relative to the recipe's folder."""
     expanded = Path(os.path.expanduser(path))
-    return expanded if expanded.is_absolute() else Path(base_dir) / expanded
+    return expanded if expanded.is_absolute() else Path(os.path.normpath(Path(base_dir) / expanded))
 
 
 def read_rows(
@@ -970,11 +988,15 @@ def load_examples(
     scanned: ScanReport | None = None,
     origins: set[str] | None = None,
 ) -> list[Example]:
-    """Rows of `sources` rendered to examples (only the rows whose origin is in `origins`, when given)."""
+    """Rows of `sources` rendered to examples (only the rows whose origin is in `origins`, when given).
+
+    A training source of a mixture reads its rows in its own format and columns (`data.source_view`).
+    """
     check_template(tokenizer, data)
     examples, bad = [], []
     for source in sources:
-        rows = read_rows(source, data.format, base_dir, data.max_row_bytes)
+        view = data.source_view(source) if isinstance(source, TrainSource) else data
+        rows = read_rows(source, view.format, base_dir, data.max_row_bytes)
         if origins is not None:
             rows = [row for row in rows if row.origin in origins]
         if scanned is not None:
@@ -984,7 +1006,7 @@ def load_examples(
             stats.rows += 1
             try:
                 with template_budget(data):
-                    examples.append(to_example(row, data, tokenizer))
+                    examples.append(to_example(row, view, tokenizer))
             except TemplateError as exc:  # the template, not the row, is at fault: stop at the first row it meets
                 raise TemplateError(f"{row.origin}: {exc}") from None
             except RowError as exc:
@@ -1011,14 +1033,18 @@ def tokenize_split(examples: list[Example], data: DataSection, tokenizer: Any, s
                 stats.drop("no supervised tokens left after truncation to max_length")
                 continue
             kept += 1
-            stats.token_lengths.append(len(piece.input_ids))
-            stats.truncated += piece.truncated
-            stats.supervised_tokens += piece.supervised_tokens
-            stats.total_tokens += len(piece.input_ids)
-            stats.eos_supervised += any(label in stop_ids for label in piece.labels)
+            _count_tokens(stats, piece, stop_ids)
             out.append(piece)
         stats.empty_targets += example.empty_target and kept > 0
     return out
+
+
+def _count_tokens(stats: SplitStats, piece: Tokenized, stop_ids: set[int]) -> None:
+    stats.token_lengths.append(len(piece.input_ids))
+    stats.truncated += piece.truncated
+    stats.supervised_tokens += piece.supervised_tokens
+    stats.total_tokens += len(piece.input_ids)
+    stats.eos_supervised += any(label in stop_ids for label in piece.labels)
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -1064,39 +1090,144 @@ def split_train_eval(examples: list[Example], eval_fraction: float, seed: int) -
 def prepare_data(
     data: DataSection, tokenizer: Any, *, base_dir: Path, seed: int, scan_policy: str = "warn"
 ) -> PreparedData:
-    """Read, render, split, de-duplicate and tokenise the data; raise on what would ruin a run.
+    """Read, render, split, de-duplicate, tokenise and mix the data; raise on what would ruin a run.
 
-    `base_dir` is the recipe's folder (relative paths), `seed` the split seed (train.seed), `scan_policy`
+    `base_dir` is the recipe's folder (relative paths), `seed` the split and mixture seed (train.seed), `scan_policy`
     sovereignty.data_scan.
     """
-    train_stats, eval_stats = SplitStats(), SplitStats()
     scanned = ScanReport(policy=scan_policy)
-    train_examples = load_examples(data.train, data, tokenizer, train_stats, base_dir, scanned)
-    if train_stats.rows == 0:  # before any split, so the message names the empty source
-        _refuse_ruinous([], train_stats, data)
+    pools = [SourcePool(index, source, data.source_view(source)) for index, source in enumerate(data.train)]
+    for pool in pools:
+        pool.examples = load_examples([pool.source], data, tokenizer, pool.stats, base_dir, scanned)
+        _cap(pool, seed)
+    if sum(pool.stats.rows for pool in pools) == 0:  # before any split, so the message names the empty source
+        _refuse_ruinous([], pools, data)
+    eval_stats = SplitStats()
     if data.eval is not None:
         eval_examples = load_examples([data.eval], data, tokenizer, eval_stats, base_dir, scanned)
     else:
-        train_examples, eval_examples = split_train_eval(train_examples, data.eval_fraction, seed)
+        eval_examples = _hold_out(pools, data, seed)
         eval_stats.rows = len(eval_examples)
-        train_stats.rows -= len(eval_examples)
-    train_keys = {example.key() for example in train_examples}
+    train_keys = {example.key() for pool in pools for example in pool.examples}
     duplicates = sum(1 for example in eval_examples if example.key() in train_keys)
     eval_examples = [example for example in eval_examples if example.key() not in train_keys]
     if duplicates:
         eval_stats.dropped["exact duplicate of a training row"] = duplicates
-    train = tokenize_split(train_examples, data, tokenizer, train_stats)
+    for pool in pools:
+        pool.tokenized = tokenize_split(pool.examples, pool.view, tokenizer, pool.stats)
     evaluation = tokenize_split(eval_examples, data, tokenizer, eval_stats)
     kept_origins = {document_of(item.origin) for item in evaluation}
     eval_examples = [example for example in eval_examples if example.origin in kept_origins]
+    _refuse_ruinous([item for pool in pools for item in pool.tokenized], pools, data)
+    train, train_stats = mix_sources(pools, tokenizer, seed)
     stats = {
-        "train": train_stats.summary(),
+        "train": train_stats,
         "eval": eval_stats.summary(),
         "eval_duplicates_removed": duplicates,
         "data_scan": scanned.summary(),
     }
-    _refuse_ruinous(train, train_stats, data)
     return PreparedData(train=train, eval=evaluation, eval_examples=eval_examples, stats=stats)
+
+
+def _cap(pool: SourcePool, seed: int) -> None:
+    """`max_examples`: a seeded sample of the source's rows, kept in file order."""
+    cap = pool.source.max_examples
+    if cap is None or len(pool.examples) <= cap:
+        return
+    keep = sorted(random.Random(f"{seed}:max_examples:{pool.index}").sample(range(len(pool.examples)), cap))
+    pool.capped_from = len(pool.examples)
+    pool.examples = [pool.examples[index] for index in keep]
+
+
+def _hold_out(pools: list[SourcePool], data: DataSection, seed: int) -> list[Example]:
+    """The eval_fraction split, drawn from the task's sources (data.format, no general-text replay).
+
+    The kept examples stay in the split's shuffled order, so a single source trains exactly as before mixtures.
+    """
+    eligible = [pool for pool in pools if pool.source in data.held_out_sources()]
+    owner = {id(example): pool for pool in eligible for example in pool.examples}
+    combined = [example for pool in eligible for example in pool.examples]
+    if not combined:
+        raise DataError(
+            "data.eval_fraction: no training source in data.format "
+            f"{data.format!r} to hold examples out from; give data.eval or a source in that format"
+        )
+    kept, held = split_train_eval(combined, data.eval_fraction, seed)
+    for pool in eligible:
+        pool.held_out = sum(owner[id(example)] is pool for example in held)
+        pool.examples = [example for example in kept if owner[id(example)] is pool]
+        pool.stats.rows -= pool.held_out
+    return held
+
+
+def mix_sources(pools: list[SourcePool], tokenizer: Any, seed: int) -> tuple[list[Tokenized], dict[str, Any]]:
+    """The training examples of one epoch, by each source's share, and their statistics (overall and per source).
+
+    Sources without a weight give each of their examples once. A weighted source gives round(weight x epoch)
+    examples, where the epoch holds the unweighted sources' examples / (1 - sum of weights), or, when every source
+    is weighted, as many examples as all sources hold: a seeded sample without replacement when the source has more,
+    all of them repeated (and a seeded sample for the remainder) when it has fewer. The mixture is drawn once per
+    run from train.seed, so a resumed run trains on the same examples; the trainer shuffles them each epoch, and
+    epochs and max_steps count passes over this mixture as for a single source.
+    """
+    unweighted = sum(len(pool.tokenized) for pool in pools if pool.source.weight is None)
+    weights = sum(pool.source.weight for pool in pools if pool.source.weight is not None)
+    epoch = unweighted / (1 - weights) if unweighted else sum(len(pool.tokenized) for pool in pools)
+    picked: list[list[Tokenized]] = []
+    for pool in pools:
+        if pool.source.weight is None:
+            picked.append(pool.tokenized)
+        else:
+            rng = random.Random(f"{seed}:mixture:{pool.index}")
+            picked.append(_draw(pool.tokenized, round(pool.source.weight * epoch), rng))
+    train = [item for items in picked for item in items]
+    return train, _mixture_stats(pools, picked, train, tokenizer)
+
+
+def _draw(items: list[Tokenized], count: int, rng: random.Random) -> list[Tokenized]:
+    repeats, rest = divmod(count, len(items))
+    return items * repeats + [items[index] for index in sorted(rng.sample(range(len(items)), rest))]
+
+
+def _mixture_stats(
+    pools: list[SourcePool], picked: list[list[Tokenized]], train: list[Tokenized], tokenizer: Any
+) -> dict[str, Any]:
+    """The training split's statistics over the examples trained on, plus one line per source."""
+    overall = SplitStats(rows=sum(pool.stats.rows for pool in pools))
+    for pool in pools:
+        for reason, count in pool.stats.dropped.items():
+            overall.dropped[reason] = overall.dropped.get(reason, 0) + count
+    stop_ids = set(stop_token_ids(tokenizer))
+    for item in train:
+        _count_tokens(overall, item, stop_ids)
+    summary = overall.summary()
+    chats = [item for pool, items in zip(pools, picked) if pool.view.format != "text" for item in items]
+    if chats and len(chats) < len(train):
+        # Text windows end without a stop token unless they end their document: count the rows that should.
+        summary["eos_supervised_fraction"] = sum(
+            any(label in stop_ids for label in item.labels) for item in chats
+        ) / len(chats)
+    total_tokens = sum(len(item.input_ids) for item in train)
+    summary["sources"] = [
+        {
+            "source": pool.source.describe(),
+            "format": pool.view.format,
+            "weight": pool.source.weight,
+            "general": pool.source.general,
+            "rows": pool.stats.rows,
+            "held_out": pool.held_out,
+            "sampled_from": pool.capped_from,
+            "examples": len(pool.tokenized),
+            "per_epoch": len(items),
+            "share": len(items) / len(train) if train else 0.0,
+            "tokens": sum(len(item.input_ids) for item in items),
+            "token_share": sum(len(item.input_ids) for item in items) / total_tokens if total_tokens else 0.0,
+            "supervised_tokens": sum(item.supervised_tokens for item in items),
+            "repeats": len(items) / len(pool.tokenized) if pool.tokenized else 0.0,
+        }
+        for pool, items in zip(pools, picked)
+    ]
+    return summary
 
 
 def load_held_out(
@@ -1105,7 +1236,7 @@ def load_held_out(
     """The held-out examples a training run recorded (their origins, in order), without re-reading the training set
     into tokens: only those rows are rendered and tokenised."""
     stats = SplitStats()
-    sources = [data.eval] if data.eval is not None else data.train
+    sources: list[DataSource] = [data.eval] if data.eval is not None else list(data.held_out_sources())
     wanted = set(origins)
     scanned = ScanReport(policy=scan_policy)
     found = {
@@ -1122,24 +1253,66 @@ def load_held_out(
     return examples, tokenize_split(examples, data, tokenizer, stats), stats
 
 
-def _refuse_ruinous(train: list[Tokenized], stats: SplitStats, data: DataSection) -> None:
-    sources = ", ".join(source.path for source in data.train)
-    if stats.rows == 0:
+def _refuse_ruinous(train: list[Tokenized], pools: list[SourcePool], data: DataSection) -> None:
+    sources = ", ".join(source.describe() for source in data.train)
+    if sum(pool.stats.rows for pool in pools) + sum(pool.held_out for pool in pools) == 0:
         raise DataError(f"{sources}: the training data is empty; point data.train at rows in format {data.format!r}")
+    for pool in pools:
+        where, stats = (pool.where if len(pools) > 1 else pool.source.describe()), pool.stats
+        if stats.rows == 0 and pool.held_out == 0:
+            raise DataError(f"{where}: no rows; point it at rows in format {pool.view.format!r}")
+        if not pool.tokenized and (train or len(pools) > 1):
+            reasons = ", ".join(f"{count} {reason}" for reason, count in stats.dropped.items()) or "none left"
+            raise DataError(f"{where}: no usable training rows ({reasons}); check its format, columns, max_length")
+        if pool.tokenized and stats.truncated == len(pool.tokenized) and pool.view.format != "text":
+            raise DataError(
+                f"{where}: every row is longer than data.max_length={data.max_length} and was truncated; "
+                "raise data.max_length"
+            )
     if not train:
-        reasons = ", ".join(f"{count} {reason}" for reason, count in stats.dropped.items())
+        reasons = ", ".join(f"{count} {reason}" for pool in pools for reason, count in pool.stats.dropped.items())
         raise DataError(f"{sources}: no usable training rows ({reasons}); check data.format, data.columns, max_length")
-    if len(train) and stats.truncated == len(train) and data.format != "text":
-        raise DataError(
-            f"{sources}: every row is longer than data.max_length={data.max_length} and was truncated; "
-            "raise data.max_length"
-        )
-    if stats.empty_targets == len(train):
+    if train and sum(pool.stats.empty_targets for pool in pools) == len(train):
         answer = {"messages": "assistant message", "instruction": "output"}.get(data.format, "answer")
         raise DataError(
             f"{sources}: every {answer} is empty, so only the end-of-turn token would be trained; fill in the "
             f"answers, or map the column that holds them with data.columns"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replay text must not hold the passages the forgetting check scores
+
+MIN_SHARED_PARAGRAPH = 60  # characters: shorter paragraphs ("Returns the value.") are common to unrelated texts
+
+
+def paragraphs(text: str) -> set[str]:
+    """Normalised paragraphs (blank-line separated, whitespace collapsed, lower case) of at least 60 characters."""
+    found = (" ".join(part.split()).lower() for part in text.replace("\r\n", "\n").split("\n\n"))
+    return {paragraph for paragraph in found if len(paragraph) >= MIN_SHARED_PARAGRAPH}
+
+
+def row_text(row: Row, data: DataSection) -> str:
+    """The text a row contributes: the text column for format text, every string value otherwise."""
+    if data.format == "text":
+        value = row.values.get(data.column("text"))
+        return value if isinstance(value, str) else ""
+    return "\n\n".join(value for value in row.values.values() if isinstance(value, str))
+
+
+def rows_sharing_text(
+    sources: list[TrainSource], data: DataSection, evaluated: DataSource, evaluated_view: DataSection, base_dir: Path
+) -> list[str]:
+    """Origins of the training rows of `sources` that share a paragraph with a row of `evaluated`."""
+    evaluated_rows = read_rows(evaluated, evaluated_view.format, base_dir, data.max_row_bytes)
+    held = set().union(*(paragraphs(row_text(row, evaluated_view)) for row in evaluated_rows))
+    shared = []
+    for source in sources:
+        view = data.source_view(source)
+        for row in read_rows(source, view.format, base_dir, data.max_row_bytes):
+            if held & paragraphs(row_text(row, view)):
+                shared.append(row.origin)
+    return shared
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -360,19 +360,23 @@ def check_gates(section: EvalSection, results: Sequence[MetricResult]) -> list[G
 
 def _gate_rules(key: str, gate: Gate, result: MetricResult) -> list[GateResult]:
     sign = 1.0 if result.higher_is_better else -1.0
-    gain = sign * result.difference  # improvement in the metric's good direction
+    # The improvement in the metric's good direction; with `confident`, the worst end of each interval.
+    gain, relative, low, high = sign * result.difference, result.relative_change, result.tuned, result.tuned
+    upper = lower = ""
+    if gate.confident:
+        gain = result.ci_low if result.higher_is_better else -result.ci_high
+        relative, low, high = result.relative_ci_high, result.tuned_ci_low, result.tuned_ci_high
+        upper, lower = " (upper bound)", " (lower bound)"
     checks: list[tuple[str, float | bool, float | bool | None, bool]] = []
     if gate.min_gain is not None:
-        checks.append(("min_gain", gate.min_gain, gain, gain >= gate.min_gain))
+        checks.append((f"min_gain{lower}", gate.min_gain, gain, gain >= gate.min_gain))
     if gate.max_increase is not None:
-        relative = result.relative_change
-        checks.append(
-            ("max_increase", gate.max_increase, relative, relative is not None and relative <= gate.max_increase)
-        )
+        ok = relative is not None and relative <= gate.max_increase
+        checks.append((f"max_increase{upper}", gate.max_increase, relative, ok))
     if gate.min_value is not None:
-        checks.append(("min_value", gate.min_value, result.tuned, result.tuned >= gate.min_value))
+        checks.append((f"min_value{lower}", gate.min_value, low, low >= gate.min_value))
     if gate.max_value is not None:
-        checks.append(("max_value", gate.max_value, result.tuned, result.tuned <= gate.max_value))
+        checks.append((f"max_value{upper}", gate.max_value, high, high <= gate.max_value))
     if gate.significant:
         checks.append(("significant", True, result.improved, result.improved))
     if gate.beats_constant:

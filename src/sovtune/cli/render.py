@@ -143,6 +143,9 @@ def preflight_report(report: PreflightReport, console: Console) -> None:
         for key, value in rows:
             table.add_row(key, value)
         console.print(table)
+    sources = report.stats["train"].get("sources") or []
+    if len(sources) > 1:
+        console.print(mixture_table(sources, title=f"{report.recipe}: training mixture (one epoch)"))
     arch = report.architecture
     if "trainable_parameters" in arch:
         console.print(
@@ -157,6 +160,22 @@ def preflight_report(report: PreflightReport, console: Console) -> None:
         mark = "[green]ok[/]" if finding.ok else ("[red]FAIL[/]" if finding.fatal else "[yellow]warn[/]")
         checks.add_row(finding.check, mark, finding.detail)
     console.print(checks)
+
+
+def mixture_table(sources: list[dict[str, Any]], title: str) -> Table:
+    """Per training source: rows read, examples, how many an epoch takes, their share of examples and tokens."""
+    table = Table(title=title, title_justify="left")
+    for name in ("source", "format", "weight", "rows", "examples", "per epoch", "share", "tokens", "token share"):
+        table.add_column(name, justify="left" if name in ("source", "format") else "right")
+    for source in sources:
+        weight = "-" if source["weight"] is None else f"{source['weight']:g}"
+        examples = f"{source['examples']:,}" + (f" of {source['sampled_from']:,}" if source.get("sampled_from") else "")
+        table.add_row(
+            source["source"] + (" (general)" if source.get("general") else ""), source["format"], weight,
+            f"{source['rows']:,}", examples, f"{source['per_epoch']:,} (x{source['repeats']:.2f})",
+            f"{source['share']:.1%}", f"{source['tokens']:,}", f"{source['token_share']:.1%}",
+        )  # fmt: skip
+    return table
 
 
 def memory_plan(result: Plan, console: Console) -> None:

@@ -357,9 +357,19 @@ class DataSection(Section):
 
 class TrainSection(Section):
     epochs: float = Field(
-        default=1.0, gt=0, le=10_000, description="Passes over the training data (ignored when max_steps is set)."
+        default=1.0,
+        gt=0,
+        le=10_000,
+        description="Passes over the training data (over one epoch of the mixture when data.train weights sources); "
+        "--set train.max_steps=N replaces it.",
     )
-    max_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps.")
+    max_steps: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_STEPS,
+        description="Stop after this many optimizer steps instead of after epochs (the trainer cycles through the "
+        "mixture's epoch as often as needed); --set train.epochs=N replaces it.",
+    )
     batch_size: int = Field(default=4, gt=0, le=MAX_BATCH, description="Examples per device per micro-batch.")
     gradient_accumulation: int = Field(default=1, gt=0, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
@@ -410,7 +420,9 @@ class TrainSection(Section):
         if self.explicitly_set("warmup_ratio") and self.warmup_steps is not None:
             raise ValueError("give warmup_ratio or warmup_steps, not both")
         if self.explicitly_set("epochs") and self.max_steps is not None:
-            raise ValueError("give epochs or max_steps, not both (on the command line: --set train.epochs=null)")
+            raise ValueError(
+                "give epochs or max_steps, not both (a --set of one on the command line replaces the recipe's other)"
+            )
         if self.eval_samples and self.eval_steps is None:
             raise ValueError("eval_samples are generated at each in-training evaluation; set eval_steps too")
         return self
@@ -616,10 +628,16 @@ class Gate(Section):
         description="Generation metrics: the tuned model must beat the constant baseline (its own most frequent "
         "output given for every example), the interval of the difference excluding 0.",
     )
+    confident: bool = Field(
+        default=False,
+        description="The rules hold for the whole confidence interval, not only the estimate: max_increase and "
+        "max_value against its upper bound, min_gain and min_value against its lower bound (e.g. forgetting: "
+        "{max_increase: 0.25, confident: true}).",
+    )
 
     @model_validator(mode="after")
     def _has_a_rule(self) -> Gate:
-        if not self.model_fields_set:
+        if not self.model_fields_set - {"confident"}:
             raise ValueError(
                 "a gate needs a rule: min_gain, max_increase, min_value, max_value, significant or beats_constant"
             )
@@ -983,9 +1001,10 @@ class Recipe(Section):
         return Path(self.source_path).resolve().parent if self.source_path else Path.cwd()
 
     def resolve(self, path: str) -> Path:
-        """A recipe path made absolute: relative paths are relative to the recipe file's folder."""
+        """A recipe path made absolute: relative paths are relative to the recipe file's folder ("a/../b" is "b",
+        also where the folder does not exist yet, as for `sovtune init`)."""
         expanded = Path(os.path.expanduser(path))
-        return expanded if expanded.is_absolute() else self.base_dir / expanded
+        return expanded if expanded.is_absolute() else Path(os.path.normpath(self.base_dir / expanded))
 
     @property
     def run_dir(self) -> Path:
