@@ -275,14 +275,31 @@ def test_later_set_wins(tmp_path: Path) -> None:
 
 def test_set_null_removes_a_field_so_a_conflicting_one_can_be_given(tmp_path: Path) -> None:
     path = write(tmp_path, "r.yaml", MINIMAL + "train:\n  epochs: 3\n")
-    assert error_of(path, ["train.max_steps=10"]) == (
-        f"{path}:5: train: give epochs or max_steps, not both (on the command line: --set train.epochs=null)"
-    )
     recipe = load_recipe(path, ["train.max_steps=10", "train.epochs=null"])
     assert recipe.train.max_steps == 10 and recipe.train.epochs == 1.0 and not recipe.train.explicitly_set("epochs")
     assert error_of(path, ["model.name_or_path=null"]) == (
         "--set: model.name_or_path: required field is missing; add it "
         "(Hub id (e.g. mistralai/Mistral-7B-v0.3) or a local folder with config and weights.)"
+    )
+
+
+def test_set_of_one_stopping_rule_replaces_the_recipes_other(tmp_path: Path) -> None:
+    path = write(tmp_path, "r.yaml", MINIMAL + "train:\n  epochs: 3\n")
+    quick = load_recipe(path, ["train.max_steps=10"])  # what `sovtune init`'s recipes suggest for a quick try
+    assert quick.train.max_steps == 10 and not quick.train.explicitly_set("epochs")
+    steps = write(tmp_path, "s.yaml", MINIMAL + "train:\n  max_steps: 30\n")
+    longer = load_recipe(steps, ["train.epochs=2"])
+    assert longer.train.epochs == 2 and longer.train.max_steps is None
+    # Both on the command line: still a conflict, said as such.
+    assert "give epochs or max_steps, not both" in error_of(path, ["train.max_steps=10", "train.epochs=2"])
+
+
+def test_set_into_a_list_item_by_index(tmp_path: Path) -> None:
+    path = write(tmp_path, "r.yaml", MINIMAL.replace("train: train.jsonl", "train: [a.jsonl, {path: b.jsonl}]"))
+    recipe = load_recipe(path, ["data.train.1.weight=0.3"])
+    assert recipe.data.train[1].weight == 0.3 and recipe.data.train[1].path == "b.jsonl"
+    assert error_of(path, ["data.train.5.weight=0.3"]) == (
+        "--set data.train.5.weight: '5' is not an item of a list of 2; use an index from 0 to 1"
     )
 
 
@@ -379,7 +396,8 @@ def test_env_value_never_reaches_error_unless_it_is_the_bad_value(
         ),
         (
             "train:\n  epochs: 2\n  max_steps: 5\n",
-            "{path}:5: train: give epochs or max_steps, not both (on the command line: --set train.epochs=null)",
+            "{path}:5: train: give epochs or max_steps, not both (a --set of one on the command line replaces the "
+            "recipe's other)",
         ),
         (
             "quantization:\n  double_quant: false\n",

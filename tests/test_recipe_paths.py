@@ -90,9 +90,7 @@ def test_paths_of_the_loaded_recipe_resolve_against_its_folder(project: Path) ->
         ("child.yaml", "recipes/base.yaml"),  # base in a child folder
     ],
 )
-def test_paths_of_an_extended_recipe_resolve_against_the_extended_file(
-    project: Path, child: str, extends: str
-) -> None:
+def test_paths_of_an_extended_recipe_resolve_against_the_extended_file(project: Path, child: str, extends: str) -> None:
     write(project / "recipes" / "base.yaml", BASE)
     child_path = write(project / child, f"extends: {extends}\ntrain:\n  max_steps: 3\n")
     assert_every_path_found(project, child_path)
@@ -124,7 +122,13 @@ def test_set_paths_resolve_against_the_working_directory(project: Path, monkeypa
     write(project / "work" / "mine.jsonl", '{"text": "z"}\n')
     monkeypatch.chdir(project / "work")
     recipe = load_recipe(
-        recipe_path, ["data.train=mine.jsonl", "eval.general.path=../data/general.jsonl", "model.name_or_path=org/m", "model.revision=abc"]
+        recipe_path,
+        [
+            "data.train=mine.jsonl",
+            "eval.general.path=../data/general.jsonl",
+            "model.name_or_path=org/m",
+            "model.revision=abc",
+        ],
     )
     assert [at(recipe, source.path) for source in recipe.data.train] == [project / "work" / "mine.jsonl"]
     assert recipe.eval.general is not None

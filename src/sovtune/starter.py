@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from sovtune import data, plan
 from sovtune import model as models
-from sovtune.config import Recipe, looks_like_local_path, validate_recipe
+from sovtune.config import GENERATION_METRICS, Recipe, looks_like_local_path, validate_recipe
 from sovtune.core.files import atomic_write_text, check_output_place
 from sovtune.errors import RecipeError, SovtuneError
 
@@ -22,11 +25,15 @@ GPU_PRESETS = {
     "a100-80gb": ("none", 8, 2, 2048, "adamw_torch_fused", "80 GB: bf16 LoRA for 7-8B models"),
     "h100-80gb": ("none", 8, 2, 2048, "adamw_torch_fused", "80 GB: bf16 LoRA for 7-8B models"),
 }
+# The general-text set `init` uses for the forgetting check unless told otherwise (relative to the working directory).
+SHIPPED_GENERAL = Path("data/general/eval.jsonl")
+LOSS_FIRST = ["loss", "perplexity", "token_accuracy"]
 
 TEMPLATE = """\
 # {name}: LoRA fine-tune of {model} on {data} ({gpu_comment}).
 # Check first (no weights downloaded):  sovtune check {path}
 # Then train and evaluate:              sovtune run {path}
+# A quick try (a few steps):            sovtune run {path} --set train.max_steps=20
 name: {name}
 model:
   name_or_path: {model}
@@ -39,17 +46,29 @@ adapter:
   dropout: 0.05
   target_modules: {targets}
 data:
-  train: {data}
-  eval_fraction: 0.1    # or eval: path/to/heldout.jsonl
+  train:
+    - {data}
+{replay_line}
+{eval_line}
   format: {format}        # messages | instruction | prompt_completion | text
 {template_line}  max_length: {max_length}
 train:
-  epochs: 2
+  epochs: 2             # passes over the data; --set train.max_steps=N replaces it
   batch_size: {batch}
   gradient_accumulation: {accumulation}   # effective batch = batch_size x this x GPUs
   learning_rate: 2.0e-4
   optimizer: {optimizer}
   gradient_checkpointing: {checkpointing}
+eval:
+  datasets:
+    - name: eval          # the held-out data above, base vs adapter
+      metrics: [{metrics}]
+{database_line}
+{general_block}
+  # Gates fail `sovtune run` (exit 3) when the adapter does not show the gain, or forgets too much:
+  # gates:
+  #   eval/{gated}: {{min_gain: 0.05, significant: true}}
+{forgetting_gate}
 """
 
 
@@ -133,39 +152,137 @@ def _system_line(recipe: Recipe, builtin: str | None) -> str:
     return ""
 
 
-def starter_recipe(path: Path, model: str, data: str, data_format: str, gpu: str, revision: str | None) -> str:
-    if gpu not in GPU_PRESETS:
-        raise RecipeError(f"--gpu {gpu!r}: unknown; choose one of {', '.join(GPU_PRESETS)}")
-    if not looks_like_local_path(model) and not Path(model).exists() and not revision:
+@dataclass
+class StarterAnswers:
+    """What `sovtune init` was told; paths as typed (relative to the working directory, or absolute)."""
+
+    model: str = "data/base-model"
+    data: str = "data/sql/train.jsonl"
+    data_format: str = "messages"
+    gpu: str = "cpu"
+    revision: str | None = None
+    eval: str | None = None
+    metrics: list[str] = field(default_factory=list)
+    database: str | None = None
+    general: str | None = None  # None: the shipped set when it exists
+    no_general: bool = False
+
+
+def recipe_path_value(value: str, recipe: Path) -> str:
+    """A path typed on the command line as the recipe must hold it: absolute paths stay absolute, relative ones
+    (relative to the working directory) become relative to the recipe's folder; hub ids stay hub ids."""
+    expanded = Path(os.path.expanduser(value))
+    if expanded.is_absolute() or not (looks_like_local_path(value) or expanded.exists()):
+        return value
+    target, folder = Path(os.path.abspath(expanded)), Path(os.path.abspath(recipe)).parent  # symlinks kept
+    if os.path.commonpath([target, folder]) == target.anchor:  # nothing shared but the root: say it absolutely
+        return str(target)
+    relative = os.path.relpath(target, folder)
+    return relative if relative.startswith(".") else f"./{relative}"
+
+
+def starter_recipe(path: Path, answers: StarterAnswers) -> str:
+    if answers.gpu not in GPU_PRESETS:
+        raise RecipeError(f"--gpu {answers.gpu!r}: unknown; choose one of {', '.join(GPU_PRESETS)}")
+    model = answers.model
+    if not looks_like_local_path(model) and not Path(model).exists() and not answers.revision:
         raise RecipeError(f"--model {model!r} is a hub id: pass --revision <commit sha> so the run is reproducible")
-    quant, batch, accumulation, max_length, optimizer, comment = GPU_PRESETS[gpu]
-    name = path.stem
+    quant, batch, accumulation, max_length, optimizer, comment = GPU_PRESETS[answers.gpu]
+    metrics = _metrics(answers)
+    general, general_train = _general(answers, path)
     fields = dict(
-        name=name,
-        model=model,
-        data=data,
+        name=path.stem,
+        model=recipe_path_value(model, path),
+        data=recipe_path_value(answers.data, path),
         gpu_comment=comment,
         path=path,
         quant=quant,
-        revision_line=f"  revision: {revision}    # pinned: the run is reproducible" if revision else "",
-        format=data_format,
+        revision_line=f"  revision: {answers.revision}    # pinned: the run is reproducible"
+        if answers.revision
+        else "",
+        replay_line=_replay_line(general_train),
+        eval_line=(
+            f"  eval: {recipe_path_value(answers.eval, path)}    # held-out rows: base vs adapter are compared on them"
+            if answers.eval
+            else "  eval_fraction: 0.1    # a seeded 10% of train is held out; or eval: path/to/heldout.jsonl"
+        ),
+        format=answers.data_format,
         max_length=max_length,
         batch=batch,
         accumulation=accumulation,
         optimizer=optimizer,
-        checkpointing="true" if gpu != "cpu" else "false",
+        checkpointing="true" if answers.gpu != "cpu" else "false",
+        metrics=", ".join(metrics),
+        gated=next((m for m in metrics if m not in LOSS_FIRST), "loss"),
+        database_line=(
+            f"      database: {recipe_path_value(answers.database, path)}" if answers.database is not None else ""
+        ),
+        general_block=_general_block(general, general_train),
+        forgetting_gate="  #   general_perplexity: {max_increase: 0.10, confident: true}" if general else "",
     )
-    draft = _validated(TEMPLATE.format(**fields, targets="all-linear", template_line=""), path)
-    targets, template_line = family_settings(draft, data_format)
-    text = TEMPLATE.format(**fields, targets=targets, template_line=template_line)
+    draft = _validated(_render(fields, "all-linear", ""), path)
+    targets, template_line = family_settings(draft, answers.data_format)
+    text = _render(fields, targets, template_line)
     _validated(text, path)
     return text
+
+
+def _render(fields: dict[str, Any], targets: str, template_line: str) -> str:
+    text = TEMPLATE.format(**fields, targets=targets, template_line=template_line)
+    return "\n".join(line for line in text.splitlines() if line.strip()) + "\n"  # the lines of unused slots go
 
 
 def _validated(text: str, path: Path) -> Recipe:
     data_dict = yaml.safe_load(text)
     data_dict["source_path"] = str(path.resolve())
     return validate_recipe(data_dict)
+
+
+def _metrics(answers: StarterAnswers) -> list[str]:
+    chosen = list(dict.fromkeys(answers.metrics))
+    if answers.data_format == "text":
+        generating = [metric for metric in chosen if metric in GENERATION_METRICS]
+        if generating:
+            raise RecipeError(
+                f"--metric {generating[0]}: format text has no prompt to generate from; use loss, perplexity or "
+                "token_accuracy, or a chat/prompt_completion format"
+            )
+        return [*LOSS_FIRST, *(metric for metric in chosen if metric not in LOSS_FIRST)]
+    return [*LOSS_FIRST, *(metric for metric in chosen or ["exact_match"] if metric not in LOSS_FIRST)]
+
+
+def _general(answers: StarterAnswers, path: Path) -> tuple[str | None, str | None]:
+    """The forgetting check's general text (and replay text beside it, train.jsonl), as the recipe holds them."""
+    if answers.no_general:
+        return None, None
+    chosen = Path(answers.general) if answers.general is not None else SHIPPED_GENERAL
+    if answers.general is None and not chosen.is_file():
+        return None, None
+    if not chosen.exists():
+        raise RecipeError(
+            f'--general {answers.general}: not found; give a JSONL file of general text ({{"text": ...}})'
+        )
+    beside = chosen.with_name("train" + chosen.suffix)
+    replay = recipe_path_value(str(beside), path) if beside.is_file() and beside.resolve() != chosen.resolve() else None
+    return recipe_path_value(str(chosen), path), replay
+
+
+def _replay_line(general_train: str | None) -> str:
+    if general_train is None:
+        return ""
+    return "    # - {general: true, weight: 0.1}   # replay general text (eval.general.train): less forgetting"
+
+
+def _general_block(general: str | None, general_train: str | None) -> str:
+    if general is None:
+        return "  # No forgetting check: sovtune init --general path/to/general.jsonl adds one."
+    lines = [
+        "  general:",
+        f"    path: {general}    # the forgetting check: perplexity on general text, base vs adapter",
+    ]
+    if general_train is not None:
+        lines.append(f"    train: {general_train}    # other general text, for replay (data.train above)")
+    return "\n".join(lines)
 
 
 def write_starter(path: Path, text: str, overwrite: bool) -> None:

@@ -73,6 +73,7 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, plan: SpeedPlan | 
         fp16=on_cuda and dtype == torch.float16,
         use_cpu=not on_cuda,
         report_to="none",
+        disable_tqdm=True,  # sovtune logs a progress line per logging interval instead of redrawing a bar
         **plan.sft_kwargs(recipe.data.max_length),  # micro-batches, padding-free or grouped, kernels, compile
         shuffle_dataset=False,  # the trainer's seeded sampler shuffles; shuffling twice would break resume order
         dataset_num_proc=None,
@@ -122,7 +123,7 @@ def train(
 
 
 def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_line: str) -> TrainResult:
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
 
     models.check_device_support(recipe)
     licence = check_licence(recipe)  # the licence gate, before any weight is downloaded
@@ -163,8 +164,10 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(held_out.sequences) if held_out is not None else None,
         processing_class=tokenizer,
-        callbacks=([_tensorboard(writer), _jsonl_log(run.train_log)] if writer is not None else []) + [stop.callback()],
+        callbacks=([_tensorboard(writer), _jsonl_log(run.train_log), _progress_log()] if writer is not None else [])
+        + [stop.callback()],
     )
+    trainer.remove_callback(PrinterCallback)  # it prints the logs as strings ({'loss': '0.2224'}); _progress_log logs
     _adapter_in_compute_dtype(trainer.model, recipe)
     # SIGINT/SIGTERM until the adapter is written: a checkpoint and a clean stop, never a half-saved run.
     with stop, checkpoints.DiskFullGuard(run.path, resume_line):
@@ -245,6 +248,63 @@ def _jsonl_log(path: Path) -> Any:
                 handle.write(json.dumps({"step": state.global_step, **(logs or {})}, default=str) + "\n")
 
     return JsonlLog()
+
+
+# Trainer log keys as a progress line names them, in this order; others follow under their own names.
+PROGRESS_NAMES = {"loss": "loss", "eval_loss": "eval loss", "learning_rate": "learning rate", "grad_norm": "grad norm"}
+PROGRESS_HIDDEN = {"epoch", "total_flos", "num_tokens", "entropy"}
+
+
+def _progress_log() -> Any:
+    """One log line per logging interval (and per in-training evaluation), numbers as numbers: what a terminal, a
+    log file and CI all read, instead of a redrawn progress bar and the trainer's dicts of strings."""
+    from transformers import TrainerCallback
+
+    class ProgressLog(TrainerCallback):
+        started = 0.0
+        first_step = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started, self.first_step = time.time(), state.global_step
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
+            logs = dict(logs or {})
+            if "train_runtime" in logs:
+                log.info(
+                    "training done: %d steps in %.1f s, mean loss %.4g",
+                    state.global_step, logs["train_runtime"], logs.get("train_loss", float("nan")),
+                )  # fmt: skip
+                return
+            log.info("%s", progress_line(state.global_step, state.max_steps, logs, self._left(state)))
+
+        def _left(self, state: Any) -> float | None:
+            done = state.global_step - self.first_step
+            if done <= 0 or not state.max_steps or state.global_step >= state.max_steps:
+                return None
+            return (time.time() - self.started) / done * (state.max_steps - state.global_step)
+
+    return ProgressLog()
+
+
+def progress_line(step: int, max_steps: int, logs: dict[str, Any], seconds_left: float | None) -> str:
+    """`step 40/480 (8%): loss 0.2224, learning rate 0.002976, grad norm 1.043, epoch 0.14; about 2.5 min left`."""
+    shown = [f"{PROGRESS_NAMES[key]} {logs[key]:.4g}" for key in PROGRESS_NAMES if isinstance(logs.get(key), float)]
+    shown += [
+        f"{key.replace('_', ' ')} {value:.4g}"
+        for key, value in logs.items()
+        if key not in PROGRESS_NAMES and key not in PROGRESS_HIDDEN and isinstance(value, (int, float))
+    ]
+    if isinstance(logs.get("epoch"), (int, float)):
+        shown.append(f"epoch {logs['epoch']:.2f}")
+    line = f"step {step}/{max_steps} ({step / max_steps:.0%})" if max_steps else f"step {step}"
+    left = "" if seconds_left is None else f"; about {_duration(seconds_left)} left"
+    return f"{line}: {', '.join(shown)}{left}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _adapter_in_compute_dtype(peft_model: Any, recipe: Recipe) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from sovtune import __version__
-from sovtune.cli.terminal import console, err_console
+from sovtune.cli.terminal import console, err_console, quiet_libraries
 from sovtune.core.secrets import redact_secrets
 from sovtune.errors import SovtuneError
 
@@ -55,6 +55,7 @@ def _root(
 
 def bodies() -> ModuleType:
     """The command bodies (cli/commands.py), imported when the first command runs, never for --help."""
+    quiet_libraries()  # before the bodies import the libraries
     from sovtune.cli import commands
 
     commands.log_to_console()
@@ -171,15 +172,40 @@ def init(
     data_format: Annotated[
         str, typer.Option("--format", help="messages | instruction | prompt_completion | text.")
     ] = "messages",
+    eval_path: Annotated[
+        Optional[str], typer.Option("--eval", help="Held-out data file (default: a seeded 10% of --data).")
+    ] = None,
+    metrics: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--metric",
+            help="Metric that matters on the held-out data, e.g. exact_match, rouge_l, chrf, sql_execution "
+            "(repeatable; loss, perplexity and token accuracy are always computed).",
+        ),
+    ] = None,
+    database: Annotated[
+        Optional[str], typer.Option("--database", help="SQLite file for --metric sql_execution.")
+    ] = None,
+    general: Annotated[
+        Optional[str],
+        typer.Option(
+            "--general",
+            help="General text (JSONL with a text column) for the forgetting check; default data/general/eval.jsonl "
+            "when it exists. A train.jsonl beside it is offered for replay.",
+        ),
+    ] = None,
+    no_general: Annotated[bool, typer.Option("--no-general", help="Write no forgetting check.")] = False,
     gpu: Annotated[
         str, typer.Option("--gpu", help="cpu | rtx4090-24gb | l4-24gb | a100-40gb | a100-80gb | h100-80gb.")
     ] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a commented starter recipe (validated before it is written)."""
-    guarded(
-        lambda: bodies().init(path, model, revision, data_path, data_format, gpu, overwrite), (path, model, data_path)
-    )
+    answers = dict(
+        model=model, revision=revision, data=data_path, data_format=data_format, eval=eval_path,
+        metrics=metrics or [], database=database, general=general, no_general=no_general, gpu=gpu,
+    )  # fmt: skip
+    guarded(lambda: bodies().init(path, answers, overwrite), (path, model, data_path, eval_path, database, general))
 
 
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory (runs/<name>).", show_default=False)]

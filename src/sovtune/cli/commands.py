@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from sovtune import doctor as checks
 from sovtune import pipeline, preflight
@@ -22,7 +24,7 @@ from sovtune.config import Recipe, RunOptIns, check_path_text, load_recipe, load
 from sovtune.core.hashing import sha256_file
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process
-from sovtune.errors import SovtuneError
+from sovtune.errors import RecipeError, SovtuneError
 from sovtune.evaluation import HeldOut, evaluate
 from sovtune.generate import complete, load_run, render_prompt
 from sovtune.launch import launch as run_launch
@@ -33,7 +35,7 @@ from sovtune.offline import session as offline_session
 from sovtune.publish.bundle import export as export_bundle
 from sovtune.report import compare as compare_runs
 from sovtune.run.verify import verify_before_loading
-from sovtune.starter import starter_recipe, write_starter
+from sovtune.starter import StarterAnswers, starter_recipe, write_starter
 
 
 class UnusablePath(SovtuneError):
@@ -114,18 +116,14 @@ def doctor(run_root: Path, endpoint: str | None, offline: bool, allow_hosts: lis
     return checks.healthy(rows)
 
 
-def init(
-    path: Path, model: str, revision: str | None, data_path: str, data_format: str, gpu: str, overwrite: bool
-) -> None:
-    def relative(value: str) -> str:  # recipe paths are relative to the recipe's folder
-        if not Path(value).exists():
-            return value
-        rel = os.path.relpath(Path(value).resolve(), path.resolve().parent)
-        return rel if rel.startswith(".") else f"./{rel}"
-
-    text = starter_recipe(path, relative(model), relative(data_path), data_format, gpu, revision)
+def init(path: Path, answers: dict[str, Any], overwrite: bool) -> None:
+    if answers["general"] is not None and answers["no_general"]:
+        raise RecipeError("--general and --no-general: give one of them")
+    text = starter_recipe(path, StarterAnswers(**answers))
     write_starter(path, text, overwrite)
-    console.print(f"wrote [bold]{path}[/]; next: sovtune check {path}")
+    general = yaml.safe_load(text)["eval"].get("general")
+    check = f"the forgetting check uses {general['path']}" if general else "no forgetting check (--general adds one)"
+    console.print(f"wrote [bold]{path}[/] ({check}); next: sovtune check {path}", highlight=False)
 
 
 def generate(

@@ -266,24 +266,54 @@ def _has_mapping_key(node: yaml.Node | None) -> bool:
 
 
 def _apply_override(data: dict[str, Any], parts: list[str], value: Any, located: _Located) -> None:
-    node = data
-    for depth, part in enumerate(parts[:-1], start=1):
-        child = node.get(part)
+    node: Any = data
+    loc: KeyPath = ()
+    for part in parts[:-1]:
+        key = _key_in(node, part, parts)
+        child = node.get(key) if isinstance(node, dict) else node[key]
         if child is None:
-            child = node[part] = {}
+            child = node[key] = {}
             # A section that only --set created: its errors (e.g. a misspelt section) must point at --set.
-            located.where[tuple(parts[:depth])] = ("--set", 0)
-        if not isinstance(child, dict):
+            located.where[loc + (key,)] = ("--set", 0)
+        if not isinstance(child, (dict, list)):
             raise RecipeError(f"--set {'.'.join(parts)}: {part} is not a section")
-        node = child
-    if value is None:
+        node, loc = child, loc + (key,)
+    key = _key_in(node, parts[-1], parts)
+    if value is None and isinstance(node, dict):
         # `--set train.epochs=null` removes the field, back to its default: how a command line drops a setting
         # that conflicts with one it adds (e.g. max_steps for a quick test of a recipe that sets epochs).
-        node.pop(parts[-1], None)
+        node.pop(key, None)
     else:
-        node[parts[-1]] = value
-    located.forget_below(tuple(parts))
-    located.where[tuple(parts)] = ("--set", 0)
+        node[key] = value
+    located.forget_below(loc + (key,))
+    located.where[loc + (key,)] = ("--set", 0)
+
+
+# Two ways to say when training stops: a --set of one replaces the other where a recipe file set it.
+STOPPING_RULES = {("train", "max_steps"): ("train", "epochs"), ("train", "epochs"): ("train", "max_steps")}
+
+
+def _replace_stopping_rule(data: dict[str, Any], parts: list[str], value: Any, located: _Located) -> None:
+    """`--set train.max_steps=20` on a recipe with `epochs: 2` means "stop after 20 steps" (a quick try), not a
+    conflict: the recipe's epochs go. Both set in a file, or both on the command line, remain an error."""
+    other = STOPPING_RULES.get(tuple(parts))  # type: ignore[arg-type]
+    train = data.get("train")
+    if other is None or value is None or not isinstance(train, dict) or other[1] not in train:
+        return
+    if (located.lookup(other) or ("", 0))[0] != "--set":
+        del train[other[1]]
+
+
+def _key_in(node: Any, part: str, parts: list[str]) -> str | int:
+    """`part` as a key of a mapping, or as an index of a list (`--set data.train.1.weight=0.3`)."""
+    if not isinstance(node, list):
+        return part
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(
+            f"--set {'.'.join(parts)}: {part!r} is not an item of a list of {len(node)}; use an index from 0 to "
+            f"{len(node) - 1}"
+        )
+    return int(part)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,6 +514,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), r
     for item in overrides:
         parts, value = _parse_override(item)
         _apply_override(data, parts, value, located)
+        _replace_stopping_rule(data, parts, value, located)
     if not recorded:
         data = _interpolate(data, (), located)
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem))
