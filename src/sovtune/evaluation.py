@@ -226,7 +226,13 @@ def _evaluate(
         for suite in suites:
             for close in suite.closers:
                 close()
-    report = reports.build_report(recipe, outcomes, adapter_dir=adapter_dir, seconds=time.perf_counter() - started)
+    report = reports.build_report(
+        recipe,
+        outcomes,
+        adapter_dir=adapter_dir,
+        seconds=time.perf_counter() - started,
+        training_data=training_sources(run_dir),
+    )
     if target is not None:
         written = report.write(target)
         # The manifest records the run's own report; one written elsewhere (--out) or into a folder sovtune did not
@@ -245,6 +251,27 @@ def _evaluate(
 
 def _same_folder(first: Path, second: Path) -> bool:
     return first.resolve() == second.resolve()
+
+
+SOURCE_FIELDS = {"source": str, "format": str, "examples": int, "per_epoch": int, "share": float, "tokens": int}
+
+
+def training_sources(run_dir: Path) -> list[dict[str, Any]]:
+    """What each training source gave an epoch, as training recorded it (data_stats.json); [] when the run recorded
+    none or the file does not hold it in that shape (a run folder from elsewhere is data, not trusted to be right)."""
+    stats = RunDir(run_dir).data_stats() or {}
+    sources = stats.get("train", {}).get("sources") if isinstance(stats.get("train"), dict) else None
+    if not isinstance(sources, list):
+        return []
+    return [
+        source
+        for source in sources
+        if isinstance(source, dict)
+        and all(isinstance(source.get(key), kind) or (kind is float and isinstance(source.get(key), int))
+                for key, kind in SOURCE_FIELDS.items())
+        and isinstance(source.get("token_share"), (int, float))
+        and (source.get("weight") is None or isinstance(source.get("weight"), (int, float)))
+    ]  # fmt: skip
 
 
 @dataclass

@@ -115,6 +115,7 @@ class Report:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: distinct outputs, the most frequent
     # The settings the report was made with (secrets redacted): what compare diffs between runs.
     recipe: dict[str, Any] = field(default_factory=dict)
+    training_data: list[dict[str, Any]] = field(default_factory=list)  # per source, from data_stats.json
 
     @property
     def passed(self) -> bool:
@@ -142,6 +143,7 @@ class Report:
             "settings": self.settings,
             "recipe": self.recipe,
             "timing": self.timing,
+            "training_data": self.training_data,
         }
 
     def write(self, run_dir: Path) -> list[Path]:
@@ -208,6 +210,8 @@ class Report:
                     f"| {gate.gate} | {gate.dataset}/{gate.metric} | {gate.rule} | {_plain(gate.threshold)} | "
                     f"{value} | {'pass' if gate.passed else '**FAIL**'} |"
                 )
+        if self.training_data:
+            lines += ["", "## Training data (one epoch)", "", *_markdown_sources(self.training_data)]
         if self.samples:
             lines += ["", "## Side by side: base vs tuned", ""]
             for number, sample in enumerate(self.samples, start=1):
@@ -276,8 +280,16 @@ def _quoted(text: str, limit: int = 80) -> str:
 # Building the report
 
 
-def build_report(recipe: Recipe, outcomes: Sequence[Any], adapter_dir: Path, seconds: float) -> Report:
-    """Bootstrap every metric of every suite outcome (evaluate.SuiteOutcome), check the gates, pick samples."""
+def build_report(
+    recipe: Recipe,
+    outcomes: Sequence[Any],
+    adapter_dir: Path,
+    seconds: float,
+    training_data: list[dict[str, Any]] | None = None,
+) -> Report:
+    """Bootstrap every metric of every suite outcome (evaluate.SuiteOutcome), check the gates, pick samples.
+
+    `training_data` is what each training source gave an epoch (data_stats.json's train.sources)."""
     boot = recipe.eval.bootstrap
     results = []
     for outcome in outcomes:
@@ -319,6 +331,7 @@ def build_report(recipe: Recipe, outcomes: Sequence[Any], adapter_dir: Path, sec
         examples={outcome.name: outcome.examples for outcome in outcomes},
         outputs={outcome.name: outcome.outputs for outcome in outcomes if outcome.outputs},
         recipe=recipe_record(recipe),
+        training_data=list(training_data or []),
     )
 
 
@@ -453,6 +466,21 @@ def _markdown_table(results: Sequence[MetricResult]) -> list[str]:
     return lines
 
 
+def _markdown_sources(sources: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| source | format | weight | examples | per epoch | share | tokens | token share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for source in sources:
+        weight = "-" if source.get("weight") is None else f"{source['weight']:g}"
+        name = source["source"] + (" (general-text replay)" if source.get("general") else "")
+        lines.append(
+            f"| {name} | {source['format']} | {weight} | {source['examples']:,} | {source['per_epoch']:,} | "
+            f"{source['share']:.1%} | {source['tokens']:,} | {source['token_share']:.1%} |"
+        )
+    return lines
+
+
 def _forgetting_json(result: MetricResult | None) -> dict[str, Any] | None:
     if result is None:
         return None
@@ -468,14 +496,33 @@ def _forgetting_json(result: MetricResult | None) -> dict[str, Any] | None:
     }
 
 
+# How much worse general text reads after tuning, in words: (largest relative perplexity increase, wording).
+FORGETTING_WORDS = (
+    (0.10, "the adapter forgot a little general text"),
+    (0.25, "the adapter forgot some general text"),
+    (1.00, "the adapter forgot much general text"),
+    (
+        float("inf"),
+        "the adapter forgot most of its general text: its general-text perplexity is {ratio:.1f}x the base's",
+    ),
+)
+
+
+def forgetting_meaning(result: MetricResult) -> str:
+    """The forgetting figure in words that scale with it (+432% is not "some" forgetting)."""
+    if not result.significant:
+        return "no significant change"
+    change = result.relative_change or 0.0
+    if change <= 0:
+        return "general text got easier"
+    words = next(words for limit, words in FORGETTING_WORDS if change <= limit)
+    return words.format(ratio=1 + change)
+
+
 def forgetting_sentence(result: MetricResult) -> str:
     change = _percent(result.relative_change or 0.0)
     interval = f"[{_percent(result.relative_ci_low or 0.0)}, {_percent(result.relative_ci_high or 0.0)}]"
-    meaning = (
-        "no significant change"
-        if not result.significant
-        else ("the adapter forgot some general text" if result.difference > 0 else "general text got easier")
-    )
+    meaning = forgetting_meaning(result)
     return (
         f"General-text perplexity {number_text(result.base)} → {number_text(result.tuned)}: **{change}** "
         f"({int(result.confidence * 100)}% CI {interval}, {result.n} texts): {meaning}."
