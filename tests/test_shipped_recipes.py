@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sovtune.config import DataSource, Recipe, load_recipe, looks_like_local_path
+from sovtune.config import DataSource, Recipe, TrainSource, load_recipe, looks_like_local_path
 from sovtune.data import Row, read_rows, to_example
 from sovtune.model import builtin_templates
 
@@ -86,10 +86,11 @@ def test_shipped_data_parses_in_the_recipes_format_without_train_eval_overlap(
             for source in sources:
                 if source not in local_sources(recipe):
                     continue
-                rows: list[Row] = read_rows(source, recipe.data.format, recipe.base_dir)
+                view = recipe.data.source_view(source) if isinstance(source, TrainSource) else recipe.data
+                rows: list[Row] = read_rows(source, view.format, recipe.base_dir)
                 assert rows, f"{source.path} is empty"
                 for row in rows:
-                    keys[role].add(to_example(row, recipe.data, tokenizer).key())  # RowError names the row
+                    keys[role].add(to_example(row, view, tokenizer).key())  # RowError names the row
         assert not keys["train"] & keys.get("eval", set()), "shipped eval rows duplicate training rows"
     finally:
         tokenizer.chat_template = original
