@@ -379,7 +379,10 @@ def test_txt_needs_format_text(tmp_path, tiny_model_dir) -> None:
     recipe = make(tmp_path, tiny_model_dir, train="doc.txt")
     with pytest.raises(DataError) as info:
         read_rows(recipe.data.train[0], recipe.data.format, recipe.base_dir)
-    assert str(info.value) == f"{tmp_path / 'doc.txt'}: plain-text files need data.format: text (found 'messages')"
+    assert str(info.value) == (
+        f"{tmp_path / 'doc.txt'}: plain-text files need data.format: text (found 'messages'); in a mixture, give the "
+        "source format: text"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

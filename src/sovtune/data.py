@@ -185,7 +185,10 @@ def _read_file(path: Path, data_format: str, max_row_bytes: int = DEFAULT_MAX_RO
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix == ".txt":
         if data_format != "text":
-            raise DataError(f"{path}: plain-text files need data.format: text (found {data_format!r})")
+            raise DataError(
+                f"{path}: plain-text files need data.format: text (found {data_format!r}); in a mixture, give the "
+                "source format: text"
+            )
         return _read_txt(path, max_row_bytes)
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")

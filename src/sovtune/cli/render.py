@@ -53,11 +53,23 @@ class LogToConsole(logging.Handler):
 
 def evaluation_report(report: Report, console: Console) -> None:
     console.print(results_table(report.results, title=f"{report.run}: base vs tuned"))
+    if report.results:  # below the table rather than as its caption, which rich wraps to the table's width
+        console.print(results_legend(report.results), style="dim", highlight=False)
     for line in report.summary_lines():  # forgetting (or that there is no check), gains in form only, diversity
         console.print(line, markup=False, highlight=False)
     for gate in report.gates:
         mark = "[green]pass[/]" if gate.passed else "[bold red]FAIL[/]"
         console.print(f"gate {mark}: {gate.describe()}", highlight=False)
+
+
+def results_legend(results: Sequence[MetricResult]) -> str:
+    constant = any(result.constant is not None for result in results)
+    return "↑/↓ higher/lower is better · n.s. = interval includes 0 · perplexity Δ relative" + (
+        " · constant = the tuned model's most frequent answer given for every example · form only = better than "
+        "the base, not than the constant"
+        if constant
+        else ""
+    )
 
 
 def results_table(results: Sequence[MetricResult], title: str) -> Table:
@@ -78,13 +90,6 @@ def results_table(results: Sequence[MetricResult], title: str) -> Table:
             f"{result.key} {arrow(result)}", number_text(result.base), number_text(result.tuned), *baseline,
             f"{delta} {interval}", verdict, str(result.n), style=style,
         )  # fmt: skip
-    if results:
-        table.caption = "↑/↓ higher/lower is better · n.s. = interval includes 0 · perplexity Δ relative" + (
-            " · constant = the tuned model's most frequent answer given for every example · form only = better than "
-            "the base, not than the constant"
-            if constant
-            else ""
-        )
     return table
 
 
