@@ -176,14 +176,21 @@ def test_a_missing_file_of_an_extended_recipe_is_named_where_it_was_looked_for(p
     assert at(recipe, recipe.data.train[0].path) == project / "data" / "missing.jsonl"
 
 
-@pytest.mark.parametrize("child", ["recipes/sub/child.yaml", "child.yaml"])
+@pytest.mark.parametrize("child", ["recipes/sub/child.yaml", "child.yaml", "recipes/base.yaml"])
 def test_the_run_directory_recipe_loads_later_with_the_same_files(project: Path, child: str) -> None:
-    write(project / "recipes" / "base.yaml", BASE)
-    child_path = write(project / child, f"extends: {'../base.yaml' if 'sub' in child else 'recipes/base.yaml'}\n")
+    base = write(project / "recipes" / "base.yaml", BASE)
+    if child == "recipes/base.yaml":  # no extends: the recorded recipe keeps the file's own relative paths
+        child_path = base
+    else:
+        child_path = write(project / child, f"extends: {'../base.yaml' if 'sub' in child else 'recipes/base.yaml'}\n")
     recipe = load_recipe(child_path)
     run_dir = project / "runs" / "child"
     write(run_dir / "recipe.yaml", recipe.to_yaml())  # what training writes
+    if child_path == base:
+        assert "database: ../db/company.db" in (run_dir / "recipe.yaml").read_text()
     again = load_run_recipe(run_dir)
+    assert again.eval.datasets[0].database and recipe.eval.datasets[0].database
+    assert at(again, again.eval.datasets[0].database) == project / "db" / "company.db"
     for before, after in zip(recipe.data.train, again.data.train):
         assert at(recipe, before.path) == at(again, after.path)
     assert again.model_location == recipe.model_location

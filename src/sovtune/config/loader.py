@@ -136,6 +136,17 @@ def _read_yaml(path: Path, located: _Located) -> dict[str, Any]:
     return data
 
 
+def _take_source_path(path: Path, data: dict[str, Any], located: _Located) -> None:
+    """A resolved recipe saved into a run directory names the recipe file it came from: its relative paths are
+    relative to that file's folder, not to the run directory."""
+    source_path = data.pop("source_path", None)
+    if isinstance(source_path, str) and source_path:
+        located.source_paths[str(path)] = source_path
+        located.bases[str(path)] = Path(source_path).resolve().parent
+    else:
+        located.bases[str(path)] = path.parent
+
+
 def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in child.items():
@@ -152,14 +163,7 @@ def _read_with_extends(path: Path, located: _Located, chain: tuple[Path, ...] = 
         cycle = " -> ".join(str(p) for p in chain + (path,))
         raise RecipeError(f"{path}: extends forms a cycle ({cycle}); remove one extends")
     data = _read_yaml(path, located)
-    # A resolved recipe saved into a run directory names the recipe file it came from: its relative paths are
-    # relative to that file's folder, not to the run directory.
-    source_path = data.pop("source_path", None)
-    if isinstance(source_path, str) and source_path:
-        located.source_paths[str(path)] = source_path
-        located.bases[str(path)] = Path(source_path).resolve().parent
-    else:
-        located.bases[str(path)] = path.parent
+    _take_source_path(path, data, located)
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -505,7 +509,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), r
     """
     path = Path(path)
     located = _Located()
-    data = _read_yaml(path, located) if recorded else _read_with_extends(path, located)
+    if recorded:
+        data = _read_yaml(path, located)
+        _take_source_path(path.resolve() if path.exists() else path, data, located)
+    else:
+        data = _read_with_extends(path, located)
     if recorded and "extends" in data:
         raise RecipeError(
             f"{path}:{located.where[('extends',)][1]}: a run's recorded recipe is already resolved and has no extends; "
