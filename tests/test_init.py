@@ -45,7 +45,7 @@ def test_defaults_give_a_recipe_with_a_forgetting_check_that_loads(workdir: Path
     assert recipe.resolve(recipe.data.train[0].path) == workdir / "data" / "sql" / "train.jsonl"
     assert recipe.data.eval_fraction == 0.1 and recipe.eval.datasets[0].metrics[-1] == "exact_match"
     text = (workdir / "recipes" / "mine.yaml").read_text()
-    assert "# - {general: true, weight: 0.2}" in text  # replay, offered as a comment
+    assert "# - {general: true, weight: 0.1}" in text  # replay, offered as a comment
     assert "#   general_perplexity: {max_increase: 0.10, confident: true}" in text
 
 
