@@ -12,10 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from conftest import qa_rows, write_jsonl
-from sovtune.cli import app
+from helpers import invoke, qa_rows, write_jsonl
 from sovtune.config import Recipe, load_recipe, validate_recipe
 from sovtune.errors import DataError, RecipeError
 from sovtune.inputs import prepare_recipe_data
@@ -248,10 +246,6 @@ def test_bad_mixtures_are_one_line_naming_the_field(
 # What `check` shows, and exact resume
 
 
-def invoke(*args: Any) -> Any:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
-
-
 def write_mixture_recipe(project: Path, model_dir: Path, name: str, **train: Any) -> Path:
     recipe = {
         "name": name,
@@ -269,7 +263,6 @@ def write_mixture_recipe(project: Path, model_dir: Path, name: str, **train: Any
             "datasets": [{"metrics": ["loss"]}],
         },
         "output": {"dir": str(project / "runs" / name)},
-        "sovereignty": {"offline": True},
     }
     path = project / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")

@@ -8,16 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from sovtune.cli import app
+from helpers import invoke
 from sovtune.config import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args: Any) -> Any:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 @pytest.fixture()

@@ -4,27 +4,15 @@ act on. A real subprocess, so the streams are real pipes."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import write_recipe
+from helpers import run_cli, write_recipe
 
 LONG_NAME = "held-out-questions-with-a-name-wider-than-a-column"
-
-
-def run_cli(*args: Any, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    env.pop("COLUMNS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "sovtune", *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +25,8 @@ def piped_run(
         train={"max_steps": 4, "logging_steps": 2, "save_steps": 4},
         eval={"datasets": [{"name": LONG_NAME, "metrics": ["loss", "perplexity", "token_accuracy"]}]},
     )  # fmt: skip
-    return run_cli("run", recipe, cwd=workspace), workspace
+    # COLUMNS emptied: the width must not come from the terminal pytest runs in
+    return run_cli("run", recipe, cwd=workspace, env={"COLUMNS": ""}), workspace
 
 
 @pytest.mark.slow
@@ -75,7 +64,7 @@ def test_tables_are_whole(piped_run: tuple[subprocess.CompletedProcess[str], Pat
 
 def test_check_table_is_whole_in_a_pipe(tmp_path: Path, tiny_model_dir: Path) -> None:
     recipe = write_recipe(tmp_path, tiny_model_dir, name="a-recipe-name-long-enough-to-widen-every-table-title")
-    done = run_cli("check", recipe, cwd=tmp_path)
+    done = run_cli("check", recipe, cwd=tmp_path, env={"COLUMNS": ""})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "…" not in done.stdout and "\r" not in done.stdout + done.stderr
     assert any("eval.generation.max_new_tokens=128" in line for line in done.stdout.splitlines())
