@@ -178,7 +178,7 @@ class DataSource(Section):
 class TrainSource(DataSource):
     """One source of the training mixture: its own format and columns, and its share of each epoch."""
 
-    path: str = Field(
+    path: PathText = Field(
         default="",
         description="Local file or folder (jsonl, json, csv, parquet, txt) or a hub dataset id; with general: true "
         "it defaults to eval.general.train.",
