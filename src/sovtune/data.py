@@ -1203,6 +1203,12 @@ def _mixture_stats(
     stop_ids = set(stop_token_ids(tokenizer))
     for item in train:
         _count_tokens(overall, item, stop_ids)
+    # Examples with only empty answers, in the proportion each source's drawn examples hold them.
+    overall.empty_targets = sum(
+        round(pool.stats.empty_targets * len(items) / len(pool.tokenized))
+        for pool, items in zip(pools, picked)
+        if pool.tokenized
+    )
     summary = overall.summary()
     chats = [item for pool, items in zip(pools, picked) if pool.view.format != "text" for item in items]
     if chats and len(chats) < len(train):

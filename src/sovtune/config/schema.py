@@ -199,7 +199,10 @@ class TrainSource(DataSource):
         "one they must sum to 1.",
     )
     max_examples: int | None = Field(
-        default=None, gt=0, description="Read a seeded sample of at most this many rows of this source."
+        default=None,
+        gt=0,
+        le=MAX_EXAMPLES,
+        description="Read a seeded sample of at most this many rows of this source.",
     )
     general: bool = Field(
         default=False,
