@@ -6,8 +6,6 @@ python scripts/gen_families_doc.py --check    # exit 1, showing the difference, 
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ COMMAND = "python scripts/gen_families_doc.py"
 sys.path.insert(0, str(ROOT / "tests"))  # the grid lives beside the tests that run it
 
 from families import GRID, Family  # noqa: E402
+from generated_doc import write_or_check  # noqa: E402
 
 HEADER = f"""# Supported model families
 
@@ -75,23 +74,7 @@ def render() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=OUT, help="the file to write or check (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="exit 1 and show the difference if the file is stale")
-    args = parser.parse_args()
-    text = render()
-    if args.check:
-        current = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
-        if current == text:
-            print(f"{args.out} is up to date")
-            return 0
-        diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(args.out), "grid", lineterm="", n=0)
-        print("\n".join(list(diff)[:40]))
-        print(f"{args.out} is stale: the family grid changed; regenerate it with `{COMMAND}`", file=sys.stderr)
-        return 1
-    args.out.write_text(text, encoding="utf-8")
-    print(f"wrote {args.out}")
-    return 0
+    return write_or_check(__doc__, OUT, render, "family grid", COMMAND)
 
 
 if __name__ == "__main__":

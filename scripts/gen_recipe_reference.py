@@ -9,8 +9,6 @@ Every field at every depth is listed under its full path: sections (`eval.genera
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import sys
 import types
 import typing
@@ -21,6 +19,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from generated_doc import write_or_check  # scripts/ is on sys.path when a script here runs
 from sovtune.config import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,23 +164,7 @@ def render() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=OUT, help="the file to write or check (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="exit 1 and show the difference if the file is stale")
-    args = parser.parse_args()
-    text = render()
-    if args.check:
-        current = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
-        if current == text:
-            print(f"{args.out} is up to date")
-            return 0
-        diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(args.out), "schema", lineterm="", n=0)
-        print("\n".join(list(diff)[:40]))
-        print(f"{args.out} is stale: the recipe schema changed; regenerate it with `{COMMAND}`", file=sys.stderr)
-        return 1
-    args.out.write_text(text, encoding="utf-8")
-    print(f"wrote {args.out}")
-    return 0
+    return write_or_check(__doc__, OUT, render, "recipe schema", COMMAND)
 
 
 if __name__ == "__main__":
