@@ -320,3 +320,21 @@ class TrainingGuard:
                 'add @pytest.mark.slow so that `pytest -m "not slow"` stays fast'
             )
         return report
+
+
+def declare_remote_code(folder: Path, configuration: str, modeling: str) -> Path:
+    """Turn the model in `folder` into one declared as custom code (auto_map), like hub repositories that ship
+    configuration_tiny.py and modeling_tiny.py."""
+    (folder / "configuration_tiny.py").write_text(configuration)
+    (folder / "modeling_tiny.py").write_text(modeling)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="sovtune_tiny",
+        architectures=["TinyForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_tiny.TinyConfig",
+            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

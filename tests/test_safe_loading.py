@@ -3,7 +3,6 @@ when the recipe trusts it (with a warning); a token in the environment never rea
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from helpers import invoke, run_cli, write_recipe
+from helpers import declare_remote_code, invoke, run_cli, write_recipe
 
 TOKEN = "hf_sovtunePLANTEDtoken0123456789abcdefghijklmnop"
 PASSWORD = "sovtunePLANTEDpassword-42"
@@ -117,19 +116,7 @@ def remote_code_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
     folder = tmp_path_factory.mktemp("remote-code-model")
     for path in tiny_model_dir.iterdir():
         shutil.copy(path, folder / path.name)
-    (folder / "configuration_tiny.py").write_text(CONFIGURATION)
-    (folder / "modeling_tiny.py").write_text(MODELING)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(
-        model_type="sovtune_tiny",
-        architectures=["TinyForCausalLM"],
-        auto_map={
-            "AutoConfig": "configuration_tiny.TinyConfig",
-            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
-        },
-    )
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return declare_remote_code(folder, CONFIGURATION, MODELING)
 
 
 def train_in_child(recipe: Path, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:

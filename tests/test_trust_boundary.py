@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from helpers import invoke, make_run, run_cli, write_recipe
+from helpers import declare_remote_code, invoke, make_run, run_cli, write_recipe
 
 
 class Payload:
@@ -117,21 +117,10 @@ class TinyForCausalLM(LlamaForCausalLM):
 def remote_code_model(tiny_model_dir: Path, folder: Path, marker: Path) -> Path:
     """The tiny model declared as custom code (auto_map) whose module writes the marker when imported."""
     shutil.copytree(tiny_model_dir, folder)
-    (folder / "configuration_tiny.py").write_text(
+    configuration = (
         "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'sovtune_tiny'\n"
     )
-    (folder / "modeling_tiny.py").write_text(REMOTE_MODELING.format(marker=str(marker)))
-    config = json.loads((folder / "config.json").read_text())
-    config.update(
-        model_type="sovtune_tiny",
-        architectures=["TinyForCausalLM"],
-        auto_map={
-            "AutoConfig": "configuration_tiny.TinyConfig",
-            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
-        },
-    )
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return declare_remote_code(folder, configuration, REMOTE_MODELING.format(marker=str(marker)))
 
 
 def run_commands(run_dir: Path, tmp_path: Path) -> dict[str, list[Any]]:
