@@ -561,6 +561,31 @@ def test_safetensors_headers_are_checked_before_loading(
     assert str(info.value).startswith(f"{path}: not a valid safetensors file")
 
 
+@pytest.mark.parametrize("same_size", [False, True], ids=["other-size", "same-size"])
+def test_a_model_file_damaged_after_a_passing_check_is_checked_again(
+    tmp_path: Path, tiny_model_dir: Path, same_size: bool
+) -> None:
+    """The JSON checks of a model folder are remembered only while each file is unchanged: damage written after a
+    passing check (even of the same size, within the same second) is refused the next time."""
+    import shutil
+
+    from sovtune.model import ModelError, check_model_files
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    check_model_files(folder)
+    check_model_files(folder)  # remembered: passes again
+    config = folder / "config.json"
+    size = config.stat().st_size
+    damaged = b"[" + b" " * (size - 2) + b"]" if same_size else b"[1, 2]"
+    config.write_bytes(damaged)
+    assert (config.stat().st_size == size) is same_size
+    with pytest.raises(ModelError, match="config.json: a JSON list, not an object"):
+        check_model_files(folder)
+    with pytest.raises(ModelError, match="a JSON list"):  # a failed check is not remembered as passed
+        check_model_files(folder)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Empty answers
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import pickle
+import stat
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -149,19 +151,29 @@ def check_model_files(folder: str | Path) -> None:
         return
     for name in MODEL_JSON_FILES:
         path = folder / name
-        if not path.is_file():
-            continue
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON, 4,300+ digits
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0][:160]
-            raise ModelError(
-                f"{path}: not a readable JSON file ({reason}); the folder is damaged, replace it"
-            ) from None
-        if not isinstance(value, dict):
-            raise ModelError(f"{path}: a JSON {type(value).__name__}, not an object; the folder is damaged, replace it")
-        if name == "config.json":
-            _check_config_sizes(value, path)
+            status = path.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(status.st_mode):
+            identity = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+            _check_json_file(str(path), name == "config.json", identity)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_json_file(path: str, is_config: bool, identity: tuple[int, ...]) -> None:
+    """One file's check, remembered while the file is unchanged (`identity`: device, inode, size, modification and
+    change times): loading a model reads its folder several times in one command, and parsing a 262k-token
+    tokenizer.json takes a second or more. A failed check is not remembered, so it fails each time."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON, 4,300+ digits
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0][:160]
+        raise ModelError(f"{path}: not a readable JSON file ({reason}); the folder is damaged, replace it") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: a JSON {type(value).__name__}, not an object; the folder is damaged, replace it")
+    if is_config:
+        _check_config_sizes(value, Path(path))
 
 
 def _check_config_sizes(config: dict[str, Any], path: Path) -> None:

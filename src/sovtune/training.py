@@ -123,8 +123,6 @@ def train(
 
 
 def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_line: str) -> TrainResult:
-    from transformers import PrinterCallback, set_seed
-
     models.check_device_support(recipe)
     licence = check_licence(recipe)  # the licence gate, before any weight is downloaded
     run = RunDir(recipe.run_dir)
@@ -134,6 +132,10 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
     tokenizer = models.load_tokenizer(recipe)
     data = prepare_recipe_data(recipe, tokenizer)
     current = fingerprint.run_fingerprint(recipe, data)
+    # Imported once the data is read: transformers' training side pulls in peft, bitsandbytes and torch's compiler
+    # (seconds), which a command stopped by a bad row should not wait for.
+    from transformers import PrinterCallback, set_seed
+
     forced_changes = fingerprint.check_resume(run.path, current, force) if checkpoint is not None else []
     # Seed before the model exists: embedding resizing and LoRA init draw from the global RNG, so without this
     # the initial adapter depends on whatever ran earlier in the process and runs are not reproducible.
