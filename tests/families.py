@@ -9,7 +9,9 @@ random model of its transformers architecture (hidden size 16, one layer), so th
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -375,9 +377,10 @@ def tokenizer_folder(vocab: str, settings: dict[str, Any] | None = None) -> Path
     return target
 
 
-@functools.lru_cache(maxsize=3)
+@functools.lru_cache(maxsize=None)
 def _loaded(vocab: str, settings: tuple[tuple[str, Any], ...]) -> tuple[Any, str | None]:
-    """A loaded tokenizer and its pad token as shipped (loading a 262k vocabulary takes seconds: tests share it)."""
+    """A loaded tokenizer and its pad token as shipped (loading a 262k vocabulary takes seconds: every test module of
+    the session shares it; the grid's eleven vocabularies hold well under a gigabyte)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(vocab, dict(settings))))
@@ -428,6 +431,46 @@ def build_model(item: Family, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def model_folder(item: Family, seed: int = 0) -> Path:
+    """The family's tiny model (`build_model`), built once per machine and library versions and kept in the cache
+    beside the vocabularies, for tests that only read it: a 262k vocabulary makes a 50 MB folder that took seconds
+    to build, write and delete in every test session. A folder whose files changed since it was built (their sizes
+    and modification times, recorded beside it) is built again."""
+    import torch
+    import transformers
+
+    spec = json.dumps([repr(item), TINY, seed, torch.__version__, transformers.__version__], sort_keys=True)
+    key = hashlib.sha256(spec.encode()).hexdigest()[:16]
+    target = _fetch_script().vocab_folder().parent / "tiny-models" / f"{item.id}-{key}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test processes running side by side (pytest-xdist) build it once
+        if _unchanged(target):
+            return target
+        staged = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        build_model(item, staged, seed)
+        shutil.rmtree(target, ignore_errors=True)  # changed since it was built
+        staged.replace(target)
+        _state_file(target).write_text(json.dumps(_file_states(target)), encoding="utf-8")
+    return target
+
+
+def _state_file(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.built.json")
+
+
+def _file_states(folder: Path) -> dict[str, list[int]]:
+    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in sorted(folder.iterdir())}
+
+
+def _unchanged(folder: Path) -> bool:
+    try:
+        return json.loads(_state_file(folder).read_text(encoding="utf-8")) == _file_states(folder)
+    except (OSError, ValueError):
+        return False
 
 
 def chat_template_option(item: Family) -> dict[str, Any]:

@@ -7,6 +7,7 @@ conftest.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import json
@@ -17,8 +18,11 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import pytest
+import typer.main
+import typer.testing
 import yaml
 from typer.testing import CliRunner
 
@@ -169,7 +173,15 @@ def write_recipe(
 def invoke(*args: Any, input: str | None = None) -> Any:
     """`sovtune ARGS...` in this process (Typer's CliRunner): exit code, stdout and stderr apart, the exception;
     `input` is what the user types (prompts)."""
-    return CliRunner().invoke(app, [str(arg) for arg in args], input=input)
+    with mock.patch.object(typer.testing, "_get_command", _click_command):
+        return CliRunner().invoke(app, [str(arg) for arg in args], input=input)
+
+
+@functools.cache
+def _click_command(typer_app: Any) -> Any:
+    """The click command Typer builds from the app, built once: Typer's CliRunner rebuilds it from every command's
+    signature on each call (~0.1 s, most of a quick command's time; `sovtune` itself builds it once per process)."""
+    return typer.main.get_command(typer_app)
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -66,7 +66,7 @@ class Case:
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
     item: Family = request.param
     folder = tmp_path_factory.mktemp(item.id)
-    model_dir = families.build_model(item, folder / "model")
+    model_dir = families.model_folder(item)
     recipe_path = write_recipe(
         folder,
         model_dir,

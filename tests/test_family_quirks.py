@@ -176,8 +176,8 @@ def test_phi35_template_ending_the_conversation_with_eos_is_handled(tmp_path: Pa
 
 
 @pytest.fixture(scope="module")
-def phi3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return families.build_model(families.family("phi3"), tmp_path_factory.mktemp("phi3"))
+def phi3_model() -> Path:
+    return families.model_folder(families.family("phi3"))
 
 
 def test_phi3_fused_qkv_and_gate_up_projections_are_adapted(tmp_path: Path, phi3_model: Path) -> None:
@@ -206,8 +206,8 @@ def test_phi3_fused_qkv_and_gate_up_projections_are_adapted(tmp_path: Path, phi3
 
 
 @pytest.fixture(scope="module")
-def gemma_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return families.build_model(families.family("gemma4"), tmp_path_factory.mktemp("gemma"))
+def gemma_model() -> Path:
+    return families.model_folder(families.family("gemma4"))
 
 
 def test_gemma_template_without_system_role_stops_in_one_line_naming_the_option(
