@@ -212,7 +212,13 @@ def test_second_sigint_stops_at_once_without_saving(
     recipe = write_recipe(workspace, tiny_model_dir, name="aborted", train=TRAIN)
     run_dir = workspace / "runs" / "aborted"
     interrupt_at_step(monkeypatch, 3, times=2)
-    result = invoke("train", recipe)
+    # Python's own Ctrl-C handler, as in a terminal: a pytest-xdist worker, or pytest started in the background of a
+    # shell, ignores SIGINT, and the second signal re-delivered to that handler would do nothing.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = invoke("train", recipe)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert result.exit_code == 130, result.output
     assert "interrupted without saving" in " ".join(result.stderr.split())
     assert [path.name for path in checkpoints.complete_checkpoints(run_dir)] == ["checkpoint-2"]
