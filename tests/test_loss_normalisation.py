@@ -67,9 +67,13 @@ def recipe_for(
     return load_recipe(path)
 
 
-def one_step(recipe: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], Any]:
+def one_step(
+    recipe: Any, supervised_logits: bool | None = None
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], Any]:
     """The gradient of sovtune's first optimizer step (read back from the SGD update), the inputs of each
-    micro-batch the trainer ran, and the trainer, with its trainable parameters reset to their initial values."""
+    micro-batch the trainer ran, and the trainer, with its trainable parameters reset to their initial values.
+
+    TRL's SFTTrainer, or with `supervised_logits` given sovtune's own trainer class with that loss setting."""
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -79,7 +83,10 @@ def one_step(recipe: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]
     set_seed(recipe.train.seed)  # as training.py does: identical LoRA initialisation in every run
     peft_model = models.attach_adapter(models.load_base_model(recipe, tokenizer), recipe)
     plan = speed.plan_speed(recipe, peft_model, cuda=False)
-    trainer = SFTTrainer(
+    trainer_class = SFTTrainer
+    if supervised_logits is not None:
+        trainer_class = training.held_out_trainer(recipe, tokenizer, None, None, supervised_logits)
+    trainer = trainer_class(
         model=peft_model,
         args=training.sft_config(recipe, recipe.run_dir, has_eval=False, plan=plan),
         train_dataset=training.to_dataset(data.train),
@@ -157,3 +164,37 @@ def test_padding_free_accumulation_matches_batch_8(
     assert len(small_batches) == passes
     assert all(batch["input_ids"].shape[0] == 1 for batch in small_batches)
     assert_same(small, big)
+
+
+@pytest.mark.parametrize(("packing", "max_length"), [(True, 256), (False, 256), ("auto", 1024)])
+def test_supervised_positions_loss_equals_trl_fused_head(
+    tmp_path: Path, tiny_model_dir: Path, packing: Any, max_length: int
+) -> None:
+    """The CPU loss (only supervised positions projected to the vocabulary) takes the same optimizer step and logs the
+    same metrics as TRL's fused LM head, in padding-free rows, padded batches and one example per pass, accumulated."""
+    recipe = recipe_for(tmp_path, tiny_model_dir, 2, 4, packing, max_length)
+    fused, _, fused_trainer = one_step(recipe, supervised_logits=False)
+    compact, batches, compact_trainer = one_step(recipe, supervised_logits=True)
+    assert all("logits_to_keep" in batch and "fused_lm_head" not in batch for batch in batches)  # the CPU loss ran
+    assert_same(compact, fused)
+    big, _, _ = one_step(recipe_for(tmp_path, tiny_model_dir, 8, 1, False))
+    assert_same(compact, big)  # and equals batch 8: the step is still normalised by all its supervised tokens
+    logged = [trainer.state.log_history[0] for trainer in (fused_trainer, compact_trainer)]
+    for key in ("loss", "mean_token_accuracy", "entropy", "num_tokens"):
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-5), key
+
+
+def test_cpu_plan_projects_supervised_positions_only(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = recipe_for(tmp_path, tiny_model_dir, 2, 4, "auto")
+    model = models.load_base_model(recipe)
+    cpu = speed.plan_speed(recipe, model, cuda=False)
+    assert cpu.supervised_logits and "loss: supervised positions only (no Triton on the CPU" in "\n".join(cpu.lines())
+    assert not speed.plan_speed(recipe, model, cuda=True).supervised_logits  # TRL's Triton head compacts on CUDA
+
+    class OldRemoteCode(torch.nn.Module):  # a forward without logits_to_keep keeps TRL's head
+        def forward(self, input_ids: Any = None, labels: Any = None) -> Any:
+            return None
+
+    old = speed.plan_speed(recipe, OldRemoteCode(), cuda=False)
+    assert not old.supervised_logits
+    assert "loss: TRL's fused, chunked LM head (OldRemoteCode does not take logits_to_keep)" in old.lines()

@@ -1,11 +1,13 @@
 """Throughput settings of a training run: padding-free or length-grouped batches, Liger kernels, torch.compile,
-mixed precision and the attention kernel, each decided from the recipe, the model and the machine, with its reason.
+mixed precision, the attention kernel and how the loss meets the vocabulary, each decided from the recipe, the model
+and the machine, with its reason.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -57,6 +59,9 @@ class SpeedPlan:
     liger_kernel: bool
     torch_compile: bool
     decisions: list[Decision] = field(default_factory=list)
+    # The loss projects only the supervised positions to the vocabulary (transformers' `logits_to_keep` mask) instead
+    # of TRL's fused LM head, which scores every position where it has no Triton kernel (training.supervised_loss).
+    supervised_logits: bool = False
 
     @property
     def padding_free(self) -> bool:
@@ -93,8 +98,9 @@ def plan_speed(recipe: Recipe, model: Any | None = None, cuda: bool | None = Non
     batching, micro_batch, passes, batching_decision = _batching(recipe, model, attention, cuda)
     liger, liger_decision = _liger(recipe, model, cuda)
     compile_model, compile_decision = _compile(recipe, cuda)
-    decisions = [batching_decision, *decisions, liger_decision, compile_decision]
-    return SpeedPlan(batching, micro_batch, passes, liger, compile_model, decisions)
+    supervised, loss_decision = _loss_head(model, cuda)
+    decisions = [batching_decision, *decisions, liger_decision, compile_decision, loss_decision]
+    return SpeedPlan(batching, micro_batch, passes, liger, compile_model, decisions, supervised)
 
 
 def announce_plan(speed_plan: SpeedPlan) -> None:
@@ -263,6 +269,29 @@ def _liger(recipe: Recipe, model: Any | None, cuda: bool) -> tuple[bool, Decisio
     # TRL's fused, chunked LM head already computes the loss without the full logits, so Liger's fused linear
     # cross-entropy stays off (TRL refuses it) and Liger contributes RMSNorm, RoPE and SwiGLU.
     return True, Decision("liger kernels", "on", "RMSNorm, RoPE and SwiGLU; TRL's fused LM head computes the loss")
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """transformers' causal LMs project only the positions `logits_to_keep` names; older remote code may not."""
+    return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
+
+
+def _loss_head(model: Any | None, cuda: bool) -> tuple[bool, Decision]:
+    """Where the loss meets the vocabulary. TRL's fused, chunked LM head skips unsupervised positions only with its
+    Triton kernels (CUDA); elsewhere it projects every position, prompt tokens included, and projects again in the
+    backward pass. On the CPU the supervised positions alone are projected instead (1.3x the training steps per second
+    on the quickstart, docs/benchmarks.md), with the same loss and gradients (tests/test_loss_normalisation.py)."""
+    fused = "TRL's fused, chunked LM head"
+    if cuda:
+        return False, Decision("loss", fused, "its Triton kernels score only the supervised positions")
+    if model is not None and not takes_logits_to_keep(model):
+        return False, Decision("loss", fused, f"{type(_base_model(model)).__name__} does not take logits_to_keep")
+    return True, Decision(
+        "loss",
+        "supervised positions only",
+        "no Triton on the CPU: TRL's fused LM head would project every position, the prompt's too, and again in "
+        "the backward pass",
+    )
 
 
 def _compile(recipe: Recipe, cuda: bool) -> tuple[bool, Decision]:

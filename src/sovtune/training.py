@@ -17,7 +17,7 @@ from sovtune.core.files import atomic_write_text, fsync_tree, replace_dir
 from sovtune.core.hashing import now
 from sovtune.core.rundir import RunDir
 from sovtune.core.runtime import is_main_process, world_size
-from sovtune.data import PreparedData
+from sovtune.data import IGNORE_INDEX, PreparedData
 from sovtune.evaluation import TrainingEval, held_out_metrics, sample_generations, training_eval
 from sovtune.inputs import prepare_recipe_data
 from sovtune.licence import check_licence
@@ -160,7 +160,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
     stop = GracefulStop(resume_line)
     held_out = training_eval(recipe, data, tokenizer) if data.eval and recipe.train.eval_steps else None
     writer = _summary_writer(run.logs_dir) if is_main_process() else None
-    trainer = held_out_trainer(recipe, tokenizer, held_out, writer)(
+    trainer = held_out_trainer(recipe, tokenizer, held_out, writer, throughput.supervised_logits)(
         model=peft_model,
         args=sft_config(recipe, run.path, has_eval=held_out is not None, plan=throughput),
         train_dataset=to_dataset(data.train),
@@ -193,9 +193,10 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
     return TrainResult(run_dir=run.path, adapter_dir=adapter_dir, metrics=metrics)
 
 
-def _trainer_class() -> Any:
+def _trainer_class(supervised_logits: bool = False) -> Any:
     """TRL's SFTTrainer, with checkpoints that hold no pickle a reader would have to load for the run's settings,
-    and resume errors in one line.
+    resume errors in one line and, with `supervised_logits` (the speed plan's choice on the CPU), the loss computed
+    by `supervised_loss`.
 
     transformers' Trainer._save pickles the TrainingArguments into every checkpoint (training_args.bin, torch.save
     of the whole object: reading it back means unpickling). Here they are written as training_args.json instead,
@@ -207,6 +208,14 @@ def _trainer_class() -> Any:
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):  # type: ignore[misc]
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            plain = self.label_smoother is None and self.compute_loss_func is None and self.args.loss_type == "nll"
+            if supervised_logits and plain and not return_outputs and not self.aux_loss_enabled:
+                return supervised_loss(self, model, inputs, num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
         def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
             super()._save(output_dir, state_dict)
             folder = Path(output_dir if output_dir is not None else self.args.output_dir)
@@ -223,6 +232,53 @@ def _trainer_class() -> Any:
                 super()._load_rng_state(checkpoint)
 
     return Trainer
+
+
+def supervised_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
+    """The causal-LM loss of one micro-batch with only its supervised positions projected to the vocabulary.
+
+    transformers' `logits_to_keep` mask keeps the hidden states whose next token is a label, so prompt positions never
+    reach the LM head. The NLL is summed and divided by the supervised tokens of the whole optimizer step
+    (`num_items_in_batch`, over every micro-batch and process), as TRL's fused head does, and the metrics TRL logs
+    (mean token accuracy, entropy, tokens seen) are kept. TRL's head skips those positions only in its Triton kernels;
+    on the CPU it projects every position and projects again in the backward pass, which made training steps 1.3x
+    slower on the quickstart (docs/benchmarks.md).
+    """
+    import torch
+
+    labels = inputs["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    forward = {key: value for key, value in inputs.items() if key != "labels"}
+    logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # (supervised positions, vocabulary)
+    targets = labels[:, 1:][keep[:, :-1]]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    total = torch.nn.functional.nll_loss(log_probs, targets, reduction="sum")
+    loss = total / (num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1))
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * trainer.accelerator.num_processes  # DDP averages the gradients the processes' sums make
+    _record_token_metrics(trainer, inputs, log_probs.detach(), targets)
+    return loss
+
+
+def _record_token_metrics(trainer: Any, inputs: dict[str, Any], log_probs: Any, targets: Any) -> None:
+    """Entropy, mean token accuracy and tokens seen, into TRL's metrics as its own compute_loss records them."""
+    import torch
+
+    mode = "train" if trainer.model.training else "eval"
+    gather = trainer.accelerator.gather_for_metrics
+    count = gather(torch.tensor(targets.numel(), device=targets.device)).sum()
+    entropy = gather(-(log_probs.exp() * log_probs).sum().reshape(1)).sum()
+    correct = gather((log_probs.argmax(-1) == targets).sum().reshape(1)).sum()
+    trainer._metrics[mode]["entropy"].append((entropy / count).item() if count > 0 else 0.0)
+    trainer._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+    if mode == "train":
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        else:  # padding-free rows: every position is a token
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        trainer._total_train_tokens += int(gather(local.reshape(1)).sum().item())
+    trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
 
 
 @contextlib.contextmanager
@@ -337,7 +393,9 @@ def _tensorboard(writer: Any) -> Any:
     return TensorBoardCallback(tb_writer=writer)
 
 
-def held_out_trainer(recipe: Recipe, tokenizer: Any, held_out: TrainingEval | None, writer: Any) -> Any:
+def held_out_trainer(
+    recipe: Recipe, tokenizer: Any, held_out: TrainingEval | None, writer: Any, supervised_logits: bool = False
+) -> Any:
     """SFTTrainer whose evaluation every train.eval_steps is sovtune's: the held-out sample the final evaluation
     scores (eval.max_examples), batched by eval.batch_size, token-weighted; plus, with train.eval_samples, a few
     generations as TensorBoard text.
@@ -345,10 +403,10 @@ def held_out_trainer(recipe: Recipe, tokenizer: Any, held_out: TrainingEval | No
     The Trainer's own loop averages per-batch means (weighted by examples, not tokens), which moves with the batch
     size and the number of processes. Every process scores the whole sample, so a sharded model (FSDP, ZeRO-3) runs
     the same forward passes on all ranks; only the main process writes. Built on `_trainer_class` (checkpoints
-    without pickled training arguments).
+    without pickled training arguments; `supervised_logits`: the loss of `supervised_loss`).
     """
 
-    class HeldOutTrainer(_trainer_class()):  # type: ignore[misc]
+    class HeldOutTrainer(_trainer_class(supervised_logits)):  # type: ignore[misc]
         def evaluate(
             self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
         ) -> dict[str, float]:
