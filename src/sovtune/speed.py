@@ -279,7 +279,7 @@ def takes_logits_to_keep(model: Any) -> bool:
 def _loss_head(model: Any | None, cuda: bool) -> tuple[bool, Decision]:
     """Where the loss meets the vocabulary. TRL's fused, chunked LM head skips unsupervised positions only with its
     Triton kernels (CUDA); elsewhere it projects every position, prompt tokens included, and projects again in the
-    backward pass. On the CPU the supervised positions alone are projected instead (1.3x the training steps per second
+    backward pass. On the CPU the supervised positions alone are projected instead (1.4x the training steps per second
     on the quickstart, docs/benchmarks.md), with the same loss and gradients (tests/test_loss_normalisation.py)."""
     fused = "TRL's fused, chunked LM head"
     if cuda:

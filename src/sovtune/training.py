@@ -241,7 +241,7 @@ def supervised_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_
     reach the LM head. The NLL is summed and divided by the supervised tokens of the whole optimizer step
     (`num_items_in_batch`, over every micro-batch and process), as TRL's fused head does, and the metrics TRL logs
     (mean token accuracy, entropy, tokens seen) are kept. TRL's head skips those positions only in its Triton kernels;
-    on the CPU it projects every position and projects again in the backward pass, which made training steps 1.3x
+    on the CPU it projects every position and projects again in the backward pass, which made training steps 1.4x
     slower on the quickstart (docs/benchmarks.md).
     """
     import torch
