@@ -218,6 +218,9 @@ class HubDouble:
 class _Handler(BaseHTTPRequestHandler):
     state: HubDouble
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in two writes; with Nagle's algorithm on, the body waits for the client's delayed ACK
+    # of the headers (up to 40 ms a response, most of a push's time here). A real hub's server sends without delay.
+    disable_nagle_algorithm = True
     REPO = r"(?P<repo>[^/]+/[^/]+)"
     ROUTES: list[tuple[str, str, str]] = [
         ("POST", r"/api/repos/create", "create"),
