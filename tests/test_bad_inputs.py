@@ -87,8 +87,8 @@ def workspace(
     corpus_copy: tuple[Path, dict[str, tuple[int, int]]], model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Generator[Path, None, None]:
     """The corpus copy as the working directory, exactly as copied: a case that changed it fails its own
-    snapshot check, and the copy is made again for the next case (one copy per module, not per case: 144 copies
-    of 227 files were a tenth of the fast suite's time)."""
+    snapshot check, and the copy is made again for the next case (one copy per module and worker, not per case:
+    144 copies of 227 files were a tenth of the fast suite's time)."""
     work, pristine = corpus_copy
     monkeypatch.chdir(work)
     for name, value in model_env.items():

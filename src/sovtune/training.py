@@ -193,7 +193,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, force: bool, resume_li
     return TrainResult(run_dir=run.path, adapter_dir=adapter_dir, metrics=metrics)
 
 
-def _trainer_class(supervised_logits: bool = False) -> Any:
+def _trainer_class(supervised_logits: bool) -> Any:
     """TRL's SFTTrainer, with checkpoints that hold no pickle a reader would have to load for the run's settings,
     resume errors in one line and, with `supervised_logits` (the speed plan's choice on the CPU), the loss computed
     by `supervised_loss`.
